@@ -1,0 +1,297 @@
+"""Slice-by-slice inference over a volume (no napari, no Qt).
+
+``run_volume`` is a generator: it yields a :class:`Progress` after every batch (with that batch's
+labels, and probabilities when asked) and *returns* a :class:`VolumeResult` (read it from
+``StopIteration.value`` or use :func:`run_to_end`). The dock widget drives it inside a napari
+``thread_worker``, the CLI with a progress bar, tests directly. Cancelling = stop iterating (or set
+the ``cancel`` callable): the run ends cleanly between batches and the partial result is returned.
+
+Predictors (SAM's ``SamPredictor`` idea) own the model and everything around it: windowing to the
+model's normalisation, resizing to its grid and the logits back, device and precision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generator, Iterable, Protocol
+
+import numpy as np
+import torch
+
+from .preprocessing import Normalization, SliceGrid, as_float_hu
+from .volume import Volume
+
+__all__ = [
+    "resolve_device",
+    "autocast_context",
+    "parse_slices",
+    "SegmentationPredictor",
+    "Progress",
+    "VolumeResult",
+    "run_volume",
+    "run_to_end",
+    "make_predictor",
+]
+
+
+# ----------------------------------------------------------------------------- device & precision
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto" -> cuda > mps > cpu; an unavailable explicit device falls back to cpu with a warning."""
+    if isinstance(device, torch.device):
+        return device
+    device = (device or "auto").lower()
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        import warnings
+
+        warnings.warn(f"{device} requested but CUDA is not available; using cpu", stacklevel=2)
+        return torch.device("cpu")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        import warnings
+
+        warnings.warn("mps requested but not available; using cpu", stacklevel=2)
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}")
+    if precision != "auto":
+        if precision == "fp16" and device.type == "cpu":
+            return "bf16"  # fp16 autocast on CPU is slow and partial; bf16 is the CPU half type
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "mps":
+        return "fp16"
+    return "fp32"
+
+
+def autocast_context(device: torch.device, precision: str):
+    """torch.autocast for bf16/fp16, a null context for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- slices
+def parse_slices(slices, n: int, current: int | None = None) -> list[int]:
+    """None/"all" -> every slice; "current" -> [current]; int -> [i]; (start, stop) -> range
+    (stop exclusive); a string "a:b" or "a-b" (inclusive end for "a-b"); an iterable of ints."""
+    if n <= 0:
+        raise ValueError("the volume has no slices")
+    if slices is None or slices == "all":
+        out = list(range(n))
+    elif slices == "current":
+        if current is None:
+            raise ValueError("no current slice given")
+        out = [int(current)]
+    elif isinstance(slices, (int, np.integer)):
+        out = [int(slices)]
+    elif isinstance(slices, str):
+        s = slices.replace(" ", "")
+        if ":" in s:
+            a, b = s.split(":", 1)
+            out = list(range(int(a or 0), int(b) if b else n))
+        elif "-" in s[1:]:
+            a, b = s.split("-", 1) if not s.startswith("-") else (s, "")
+            out = list(range(int(a), int(b) + 1))
+        else:
+            out = [int(s)]
+    elif isinstance(slices, tuple) and len(slices) == 2:
+        out = list(range(int(slices[0]), int(slices[1])))
+    else:
+        out = [int(i) for i in slices]
+    if not out:
+        raise ValueError(f"empty slice range {slices!r}")
+    bad = [i for i in out if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"slice {bad[0]} is outside the volume (0..{n - 1})")
+    return out
+
+
+# ----------------------------------------------------------------------------- predictors
+class Predictor(Protocol):
+    class_names: list[str]
+    device: torch.device
+
+    def predict(self, slices_hu: np.ndarray, spacing_yx: tuple[float, float]) -> dict[str, np.ndarray]: ...
+
+    def release(self) -> None: ...
+
+
+class SegmentationPredictor:
+    """A segmentation model (forward -> logits) with its input contract.
+
+    predict: (n, H, W) HU -> {"labels": (n, H, W) uint8, "probs": (n, K, H, W) float16}
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        class_names: list[str],
+        normalization: Normalization,
+        grid: SliceGrid,
+        device="auto",
+        precision: str = "auto",
+        want_probs: bool = False,
+        in_chans: int = 1,
+    ):
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.model = model.eval().to(self.device)
+        self.class_names = list(class_names)
+        self.norm = normalization
+        self.grid = grid
+        self.want_probs = want_probs
+        self.in_chans = in_chans
+
+    @torch.inference_mode()
+    def predict(self, slices_hu: np.ndarray, spacing_yx=(1.0, 1.0)) -> dict[str, np.ndarray]:
+        x = torch.from_numpy(as_float_hu(slices_hu))[:, None].to(self.device)  # (n, 1, H, W)
+        hw = x.shape[-2:]
+        x = self.grid.to_model(x, spacing_yx, pad_value=self.norm.pad_value_hu)
+        x = self.norm(x)
+        if self.in_chans != 1:
+            x = x.expand(-1, self.in_chans, -1, -1)
+        with autocast_context(self.device, self.precision):
+            logits = self.model(x)
+        logits = self.grid.from_model(logits.float(), hw, spacing_yx)  # (n, K, H, W)
+        out = {"labels": logits.argmax(1).to(torch.uint8).cpu().numpy()}
+        if self.want_probs:
+            out["probs"] = torch.softmax(logits, 1).to(torch.float16).cpu().numpy()
+        return out
+
+    def release(self) -> None:
+        self.model.to("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def grid_from_input(inp: dict, img_size: int, mode: str | None = None) -> SliceGrid:
+    mode = mode or inp.get("resize", "resize")
+    spacing = inp.get("spacing_mm")
+    if mode == "spacing" and not spacing:
+        mode = "resize"
+    return SliceGrid(img_size, mode, tuple(spacing) if mode == "spacing" else None)
+
+
+def make_predictor(ckpt, device="auto", precision="auto", want_probs=False, grid_mode=None, **kw):
+    """A predictor for a loaded :class:`~napari_genseg.models.checkpoints.Checkpoint`."""
+    from .models import registry
+
+    fam = registry.get_family(ckpt.family)
+    norm = Normalization.from_dict(ckpt.input.get("normalization"))
+    grid = grid_from_input(ckpt.input, ckpt.config.img_size, grid_mode)
+    if fam.kind == "arseg":
+        from .arseg_engine import ArSegPredictor
+
+        return ArSegPredictor(ckpt, norm, grid, device=device, precision=precision, **kw)
+    return SegmentationPredictor(
+        ckpt.model, ckpt.class_names, norm, grid, device, precision, want_probs,
+        in_chans=getattr(ckpt.config, "in_chans", 1),
+    )
+
+
+# ----------------------------------------------------------------------------- the run
+@dataclass
+class Progress:
+    done: int
+    total: int
+    z: list[int]
+    outputs: dict[str, np.ndarray]
+    elapsed: float
+
+    @property
+    def fraction(self) -> float:
+        return self.done / max(self.total, 1)
+
+
+@dataclass
+class VolumeResult:
+    labels: np.ndarray  # (Z, H, W) uint8, zeros where not run
+    z: list[int]  # slices that were run
+    cancelled: bool
+    elapsed: float
+    probs: np.ndarray | None = None  # (Z, K, H, W) float16 when asked
+    extras: dict[str, Any] = field(default_factory=dict)
+    class_names: list[str] = field(default_factory=list)
+
+    @property
+    def slices_per_second(self) -> float:
+        return len(self.z) / self.elapsed if self.elapsed > 0 else float("nan")
+
+
+def run_volume(
+    predictor: Predictor,
+    volume: Volume,
+    slices=None,
+    batch_size: int = 4,
+    current: int | None = None,
+    cancel: Callable[[], bool] | None = None,
+    keep_probs: bool = False,
+) -> Generator[Progress, None, VolumeResult]:
+    """Run ``predictor`` over the chosen slices of ``volume`` in batches.
+
+    Yields a Progress per batch; returns the VolumeResult (also when cancelled or closed early).
+    """
+    if batch_size < 1:
+        raise ValueError("batch size must be >= 1")
+    zs = parse_slices(slices, volume.shape[0], current)
+    labels = np.zeros(volume.shape, dtype=np.uint8)
+    probs = None
+    extras: dict[str, Any] = {}
+    done: list[int] = []
+    t0 = time.perf_counter()
+    spacing_yx = volume.spacing[1:]
+    cancelled = False
+    try:
+        for start in range(0, len(zs), batch_size):
+            if cancel is not None and cancel():
+                cancelled = True
+                break
+            batch = zs[start : start + batch_size]
+            out = predictor.predict(volume.data[batch], spacing_yx)
+            labels[batch] = out["labels"]
+            if keep_probs and "probs" in out:
+                if probs is None:
+                    probs = np.zeros((volume.shape[0], out["probs"].shape[1], *volume.shape[1:]), np.float16)
+                probs[batch] = out["probs"]
+            for k, v in out.items():
+                if k not in ("labels", "probs"):
+                    extras.setdefault(k, {}).update(dict(zip(batch, v)))
+            done.extend(batch)
+            yield Progress(len(done), len(zs), batch, out, time.perf_counter() - t0)
+    except GeneratorExit:
+        cancelled = True
+    finally:
+        predictor.release()
+    result = VolumeResult(
+        labels=labels, z=done, cancelled=cancelled or len(done) < len(zs),
+        elapsed=time.perf_counter() - t0, probs=probs, extras=extras,
+        class_names=list(predictor.class_names),
+    )
+    return result
+
+
+def run_to_end(gen: Generator[Progress, None, VolumeResult], on_progress=None) -> VolumeResult:
+    """Drive a run_volume generator to the end and return its result."""
+    while True:
+        try:
+            p = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if on_progress is not None:
+            on_progress(p)

@@ -1,0 +1,220 @@
+"""NIfTI in and out with geometry preserved.
+
+Reading reorients the stored voxels to the display convention of :mod:`napari_genseg.volume`
+(closest canonical axes, never resampling) and keeps the original affine and header. Writing a
+mask undoes that reorientation and writes it with the source's affine and header, atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ..volume import DISPLAY_AXCODES, Volume
+from .atomic import atomic_path, same_file
+
+__all__ = [
+    "VolumeReadError",
+    "MaskWriteError",
+    "read_nifti",
+    "volume_from_array",
+    "write_mask",
+    "is_nifti_path",
+]
+
+
+class VolumeReadError(ValueError):
+    """An input that is not a readable CT volume (message is one line, for users)."""
+
+
+class MaskWriteError(ValueError):
+    """A mask that cannot be written where asked."""
+
+
+def is_nifti_path(path: str | os.PathLike) -> bool:
+    name = str(path).lower()
+    return name.endswith(".nii") or name.endswith(".nii.gz")
+
+
+def _display_ornt(affine: np.ndarray):
+    import nibabel.orientations as no
+
+    start = no.io_orientation(affine)
+    return no.ornt_transform(start, no.axcodes2ornt(DISPLAY_AXCODES))
+
+
+def volume_from_array(
+    data_ijk: np.ndarray,
+    affine_ras: np.ndarray,
+    header=None,
+    source_path: str | None = None,
+    meta: dict | None = None,
+) -> Volume:
+    """Build a display-convention Volume from a stored array (i, j, k) and its RAS affine."""
+    import nibabel.orientations as no
+
+    affine_ras = np.asarray(affine_ras, dtype=np.float64)
+    ornt = _display_ornt(affine_ras)
+    disp_xyz = no.apply_orientation(data_ijk, ornt)
+    disp_aff = affine_ras @ no.inv_ornt_aff(ornt, data_ijk.shape)
+    cols = disp_aff[:3, :3]
+    spacing_xyz = np.sqrt((cols**2).sum(axis=0))
+    if np.any(spacing_xyz <= 0) or not np.all(np.isfinite(spacing_xyz)):
+        raise VolumeReadError(f"invalid voxel size {spacing_xyz} in the affine")
+    p = disp_aff[:3, 3]  # RAS of voxel (0,0,0)
+    origin = (p[2] + 0.0, -p[1] + 0.0, -p[0] + 0.0)  # (S, P, L); + 0.0 drops -0.0
+    meta = dict(meta or {})
+    direction = cols / spacing_xyz
+    # oblique when the directions are not the signed unit axes of LPS display
+    expected = np.diag([-1.0, -1.0, 1.0])
+    cosines = np.abs(np.sum(direction * expected, axis=0))
+    obliquity = float(np.degrees(np.arccos(np.clip(cosines.min(), -1.0, 1.0))))
+    meta["obliquity_deg"] = round(obliquity, 3)
+    if obliquity > 0.01:
+        meta["oblique"] = True
+    meta["source_axcodes"] = "".join(no.aff2axcodes(affine_ras))
+    data = np.ascontiguousarray(np.transpose(disp_xyz, (2, 1, 0)))
+    return Volume(
+        data=data,
+        spacing=(spacing_xyz[2], spacing_xyz[1], spacing_xyz[0]),
+        origin=origin,
+        source_affine=affine_ras,
+        ornt=ornt,
+        source_shape=tuple(int(s) for s in data_ijk.shape),
+        source_header=header,
+        source_path=source_path,
+        meta=meta,
+    )
+
+
+def read_nifti(path: str | os.PathLike) -> Volume:
+    """Read a 3-D CT NIfTI (HU) into a display-convention Volume.
+
+    Raises VolumeReadError with a one-line reason for unreadable, truncated, non-3-D, RGB or
+    all-NaN inputs. NaN voxels are replaced by -1024 HU with a warning (the file is untouched).
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    if not path.is_file():
+        raise VolumeReadError(f"no such file: {path}")
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:
+        raise VolumeReadError(f"cannot read {path.name} as NIfTI: {exc}") from exc
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise VolumeReadError(f"{path.name} is not a NIfTI image")
+    hdr = img.header
+    dtype = hdr.get_data_dtype()
+    if dtype.fields is not None or dtype.kind not in "iufb":
+        raise VolumeReadError(f"{path.name} holds {dtype} (RGB or non-scalar) voxels, not a CT volume")
+    shape = img.shape
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        kind = "2-D image" if len(shape) < 3 else f"{len(shape)}-D series (shape {img.shape})"
+        raise VolumeReadError(f"{path.name} is a {kind}, not a 3-D CT volume")
+    if min(shape) < 1:
+        raise VolumeReadError(f"{path.name} is empty (shape {img.shape})")
+    try:
+        raw = np.asanyarray(img.dataobj)
+    except Exception as exc:  # truncated gzip, short file
+        raise VolumeReadError(f"cannot read the voxels of {path.name} (truncated?): {exc}") from exc
+    raw = raw.reshape(shape)
+    slope, inter = hdr.get_slope_inter()
+    if raw.dtype.kind == "f" or (slope not in (None, 1.0)) or (inter not in (None, 0.0)):
+        data = raw.astype(np.float32, copy=False)
+    else:
+        data = raw
+    meta = {"format": "nifti", "dtype": str(dtype)}
+    if data.dtype.kind == "f":
+        nan = ~np.isfinite(data)
+        n_nan = int(nan.sum())
+        if n_nan == data.size:
+            raise VolumeReadError(f"{path.name} holds no finite voxel (all NaN/inf)")
+        if n_nan:
+            data = data.copy()
+            data[nan] = -1024.0
+            msg = f"{path.name}: {n_nan} NaN/inf voxels shown as -1024 HU (file unchanged)"
+            warnings.warn(msg, stacklevel=2)
+            meta["nan_voxels"] = n_nan
+            meta.setdefault("warnings", []).append(msg)
+    affine = img.affine
+    if affine is None or not np.all(np.isfinite(affine)):
+        raise VolumeReadError(f"{path.name} has no valid affine")
+    return volume_from_array(data, affine, header=hdr.copy(), source_path=str(path), meta=meta)
+
+
+def _label_dtype(max_label: int):
+    if max_label < 0:
+        raise MaskWriteError("labels must be non-negative integers")
+    if max_label <= np.iinfo(np.uint8).max:
+        return np.uint8
+    if max_label <= np.iinfo(np.uint16).max:
+        return np.uint16
+    raise MaskWriteError(f"label id {max_label} does not fit uint16")
+
+
+def write_mask(
+    path: str | os.PathLike,
+    labels: np.ndarray,
+    like: Volume | None = None,
+    spacing=None,
+    origin=None,
+) -> Path:
+    """Write a (z, y, x) label array as NIfTI on the geometry of ``like`` (its source voxels,
+    affine and header), or, for a layer painted without reader metadata, on the display grid
+    given by ``spacing``/``origin``. Atomic; refuses to overwrite the source image."""
+    import nibabel as nib
+    import nibabel.orientations as no
+
+    path = Path(path)
+    if not is_nifti_path(path):
+        raise MaskWriteError(f"{path.name}: mask output must end with .nii or .nii.gz")
+    if like is not None and same_file(path, like.source_path):
+        raise MaskWriteError(f"refusing to overwrite the source image {path}")
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise MaskWriteError(f"labels must be 3-D (z, y, x); got shape {labels.shape}")
+    if labels.dtype.kind == "f":
+        if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
+            raise MaskWriteError("labels must be integers")
+    dtype = _label_dtype(int(labels.max()) if labels.size else 0)
+    if int(labels.min(initial=0)) < 0:
+        raise MaskWriteError("labels must be non-negative integers")
+    if like is not None:
+        if labels.shape != like.shape:
+            raise MaskWriteError(f"labels shape {labels.shape} differs from the image {like.shape}")
+        xyz = np.transpose(labels, (2, 1, 0))
+        back = no.ornt_transform(no.axcodes2ornt(DISPLAY_AXCODES), no.io_orientation(like.source_affine))
+        stored = no.apply_orientation(xyz, back).astype(dtype)
+        assert like.source_shape is None or stored.shape == tuple(like.source_shape)
+        affine = like.source_affine
+        if like.source_header is not None and isinstance(like.source_header, nib.Nifti1Header):
+            hdr = like.source_header.copy()
+            hdr.set_data_dtype(dtype)
+            hdr.set_slope_inter(1.0, 0.0)
+            img = nib.Nifti1Image(stored, affine, header=hdr)
+            qform, qcode = like.source_header.get_qform(coded=True)
+            sform, scode = like.source_header.get_sform(coded=True)
+            if qcode:
+                img.set_qform(qform, int(qcode))
+            if scode:
+                img.set_sform(sform, int(scode))
+        else:
+            img = nib.Nifti1Image(stored, affine)
+            img.set_qform(affine, 1)
+            img.set_sform(affine, 1)
+    else:
+        vol = Volume(labels, spacing=spacing or (1.0, 1.0, 1.0), origin=origin or (0.0, 0.0, 0.0))
+        affine = vol.display_affine_ras
+        img = nib.Nifti1Image(np.ascontiguousarray(np.transpose(labels, (2, 1, 0))).astype(dtype), affine)
+        img.set_qform(affine, 1)
+        img.set_sform(affine, 1)
+    img.header["descrip"] = b"napari-genseg mask"
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return path

@@ -1,0 +1,340 @@
+"""Checkpoints: the project's own format, foreign ``.pth`` reading and load reports.
+
+Own format: ``NAME.safetensors`` (weights) beside ``NAME.json`` (what to rebuild and how to feed it)::
+
+    {"format": "napari-genseg-checkpoint", "version": 1,
+     "model": "msa2net", "config_name": "msa2net_demo", "config": {...asdict(cfg)...},
+     "class_names": ["background", "liver", "spleen"],
+     "input": {"normalization": {"kind": "hu_window", "low": -125, "high": 275},
+               "spacing_mm": [1.5, 1.5] | null, "resize": "spacing" | "resize"},
+     "provenance": {...}}
+
+Foreign ``.pth`` files are read only through ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from . import registry
+
+FORMAT = "napari-genseg-checkpoint"
+VERSION = 1
+
+__all__ = [
+    "CheckpointError",
+    "LoadReport",
+    "Checkpoint",
+    "strip_prefixes",
+    "read_torch_state_dict",
+    "load_state_dict_report",
+    "save_checkpoint",
+    "load_checkpoint",
+    "resolve_model",
+    "shipped_checkpoints_dir",
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, with a one-line reason."""
+
+
+@dataclass
+class LoadReport:
+    loaded: list[str] = field(default_factory=list)
+    remapped: dict[str, str] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    shape_mismatch: list[tuple[str, tuple, tuple]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.shape_mismatch)
+
+    def summary(self) -> str:
+        return (
+            f"loaded {len(self.loaded)}, remapped {len(self.remapped)}, missing {len(self.missing)}, "
+            f"unexpected {len(self.unexpected)}, shape mismatch {len(self.shape_mismatch)}"
+        )
+
+    def __str__(self) -> str:
+        lines = [self.summary()]
+        lines += [f"  note: {n}" for n in self.notes]
+        for title, items in (("missing", self.missing), ("unexpected", self.unexpected)):
+            for k in items[:20]:
+                lines.append(f"  {title}: {k}")
+            if len(items) > 20:
+                lines.append(f"  ... {len(items) - 20} more {title}")
+        for k, want, got in self.shape_mismatch[:20]:
+            lines.append(f"  shape mismatch: {k} model {tuple(want)} checkpoint {tuple(got)}")
+        return "\n".join(lines)
+
+
+def strip_prefixes(sd: dict, prefixes=("module.", "_orig_mod.")) -> dict:
+    out = {}
+    for k, v in sd.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in prefixes:
+                if k.startswith(p):
+                    k = k[len(p):]
+                    changed = True
+        out[k] = v
+    return out
+
+
+def read_torch_state_dict(path: str | os.PathLike, allow_namespace: bool = False) -> dict:
+    """Read a foreign ``.pth`` safely (``weights_only=True``) and unwrap common containers."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    safe = []
+    if allow_namespace:
+        import argparse
+
+        safe.append(argparse.Namespace)
+    try:
+        with torch.serialization.safe_globals(safe):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, truncation, non-torch files
+        raise CheckpointError(f"cannot read {path.name} as a PyTorch state dict: {exc}") from exc
+    for key in ("model", "state_dict", "model_state_dict", "net"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path.name} does not hold a state dict of tensors")
+    return strip_prefixes(obj)
+
+
+def load_state_dict_report(model: nn.Module, sd: dict, strict: bool = False) -> LoadReport:
+    """Copy every key whose name and shape match; report the rest. Raises if ``strict`` and not ok."""
+    own = model.state_dict()
+    report = LoadReport()
+    to_load = {}
+    for k, v in sd.items():
+        if k not in own:
+            report.unexpected.append(k)
+        elif tuple(own[k].shape) != tuple(v.shape):
+            report.shape_mismatch.append((k, tuple(own[k].shape), tuple(v.shape)))
+        else:
+            to_load[k] = v
+            report.loaded.append(k)
+    report.missing = [k for k in own if k not in sd]
+    if strict and not report.ok:
+        raise CheckpointError(f"checkpoint does not fit the model: {report.summary()}\n{report}")
+    model.load_state_dict(to_load, strict=False)
+    return report
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the built model plus what the engine needs to feed it."""
+
+    model: nn.Module
+    family: str
+    config_name: str
+    config: Any
+    class_names: list[str]
+    input: dict
+    provenance: dict
+    path: Path | None
+    report: LoadReport
+
+    @property
+    def meta(self) -> dict:
+        return {
+            "model": self.family,
+            "config_name": self.config_name,
+            "class_names": self.class_names,
+            "input": self.input,
+            "provenance": self.provenance,
+            "path": str(self.path) if self.path else None,
+        }
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    family: str,
+    config_name: str,
+    config: Any,
+    class_names: list[str],
+    input: dict,
+    provenance: dict | None = None,
+    half: bool = False,
+) -> Path:
+    """Write ``path`` (.safetensors) and its ``.json`` sidecar atomically."""
+    from safetensors.torch import save as st_save
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path.with_suffix(".safetensors")
+    sd = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        if half and v.is_floating_point():
+            v = v.half()
+        sd[k] = v
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": family,
+        "config_name": config_name,
+        "config": registry.config_to_dict(config),
+        "class_names": list(class_names),
+        "input": input,
+        "provenance": provenance or {},
+    }
+    _atomic_write_bytes(path, st_save(sd, metadata={"format": FORMAT}))
+    _atomic_write_bytes(path.with_suffix(".json"), json.dumps(meta, indent=2).encode())
+    return path
+
+
+def _read_meta(path: Path) -> dict:
+    side = path.with_suffix(".json")
+    if not side.is_file():
+        raise CheckpointError(f"{path.name}: config file {side.name} is missing beside it")
+    try:
+        meta = json.loads(side.read_text())
+    except Exception as exc:
+        raise CheckpointError(f"{side.name} is not valid JSON: {exc}") from exc
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{side.name} is not a napari-genseg checkpoint config")
+    return meta
+
+
+def load_checkpoint(
+    path: str | os.PathLike, expect_model: str | None = None, device: str | torch.device = "cpu"
+) -> Checkpoint:
+    """Rebuild the model from the JSON config and load its weights (strict shapes)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.suffix == ".json":
+        path = path.with_suffix(".safetensors")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    meta = _read_meta(path)
+    family = meta["model"]
+    if expect_model is not None and family != expect_model:
+        raise CheckpointError(
+            f"{path.name} is a {family} checkpoint, not {expect_model}; choose the matching model"
+        )
+    try:
+        cfg = registry.config_from_dict(family, meta["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path.name}: invalid {family} config: {exc}") from exc
+    model = registry.get_family(family).build(cfg)
+    try:
+        sd = load_file(str(path))
+    except Exception as exc:
+        raise CheckpointError(f"cannot read weights {path.name}: {exc}") from exc
+    own = model.state_dict()
+    sd = {k: (v.to(own[k].dtype) if k in own else v) for k, v in sd.items()}
+    report = load_state_dict_report(model, sd, strict=True)
+    model.eval().to(device)
+    return Checkpoint(
+        model=model,
+        family=family,
+        config_name=meta.get("config_name", family),
+        config=cfg,
+        class_names=list(meta.get("class_names", [])),
+        input=meta.get("input", {}),
+        provenance=meta.get("provenance", {}),
+        path=path,
+        report=report,
+    )
+
+
+def shipped_checkpoints_dir() -> Path:
+    """Where demo checkpoints live: the repository's ``models/`` (or ``GENSEG_MODELS_DIR``)."""
+    env = os.environ.get("GENSEG_MODELS_DIR")
+    if env:
+        return Path(env)
+    # src/napari_genseg/models/checkpoints.py -> repo root
+    return Path(__file__).resolve().parents[3] / "models"
+
+
+def shipped_checkpoint(family: str) -> Path | None:
+    p = shipped_checkpoints_dir() / f"{family}_demo.safetensors"
+    return p if p.is_file() else None
+
+
+def resolve_model(
+    name: str, checkpoint: str | os.PathLike | None = None, device="cpu"
+) -> Checkpoint:
+    """``name`` = family or config name. With ``checkpoint`` load that file (it must be of the
+    same family); a bare family name loads its shipped demo checkpoint when one exists; a config
+    name without checkpoint is refused (untrained weights would give meaningless masks)."""
+    if checkpoint is not None:
+        entry = registry.get_entry(name)
+        return load_checkpoint(checkpoint, expect_model=entry.family, device=device)
+    if name in {f.name for f in registry.list_families()}:
+        ck = shipped_checkpoint(name)
+        if ck is not None:
+            return load_checkpoint(ck, expect_model=name, device=device)
+        raise CheckpointError(
+            f"model {name!r} has no shipped demo checkpoint; pass --checkpoint FILE "
+            f"(see `genseg models`)"
+        )
+    registry.get_entry(name)  # raises for unknown names
+    raise CheckpointError(
+        f"config {name!r} needs trained weights: pass a checkpoint (own format or imported with "
+        f"`genseg import`)"
+    )
+
+
+def import_official_checkpoint(
+    family: str,
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    class_names: list[str] | None = None,
+    input: dict | None = None,
+) -> tuple[Path, LoadReport]:
+    """Read an official ``.pth`` (weights_only), map its keys with the family's importer, build
+    the matching configuration, load with a report and save in the project format."""
+    import dataclasses
+
+    fam = registry.get_family(family)
+    if fam.import_official is None:
+        raise CheckpointError(f"{family} has no official-checkpoint importer")
+    sd = read_torch_state_dict(src, allow_namespace=(family == "marseg"))
+    overrides, mapped, notes = fam.import_official(sd)
+    entry = registry.get_entry(family)
+    cfg = dataclasses.replace(entry.config, **overrides)
+    model = fam.build(cfg)
+    report = load_state_dict_report(model, mapped)
+    report.notes += list(notes)
+    n = getattr(cfg, "num_classes", 0)
+    names = list(class_names) if class_names else [f"class{i}" for i in range(n)]
+    if n and len(names) != n:
+        raise CheckpointError(f"{len(names)} class names given for a {n}-class checkpoint")
+    path = save_checkpoint(
+        out, model, family, f"{entry.name}_imported", cfg, names,
+        input or {"normalization": {"kind": "hu_window", "low": -125.0, "high": 275.0}, "resize": "resize"},
+        provenance={"imported_from": str(Path(src).name), "report": report.summary(), "notes": notes},
+    )
+    return path, report
