@@ -1,0 +1,79 @@
+"""npe2 reader, writer and sample-data contributions."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..io import is_nifti_path, load_volume, write_mask
+from .layers import image_layer_data, volume_from_layer
+
+__all__ = ["get_reader", "write_labels", "phantom_sample"]
+
+
+def _name(path: Path) -> str:
+    n = path.name
+    for suf in (".nii.gz", ".nii"):
+        if n.endswith(suf):
+            return n[: -len(suf)]
+    return n
+
+
+def get_reader(path):
+    """npe2 reader: a .nii/.nii.gz file or a folder of DICOM slices."""
+    if isinstance(path, list):
+        if len(path) != 1:
+            return None
+        path = path[0]
+    p = Path(path)
+    if is_nifti_path(p) or p.is_dir() or p.suffix.lower() == ".dcm":
+        return _read
+    return None
+
+
+def _read(path):
+    if isinstance(path, list):
+        path = path[0]
+    p = Path(path)
+    vol = load_volume(p)  # VolumeReadError -> napari shows the message
+    if p.suffix.lower() == ".dcm":
+        p = p.parent
+    layer = image_layer_data(vol, _name(p))
+    for w in vol.meta.get("warnings", []):
+        from napari.utils.notifications import show_warning
+
+        show_warning(w)
+    return [layer]
+
+
+def write_labels(path: str, data, meta: dict) -> list[str]:
+    """npe2 single-layer writer: Labels -> NIfTI on the source geometry."""
+    vol = volume_from_layer(np.asarray(data), meta.get("metadata"), meta.get("scale"), meta.get("translate"))
+    like = vol if vol.source_affine is not None else None
+    out = write_mask(path, vol.data, like=like, spacing=vol.spacing, origin=vol.origin)
+    return [os.fspath(out)]
+
+
+def phantom_sample():
+    """Sample data: the synthetic abdomen phantom with its reference labels."""
+    from ..phantom import make_phantom
+    from ..io.nifti import volume_from_array
+    from .layers import class_colormap, class_features, geometry_metadata
+
+    ph = make_phantom(seed=0)
+    vol = volume_from_array(np.transpose(ph.image, (2, 1, 0)), ph.affine, meta={"format": "phantom"})
+    img = image_layer_data(vol, "phantom CT")
+    from napari.utils.colormaps import DirectLabelColormap
+
+    lab_kwargs = {
+        "name": "phantom reference",
+        "metadata": geometry_metadata(vol),
+        "features": class_features(list(ph.class_names)),
+        "colormap": DirectLabelColormap(color_dict=class_colormap(len(ph.class_names))),
+        "opacity": 0.4,
+        "visible": False,
+        **vol.layer_kwargs(),
+    }
+    return [img, (ph.labels, lab_kwargs, "labels")]

@@ -1,0 +1,216 @@
+"""Segment dock widget: run a model over an image layer slice by slice in a worker thread.
+
+The result is a Labels layer on the image's geometry with class names and fixed colours. Each
+batch lands in the layer as it arrives (partial results stay when cancelled). A run writes through
+``Labels.data_setitem`` inside ``Labels.block_history()``, so the whole run is one undo step and
+Ctrl+Z brings back exactly what the layer held before (including the user's own edits).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from magicgui.widgets import (
+    ComboBox,
+    Container,
+    FileEdit,
+    Label,
+    ProgressBar,
+    PushButton,
+    RadioButtons,
+    SpinBox,
+    create_widget,
+)
+
+from ..engine import PRECISIONS, make_predictor, parse_slices, run_volume
+from ..models import registry
+from ..preprocessing import WINDOW_PRESETS, window_limits
+from .layers import class_colormap, class_features, volume_from_layer
+
+__all__ = ["SegmentWidget"]
+
+
+def _notify_error(msg: str) -> None:
+    from napari.utils.notifications import show_error
+
+    show_error(msg)
+
+
+class SegmentWidget(Container):
+    """Image layer, model + checkpoint, device, precision, batch size, window, slices, Run/Cancel."""
+
+    def __init__(self, napari_viewer, families: tuple[str, ...] | None = None):
+        super().__init__(labels=True)
+        import napari
+
+        self.viewer = napari_viewer
+        self.worker = None
+        self._history_ctx = None
+        self._target = None
+        self._image = create_widget(annotation=napari.layers.Image, label="image")
+        fams = [f.name for f in registry.list_families() if families is None or f.name in families]
+        configs = [e.name for e in registry.list_configs() if e.family in fams]
+        self._model = ComboBox(label="model", choices=fams + configs, value=fams[0] if fams else None,
+                               tooltip="a family uses its shipped demo weights; a config needs a checkpoint")
+        self._checkpoint = FileEdit(label="checkpoint", mode="r", filter="*.safetensors",
+                                    tooltip="empty = the model's shipped demo checkpoint")
+        self._device = ComboBox(label="device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
+        self._precision = ComboBox(label="precision", choices=list(PRECISIONS), value="auto",
+                                   tooltip="auto: fp32 on CPU, bf16/fp16 autocast on GPU; bf16 is faster on AVX-512 CPUs")
+        self._batch = SpinBox(label="batch size", min=1, max=128, value=4)
+        self._window = ComboBox(label="window", choices=list(WINDOW_PRESETS), value="abdomen")
+        self._scope = RadioButtons(label="slices", choices=["all", "current", "range"], value="all",
+                                   orientation="horizontal")
+        self._start = SpinBox(label="from slice", min=0, max=100000, value=0, visible=False)
+        self._stop = SpinBox(label="to slice (incl.)", min=0, max=100000, value=0, visible=False)
+        self._run = PushButton(text="Run")
+        self._cancel = PushButton(text="Cancel", enabled=False)
+        self._progress = ProgressBar(label="progress", min=0, max=100, value=0)
+        self._status = Label(value="")
+        self.extend([self._image, self._model, self._checkpoint, self._device, self._precision,
+                     self._batch, self._window, self._scope, self._start, self._stop, self._run,
+                     self._cancel, self._progress, self._status])
+        self._run.changed.connect(self.run)
+        self._cancel.changed.connect(self.cancel)
+        self._window.changed.connect(self._apply_window)
+        self._scope.changed.connect(self._on_scope)
+        self._image.changed.connect(self._on_image)
+        self.viewer.layers.events.inserted.connect(lambda e: self._image.reset_choices())
+        self.viewer.layers.events.removed.connect(lambda e: self._image.reset_choices())
+        self._on_image()
+
+    # ------------------------------------------------------------------ controls
+    def _on_scope(self, *_):
+        rng = self._scope.value == "range"
+        self._start.visible = rng
+        self._stop.visible = rng
+
+    def _on_image(self, *_):
+        layer = self._image.value
+        if layer is not None and layer.data.ndim == 3:
+            n = layer.data.shape[0]
+            self._start.max = self._stop.max = n - 1
+            self._stop.value = n - 1
+
+    def _apply_window(self, *_):
+        layer = self._image.value
+        if layer is not None:
+            layer.contrast_limits = window_limits(self._window.value)
+
+    def _checkpoint_path(self) -> str | None:
+        v = self._checkpoint.value
+        if v is None or str(v) in ("", ".") or Path(v).is_dir():
+            return None
+        return str(v)
+
+    def _slice_spec(self, layer):
+        scope = self._scope.value
+        if scope == "all":
+            return None, None
+        if scope == "current":
+            current = int(round(layer.world_to_data(self.viewer.dims.point)[0]))
+            return "current", current
+        if self._stop.value < self._start.value:
+            raise ValueError(f"empty slice range {self._start.value}..{self._stop.value}")
+        return (int(self._start.value), int(self._stop.value) + 1), None
+
+    # ------------------------------------------------------------------ run
+    def target_layer(self, image, family: str, class_names: list[str]):
+        """The Labels layer this run writes into (re-used when it exists for this image+model)."""
+        from napari.utils.colormaps import DirectLabelColormap
+
+        name = f"{image.name} [{family}]"
+        if name in self.viewer.layers:
+            lay = self.viewer.layers[name]
+            if lay.data.shape == image.data.shape:
+                return lay
+            name = name + " (new)"
+        return self.viewer.add_labels(
+            np.zeros(image.data.shape, dtype=np.uint8),
+            name=name,
+            scale=image.scale,
+            translate=image.translate,
+            metadata=dict(image.metadata),
+            features=class_features(class_names),
+            colormap=DirectLabelColormap(color_dict=class_colormap(len(class_names))),
+            opacity=0.5,
+        )
+
+    def run(self, *_):
+        """Start a run (returns the worker, or None when the input was refused)."""
+        from napari.qt.threading import thread_worker
+
+        from ..models.checkpoints import CheckpointError, resolve_model
+
+        if self.worker is not None:
+            return None
+        image = self._image.value
+        if image is None:
+            _notify_error("Choose an image layer first (open a CT: File > Open).")
+            return None
+        try:
+            vol = volume_from_layer(image.data, image.metadata, image.scale, image.translate)
+            spec, current = self._slice_spec(image)
+            zs = parse_slices(spec, vol.shape[0], current)
+            ckpt = resolve_model(self._model.value, self._checkpoint_path())
+        except (ValueError, KeyError, CheckpointError) as exc:
+            _notify_error(str(exc).strip("'\""))
+            return None
+        self._target = self.target_layer(image, ckpt.family, ckpt.class_names)
+        self._history_ctx = self._target.block_history()
+        self._history_ctx.__enter__()
+        device, precision, batch = self._device.value, self._precision.value, int(self._batch.value)
+
+        @thread_worker(start_thread=False)
+        def work():
+            pred = make_predictor(ckpt, device=device, precision=precision)
+            return (yield from run_volume(pred, vol, zs, batch_size=batch))
+
+        self.worker = work()
+        self.worker.yielded.connect(self._on_progress)
+        self.worker.errored.connect(self._on_error)
+        self.worker.finished.connect(self._on_finished)
+        self._run.enabled = False
+        self._cancel.enabled = True
+        self._progress.value = 0
+        self._status.value = f"running {ckpt.config_name} on {len(zs)} slice(s)..."
+        self.worker.start()
+        return self.worker
+
+    def _on_progress(self, p):
+        lay = self._target
+        if lay is None:
+            return
+        z = np.asarray(p.z)
+        new = p.outputs["labels"]
+        old = np.asarray(lay.data[z])
+        idx = np.nonzero(old != new)
+        if idx[0].size:
+            lay.data_setitem((z[idx[0]], idx[1], idx[2]), new[idx])
+        self._progress.value = int(round(100 * p.fraction))
+        self._status.value = f"{p.done}/{p.total} slices, {p.done / max(p.elapsed, 1e-9):.1f} slices/s"
+
+    def _on_error(self, exc):
+        self._status.value = f"failed: {exc}"
+        _notify_error(f"Segmentation failed: {exc}")
+
+    def _on_finished(self):
+        if self._history_ctx is not None:
+            try:
+                self._history_ctx.__exit__(None, None, None)
+            finally:
+                self._history_ctx = None
+        worker, self.worker = self.worker, None
+        self._run.enabled = True
+        self._cancel.enabled = False
+        if worker is not None and getattr(worker, "abort_requested", False):
+            self._status.value = f"cancelled; {self._status.value.split(',')[0]} kept (Ctrl+Z undoes the run)"
+        elif not self._status.value.startswith("failed"):
+            self._progress.value = 100
+            self._status.value = "done (Ctrl+Z undoes the run)"
+
+    def cancel(self, *_):
+        if self.worker is not None:
+            self._status.value = self._status.value + " (cancelling)"
+            self.worker.quit()

@@ -1,0 +1,128 @@
+"""Segment dock widget through pytest-qt: run, cancel, undo, bad input (test double model)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_genseg.volume import Volume
+
+pytestmark = pytest.mark.gui
+
+
+def _image(viewer, z=8, hw=32):
+    from napari_genseg.ui.layers import image_layer_data
+
+    data = np.full((z, hw, hw), -1000, np.int16)
+    data[:, 8:24, 8:24] = 0
+    data[:, 14:18, 14:18] = 900
+    d, kw, _ = image_layer_data(Volume(data, spacing=(3.0, 1.0, 1.0)), "ct")
+    return viewer.add_image(d, **kw)
+
+
+def _widget(viewer, ckpt):
+    from napari_genseg.ui.segment_widget import SegmentWidget
+
+    w = SegmentWidget(viewer)
+    w._model.value = "testdouble"
+    w._checkpoint.value = str(ckpt)
+    w._device.value = "cpu"
+    w._batch.value = 3
+    return w
+
+
+def _wait_done(qtbot, w, timeout=20000):
+    qtbot.waitUntil(lambda: w.worker is None, timeout=timeout)
+
+
+def test_run_all_then_range_replaces_only_range_and_undo_restores_edits(make_napari_viewer_proxy, qtbot, double_checkpoint):
+    viewer = make_napari_viewer_proxy()
+    img = _image(viewer)
+    w = _widget(viewer, double_checkpoint)
+    assert w.run() is not None
+    _wait_done(qtbot, w)
+    lab = viewer.layers["ct [testdouble]"]
+    assert lab.data[0, 16, 16] == 2 and lab.data[0, 10, 10] == 1 and lab.data[0, 0, 0] == 0
+    np.testing.assert_array_equal(lab.scale, img.scale)
+    assert list(lab.features["class"]) == ["background", "soft", "dense"]
+    assert lab.colormap.map(1)[:3].tolist() != lab.colormap.map(2)[:3].tolist()
+    # the user corrects slices 2 and 6 by hand
+    lab.data_setitem((np.array([2, 6]), np.array([0, 0]), np.array([0, 0])), 5)
+    edited = lab.data.copy()
+    # re-run slices 5..6 only: slice 6 is replaced, slice 2 keeps the edit
+    w._scope.value = "range"
+    w._start.value, w._stop.value = 5, 6
+    w.run()
+    _wait_done(qtbot, w)
+    assert lab.data[6, 0, 0] == 0 and lab.data[2, 0, 0] == 5
+    np.testing.assert_array_equal(np.delete(lab.data, [5, 6], 0), np.delete(edited, [5, 6], 0))
+    lab.undo()  # one step undoes the whole re-run
+    np.testing.assert_array_equal(lab.data, edited)
+
+
+def test_cancel_keeps_partial_result(make_napari_viewer_proxy, qtbot, slow_double_checkpoint):
+    viewer = make_napari_viewer_proxy()
+    _image(viewer, z=30)
+    w = _widget(viewer, slow_double_checkpoint)
+    w._batch.value = 1
+    worker = w.run()
+    lab = viewer.layers["ct [testdouble]"]
+    qtbot.waitUntil(lambda: lab.data[:, 16, 16].max() == 2, timeout=10000)
+    w.cancel()
+    _wait_done(qtbot, w)
+    done = (lab.data[:, 16, 16] == 2).sum()
+    assert 1 <= done < 30
+    assert "cancelled" in w._status.value
+    assert worker.abort_requested
+
+
+def test_gui_stays_responsive_while_running(make_napari_viewer_proxy, qtbot, slow_double_checkpoint):
+    import time
+
+    from qtpy.QtCore import QTimer
+
+    viewer = make_napari_viewer_proxy()
+    _image(viewer, z=10)
+    w = _widget(viewer, slow_double_checkpoint)
+    w._batch.value = 1
+    ticks = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start(20)
+    w.run()
+    _wait_done(qtbot, w)
+    timer.stop()
+    # ~1.5 s of model time; the event loop kept ticking throughout
+    assert len(ticks) > 20
+
+
+def test_bad_inputs_notify_and_create_nothing(make_napari_viewer_proxy, qtbot, double_checkpoint, tmp_path, monkeypatch):
+    from napari_genseg.ui import segment_widget as sw
+
+    errors = []
+    monkeypatch.setattr(sw, "_notify_error", errors.append)
+    viewer = make_napari_viewer_proxy()
+    w = _widget(viewer, double_checkpoint)
+    assert w.run() is None and "image layer" in errors[-1]
+    _image(viewer)
+    w._scope.value = "range"
+    w._start.value, w._stop.value = 5, 3
+    assert w.run() is None and "empty slice range" in errors[-1]
+    w._scope.value = "all"
+    w._checkpoint.value = str(tmp_path / "missing.safetensors")
+    assert w.run() is None and "not found" in errors[-1]
+    w._model.value = "msa2net_paper" if "msa2net_paper" in w._model.choices else w._model.value
+    w._checkpoint.value = str(double_checkpoint)
+    if w._model.value == "msa2net_paper":
+        assert w.run() is None and "testdouble checkpoint" in errors[-1]
+    assert [l.name for l in viewer.layers] == ["ct"]
+
+
+def test_window_preset_sets_contrast_only(make_napari_viewer_proxy, double_checkpoint):
+    viewer = make_napari_viewer_proxy()
+    img = _image(viewer)
+    w = _widget(viewer, double_checkpoint)
+    data = img.data.copy()
+    w._window.value = "lung"
+    assert tuple(img.contrast_limits) == (-1350.0, 150.0)
+    np.testing.assert_array_equal(img.data, data)
