@@ -30,8 +30,8 @@ class VolumeReadError(ValueError):
     """An input that is not a readable CT volume (message is one line, for users)."""
 
 
-class MaskWriteError(ValueError):
-    """A mask that cannot be written where asked."""
+class MaskWriteError(RuntimeError):
+    """A mask that cannot be written where asked (not a ValueError: napari would swallow it)."""
 
 
 def is_nifti_path(path: str | os.PathLike) -> bool:
