@@ -51,8 +51,10 @@ class SegmentWidget(Container):
         self._image = create_widget(annotation=napari.layers.Image, label="image")
         fams = [f.name for f in registry.list_families() if families is None or f.name in families]
         configs = [e.name for e in registry.list_configs() if e.family in fams]
-        self._model = ComboBox(label="model", choices=fams + configs, value=fams[0] if fams else None,
+        self._model = ComboBox(label="model", choices=fams + configs,
                                tooltip="a family uses its shipped demo weights; a config needs a checkpoint")
+        if fams:
+            self._model.value = fams[0]
         self._checkpoint = FileEdit(label="checkpoint", mode="r", filter="*.safetensors",
                                     tooltip="empty = the model's shipped demo checkpoint")
         self._device = ComboBox(label="device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
