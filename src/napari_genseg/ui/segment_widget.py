@@ -26,15 +26,14 @@ from magicgui.widgets import (
 from ..engine import PRECISIONS, make_predictor, parse_slices, run_volume
 from ..models import registry
 from ..preprocessing import WINDOW_PRESETS, window_limits
-from .layers import class_colormap, class_features, volume_from_layer
+from ._run import LayerEdit, add_class_labels, notify_error
+from .layers import volume_from_layer
 
 __all__ = ["SegmentWidget"]
 
 
 def _notify_error(msg: str) -> None:
-    from napari.utils.notifications import show_error
-
-    show_error(msg)
+    notify_error(msg)
 
 
 class SegmentWidget(Container):
@@ -46,7 +45,7 @@ class SegmentWidget(Container):
 
         self.viewer = napari_viewer
         self.worker = None
-        self._history_ctx = None
+        self._edit = None
         self._target = None
         self._image = create_widget(annotation=napari.layers.Image, label="image")
         fams = [f.name for f in registry.list_families() if families is None or f.name in families]
@@ -120,24 +119,7 @@ class SegmentWidget(Container):
     # ------------------------------------------------------------------ run
     def target_layer(self, image, family: str, class_names: list[str]):
         """The Labels layer this run writes into (re-used when it exists for this image+model)."""
-        from napari.utils.colormaps import DirectLabelColormap
-
-        name = f"{image.name} [{family}]"
-        if name in self.viewer.layers:
-            lay = self.viewer.layers[name]
-            if lay.data.shape == image.data.shape:
-                return lay
-            name = name + " (new)"
-        return self.viewer.add_labels(
-            np.zeros(image.data.shape, dtype=np.uint8),
-            name=name,
-            scale=image.scale,
-            translate=image.translate,
-            metadata=dict(image.metadata),
-            features=class_features(class_names),
-            colormap=DirectLabelColormap(color_dict=class_colormap(len(class_names))),
-            opacity=0.5,
-        )
+        return add_class_labels(self.viewer, image, f"{image.name} [{family}]", class_names)
 
     def run(self, *_):
         """Start a run (returns the worker, or None when the input was refused)."""
@@ -160,8 +142,7 @@ class SegmentWidget(Container):
             _notify_error(str(exc).strip("'\""))
             return None
         self._target = self.target_layer(image, ckpt.family, ckpt.class_names)
-        self._history_ctx = self._target.block_history()
-        self._history_ctx.__enter__()
+        self._edit = LayerEdit(self._target).begin()
         device, precision, batch = self._device.value, self._precision.value, int(self._batch.value)
 
         @thread_worker(start_thread=False)
@@ -181,15 +162,9 @@ class SegmentWidget(Container):
         return self.worker
 
     def _on_progress(self, p):
-        lay = self._target
-        if lay is None:
+        if self._edit is None:
             return
-        z = np.asarray(p.z)
-        new = p.outputs["labels"]
-        old = np.asarray(lay.data[z])
-        idx = np.nonzero(old != new)
-        if idx[0].size:
-            lay.data_setitem((z[idx[0]], idx[1], idx[2]), new[idx])
+        self._edit.set_slices(p.z, p.outputs["labels"])
         self._progress.value = int(round(100 * p.fraction))
         self._status.value = f"{p.done}/{p.total} slices, {p.done / max(p.elapsed, 1e-9):.1f} slices/s"
 
@@ -198,11 +173,9 @@ class SegmentWidget(Container):
         _notify_error(f"Segmentation failed: {exc}")
 
     def _on_finished(self):
-        if self._history_ctx is not None:
-            try:
-                self._history_ctx.__exit__(None, None, None)
-            finally:
-                self._history_ctx = None
+        if self._edit is not None:
+            edit, self._edit = self._edit, None
+            edit.end()
         worker, self.worker = self.worker, None
         self._run.enabled = True
         self._cancel.enabled = False

@@ -1,0 +1,65 @@
+"""What both dock widgets share: writing a run's batches into a Labels layer as one undo step."""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["LayerEdit", "notify_error", "add_class_labels"]
+
+
+def notify_error(msg: str) -> None:
+    from napari.utils.notifications import show_error
+
+    show_error(msg)
+
+
+def add_class_labels(viewer, image, name: str, class_names: list[str], **kwargs):
+    """A uint8 Labels layer on ``image``'s grid with class names (status bar) and fixed colours;
+    re-used when one of that name and shape exists."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    from .layers import class_colormap, class_features
+
+    if name in viewer.layers:
+        lay = viewer.layers[name]
+        if lay.data.shape == image.data.shape:
+            return lay
+        name = name + " (new)"
+    kw = {"opacity": 0.5, **kwargs}
+    return viewer.add_labels(
+        np.zeros(image.data.shape, dtype=np.uint8),
+        name=name,
+        scale=image.scale,
+        translate=image.translate,
+        metadata=dict(image.metadata),
+        features=class_features(class_names),
+        colormap=DirectLabelColormap(color_dict=class_colormap(len(class_names))),
+        **kw,
+    )
+
+
+class LayerEdit:
+    """Edits to a Labels layer grouped as one undo step (public ``block_history`` +
+    ``data_setitem``): open with ``begin()``, write slices with ``set_slices``, close with ``end()``
+    (also after a cancel or an error, so partial results stay and Ctrl+Z reverts them together)."""
+
+    def __init__(self, layer):
+        self.layer = layer
+        self._ctx = None
+
+    def begin(self) -> "LayerEdit":
+        self._ctx = self.layer.block_history()
+        self._ctx.__enter__()
+        return self
+
+    def set_slices(self, z, new: np.ndarray) -> None:
+        z = np.asarray(z)
+        old = np.asarray(self.layer.data[z])
+        idx = np.nonzero(old != new)
+        if idx[0].size:
+            self.layer.data_setitem((z[idx[0]], idx[1], idx[2]), new[idx])
+
+    def end(self) -> None:
+        if self._ctx is not None:
+            ctx, self._ctx = self._ctx, None
+            ctx.__exit__(None, None, None)
