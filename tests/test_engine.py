@@ -140,3 +140,10 @@ def test_windows_and_normalisation_are_separate():
     assert float(mm.min()) == 0.0 and float(mm.max()) == 1.0
     with pytest.raises(KeyError):
         window_limits("nope")
+
+
+def test_official_msa2net_input_range():
+    n = Normalization.from_dict({"kind": "hu_window", "low": -125, "high": 275, "out_min": -1, "out_max": 1})
+    x = torch.tensor([[[[-1000.0, 75.0, 3000.0]]]])
+    np.testing.assert_allclose(n(x).flatten(), [-1.0, 0.0, 1.0])
+    assert Normalization.from_dict(n.to_dict()) == n

@@ -58,6 +58,9 @@ class Normalization:
     high: float = 275.0
     mean: float = 0.0
     std: float = 1.0
+    #: hu_window output range: [0, 1] by default; the official MSA²Net code feeds [-1, 1]
+    out_min: float = 0.0
+    out_max: float = 1.0
 
     def __post_init__(self):
         if self.kind not in ("hu_window", "minmax", "zscore"):
@@ -71,11 +74,15 @@ class Normalization:
     def from_dict(cls, d: dict | None) -> "Normalization":
         if not d:
             return cls()
-        return cls(**{k: v for k, v in d.items() if k in ("kind", "low", "high", "mean", "std")})
+        keys = ("kind", "low", "high", "mean", "std", "out_min", "out_max")
+        return cls(**{k: v for k, v in d.items() if k in keys})
 
     def to_dict(self) -> dict:
         if self.kind == "hu_window":
-            return {"kind": "hu_window", "low": self.low, "high": self.high}
+            d = {"kind": "hu_window", "low": self.low, "high": self.high}
+            if (self.out_min, self.out_max) != (0.0, 1.0):
+                d.update(out_min=self.out_min, out_max=self.out_max)
+            return d
         if self.kind == "zscore":
             return {"kind": "zscore", "mean": self.mean, "std": self.std}
         return {"kind": "minmax"}
@@ -83,7 +90,10 @@ class Normalization:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 1, H, W) HU float -> normalised float."""
         if self.kind == "hu_window":
-            return (x.clamp(self.low, self.high) - self.low) / (self.high - self.low)
+            unit = (x.clamp(self.low, self.high) - self.low) / (self.high - self.low)
+            if (self.out_min, self.out_max) == (0.0, 1.0):
+                return unit
+            return unit * (self.out_max - self.out_min) + self.out_min
         if self.kind == "zscore":
             return (x - self.mean) / self.std
         lo = x.amin(dim=(-2, -1), keepdim=True)

@@ -307,6 +307,16 @@ def resolve_model(
     )
 
 
+#: how the official code of each family feeds its model (used for imported checkpoints)
+OFFICIAL_INPUTS = {
+    # TransUNet lineage: HU clip [-125, 275] -> [0, 1], then (x - 0.5) / 0.5 in the MSA²Net code
+    "msa2net": {"normalization": {"kind": "hu_window", "low": -125.0, "high": 275.0,
+                                  "out_min": -1.0, "out_max": 1.0}, "resize": "resize"},
+    # SAM / MedSAM: per-image min-max to [0, 1]
+    "arseg": {"normalization": {"kind": "minmax"}, "resize": "resize"},
+}
+
+
 def import_official_checkpoint(
     family: str,
     src: str | os.PathLike,
@@ -322,7 +332,11 @@ def import_official_checkpoint(
     if fam.import_official is None:
         raise CheckpointError(f"{family} has no official-checkpoint importer")
     sd = read_torch_state_dict(src, allow_namespace=(family == "marseg"))
-    overrides, mapped, notes = fam.import_official(sd)
+    try:
+        overrides, mapped, notes = fam.import_official(sd)
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"{Path(src).name}: {exc}") from exc
+    input = input or OFFICIAL_INPUTS.get(family)
     entry = registry.get_entry(family)
     cfg = dataclasses.replace(entry.config, **overrides)
     model = fam.build(cfg)
