@@ -1,0 +1,293 @@
+"""AR-Seg inference (paper Sec. 2.3-2.4) and the top-level :class:`ArSeg` model.
+
+Sampling (Eq. 4), for B images and N samples each:
+
+1. the image embedding (computed once per slice by ``ArSeg.embed``) goes through the adapter once;
+2. positions 0..T_c (conditioning + start token) run once on the B image rows and fill a KV cache,
+   which is then repeated to the B*N sample rows (row m = b * N + n);
+3. for each scale k: logits / temperature_k, top-k filter, multinomial draw for all B*N rows at once;
+   the drawn codes update f_hat (bicubic up, phi) and the next scale's input is f_hat area-downsampled;
+   with the cache only the new scale's tokens run through the transformer.
+
+``use_kv_cache=False`` re-runs the whole prefix at every scale (same draws, for testing).
+Consensus, variability maps and resizing to the slice grid belong to the engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ArSegConfig
+from .light_encoder import LightImageEncoder
+from .maskvq import MaskVQ
+from .sam_encoder import SamImageEncoder
+from .segmentor import KVCache, NextScaleSegmentor
+
+__all__ = ["ArSeg", "sample_tokens", "draw_tokens", "eval_mode", "DEFAULT_TEMPERATURES"]
+
+#: per-scale temperatures of the paper's inference
+DEFAULT_TEMPERATURES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.1)
+
+
+def draw_tokens(logits: torch.Tensor, temperature: float, top_k: int | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """Sample one token per position. logits (M, T, V) -> ids (M, T).
+
+    temperature <= 0 takes the arg-max; ``top_k`` keeps the k largest logits (ties kept).
+    """
+    m, t, v = logits.shape
+    logits = logits.float()
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and 0 < top_k < v:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1).view(m * t, v)
+    return torch.multinomial(probs, 1, generator=generator).view(m, t)
+
+
+def _temperatures(temperatures, k: int) -> tuple[float, ...]:
+    if isinstance(temperatures, (int, float)):
+        return (float(temperatures),) * k
+    temps = tuple(float(t) for t in temperatures)
+    if len(temps) < k:
+        raise ValueError(f"need {k} temperatures (one per scale), got {len(temps)}")
+    return temps[:k]
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module):
+    """Run ``module`` in eval mode (no dropout) and restore its previous mode afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+@torch.no_grad()
+def sample_tokens(segmentor: NextScaleSegmentor, vq: MaskVQ, embedding: torch.Tensor,
+                  class_ids: torch.Tensor, n_samples: int, generator: torch.Generator | None = None,
+                  temperatures: Sequence[float] | float = DEFAULT_TEMPERATURES,
+                  top_k: int | None = 100, use_kv_cache: bool = True):
+    """Draw N token maps per image, all B*N at once.
+
+    Shapes: embedding [B, C_e, h, w]; class_ids (B,) -> (ids (B, N, L) int64,
+    f_hat [B*N, code_dim, n, n] the full-scale cumulative f_hat of each sample).
+    """
+    if n_samples < 1:
+        raise ValueError("n_samples must be >= 1")
+    with eval_mode(segmentor), eval_mode(vq):
+        return _sample(segmentor, vq, embedding, class_ids, int(n_samples), generator,
+                       temperatures, top_k, use_kv_cache)
+
+
+def _sample(segmentor, vq, embedding, class_ids, n_samples, generator, temperatures, top_k,
+            use_kv_cache):
+    q = vq.quantizer
+    pns = q.patch_nums
+    temps = _temperatures(temperatures, len(pns))
+    b, n = embedding.shape[0], int(n_samples)
+    m = b * n
+    cond, cls = segmentor.condition(embedding, class_ids.to(embedding.device))  # once
+    cls_m = cls.repeat_interleave(n, 0)
+    cache = None
+    if use_kv_cache:
+        cache = KVCache(segmentor.depth, segmentor.seq_len)
+        h = segmentor.run(segmentor.prefix_tokens(cond, cls), cls, 0, cache)  # B rows
+        logits = segmentor.logits(h[:, -1:], cls).repeat_interleave(n, 0)
+        cache.repeat_interleave(n)
+    else:
+        cond_m = cond.repeat_interleave(n, 0)
+        logits = segmentor.forward_tokens(cond_m, cls_m, None)
+    side = q.latent_size
+    f_hat = embedding.new_zeros(m, q.dim, side, side)
+    ids, inputs = [], []
+    for si, pn in enumerate(pns):
+        if si > 0:
+            if use_kv_cache:  # only the new scale's tokens run; earlier ones come from the cache
+                x = segmentor.scale_tokens(inputs[-1], q.offsets[si])
+                h = segmentor.run(x, cls_m, segmentor.num_cond + q.offsets[si], cache)
+                logits = segmentor.logits(h, cls_m)
+            else:
+                logits = segmentor.forward_tokens(cond_m, cls_m, torch.cat(inputs, 1))
+                logits = logits[:, q.offsets[si]:]
+        idx = draw_tokens(logits, temps[si], top_k, generator)  # (M, pn²)
+        ids.append(idx)
+        f_hat = f_hat + q.scale_vectors(si, idx)
+        if si < len(pns) - 1:
+            inputs.append(q.next_input(si, f_hat))
+    return torch.cat(ids, 1).view(b, n, -1), f_hat
+
+
+class ArSeg(nn.Module):
+    """AR-Seg: image encoder + multi-scale mask autoencoder + next-scale segmentor.
+
+    Engine API (pure torch, device-agnostic; see each method's Shapes):
+    ``embed`` once per slice -> ``sample`` / ``predict`` for N samples -> ``decode`` any prefix of
+    scales for the coarse-to-fine animation. Training: ``vq.loss`` (stage 1), ``token_loss``
+    (stage 2, frozen VQ), ``vq.encode_tokens`` for the targets.
+    """
+
+    def __init__(self, cfg: ArSegConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        if cfg.encoder_kind == "sam_vit_b":
+            self.image_encoder = SamImageEncoder(
+                img_size=cfg.img_size, patch_size=cfg.sam_patch_size, in_chans=3,
+                width=cfg.sam_width, depth=cfg.sam_depth, heads=cfg.sam_heads,
+                mlp_ratio=cfg.sam_mlp_ratio, out_chans=cfg.embed_dim,
+                window_size=cfg.sam_window_size, global_attn_indexes=cfg.sam_global_attn_indexes,
+            )
+        else:
+            self.image_encoder = LightImageEncoder(
+                img_size=cfg.img_size, in_chans=cfg.in_chans, widths=cfg.light_widths,
+                dim=cfg.light_dim, depth=cfg.light_depth, heads=cfg.light_heads,
+                out_chans=cfg.embed_dim,
+            )
+        self.vq = MaskVQ(cfg)
+        self.segmentor = NextScaleSegmentor(cfg)
+
+    # ---- sizes --------------------------------------------------------------------------------
+    @property
+    def num_tokens(self) -> int:
+        return self.cfg.num_tokens
+
+    @property
+    def mask_size(self) -> int:
+        return self.cfg.mask_size
+
+    @property
+    def num_scales(self) -> int:
+        return self.cfg.num_scales
+
+    def scale_token_maps(self, token_ids: torch.Tensor) -> list[torch.Tensor]:
+        """Split ids (..., L) into the K token maps (..., pn, pn), coarse to fine."""
+        o = self.vq.quantizer.offsets
+        lead = token_ids.shape[:-1]
+        return [token_ids[..., o[k]:o[k + 1]].reshape(*lead, pn, pn)
+                for k, pn in enumerate(self.cfg.patch_nums)]
+
+    # ---- inference ----------------------------------------------------------------------------
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Image embedding, computed once per slice.
+
+        Shapes: x [B, in_chans, img_size, img_size] in [0, 1] -> [B, embed_dim, h, w]
+        (SAM: [B, 256, 64, 64]). A 1-channel slice is repeated to 3 channels for SAM.
+        """
+        cfg = self.cfg
+        if x.ndim != 4 or x.shape[1] != cfg.in_chans or x.shape[-2:] != (cfg.img_size, cfg.img_size):
+            raise ValueError(
+                f"expected x of shape (B, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size}), "
+                f"got {tuple(x.shape)}"
+            )
+        x = x.to(self.segmentor.pos_embed.dtype)
+        if cfg.encoder_kind == "sam_vit_b" and x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return self.image_encoder(x)
+
+    @torch.no_grad()
+    def sample(self, embedding: torch.Tensor, class_ids: torch.Tensor, n_samples: int,
+               generator: torch.Generator | None = None,
+               temperatures: Sequence[float] | float = DEFAULT_TEMPERATURES,
+               top_k: int | None = 100, use_kv_cache: bool = True) -> torch.Tensor:
+        """N token maps per image, drawn as one batch of B*N.
+
+        Shapes: embedding [B, C_e, h, w]; class_ids (B,) int64 -> ids (B, N, L) int64, L = 204.
+        """
+        ids, _ = sample_tokens(self.segmentor, self.vq, embedding, class_ids, n_samples,
+                               generator, temperatures, top_k, use_kv_cache)
+        return ids
+
+    @torch.no_grad()
+    def decode(self, token_ids: torch.Tensor, upto_scale: int | None = None,
+               batch_size: int = 32) -> torch.Tensor:
+        """Mask logits of the cumulative f_hat after scale ``upto_scale`` (1..K, None = K).
+
+        Shapes: token_ids (B, N, L) or (B*, L) -> logits (B*, 1, mask_size, mask_size), B* = B*N.
+        """
+        ids = token_ids.reshape(-1, token_ids.shape[-1])
+        outs = [self.vq.decode_tokens(ids[s : s + batch_size], upto_scale)
+                for s in range(0, ids.shape[0], batch_size)]
+        return torch.cat(outs, 0)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor | None, class_ids: torch.Tensor, n_samples: int = 16,
+                generator: torch.Generator | None = None,
+                temperatures: Sequence[float] | float = DEFAULT_TEMPERATURES,
+                top_k: int | None = 100, use_kv_cache: bool = True,
+                embedding: torch.Tensor | None = None, return_scales: bool = False,
+                batch_size: int = 32) -> dict:
+        """Embed (unless ``embedding`` is given), sample N masks per image, decode them.
+
+        Shapes: x [B, in_chans, img_size, img_size] -> dict with
+        ``token_ids`` (B, N, L) int64, ``sample_probs`` (B, N, S, S) = sigmoid(full-scale logits),
+        ``embedding`` [B, C_e, h, w]; with ``return_scales`` also ``scale_probs`` (B, N, K, S, S),
+        the decoded partial sums after each scale (coarse-to-fine).
+        """
+        if embedding is None:
+            embedding = self.embed(x)
+        ids, f_hat = sample_tokens(self.segmentor, self.vq, embedding, class_ids, n_samples,
+                                   generator, temperatures, top_k, use_kv_cache)
+        b, n, _ = ids.shape
+        s = self.cfg.mask_size
+        logits = torch.cat([self.vq.decode_fhat(f_hat[i : i + batch_size])
+                            for i in range(0, f_hat.shape[0], batch_size)], 0)
+        out = {
+            "token_ids": ids,
+            "sample_probs": torch.sigmoid(logits.float()).view(b, n, s, s),
+            "embedding": embedding,
+        }
+        if return_scales:
+            scales = [torch.sigmoid(self.decode(ids, k, batch_size).float()).view(b, n, 1, s, s)
+                      for k in range(1, self.cfg.num_scales + 1)]
+            out["scale_probs"] = torch.cat(scales, 2)
+        return out
+
+    # ---- training -----------------------------------------------------------------------------
+    def _as_embedding(self, embedding_or_x: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        t = embedding_or_x
+        if t.ndim == 4 and t.shape[1:] == (cfg.in_chans, cfg.img_size, cfg.img_size):
+            if cfg.train_image_encoder:
+                return self.embed(t)
+            with torch.no_grad():
+                return self.embed(t)
+        return t
+
+    def token_loss(self, embedding_or_x: torch.Tensor, gt_token_ids: torch.Tensor,
+                   class_ids: torch.Tensor) -> torch.Tensor:
+        """Stage-2 cross-entropy with teacher forcing (frozen VQ).
+
+        Shapes: embedding [B, C_e, h, w] or image [B, in_chans, img_size, img_size];
+        gt_token_ids (B, L) from ``vq.encode_tokens``; class_ids (B,) -> scalar loss.
+        """
+        emb = self._as_embedding(embedding_or_x)
+        with torch.no_grad():
+            teacher = self.vq.quantizer.teacher_inputs(gt_token_ids)
+        logits = self.segmentor(emb, class_ids, teacher.to(emb.dtype))
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                               gt_token_ids.reshape(-1))
+
+    def forward(self, embedding_or_x: torch.Tensor, gt_token_ids: torch.Tensor,
+                class_ids: torch.Tensor) -> torch.Tensor:
+        """The stage-2 training objective (``token_loss``), so DDP can wrap the model."""
+        return self.token_loss(embedding_or_x, gt_token_ids, class_ids)
+
+    def stage_parameters(self, stage: int) -> list[nn.Parameter]:
+        """Trainable parameters of stage 1 (the VQ) or stage 2 (segmentor [+ image encoder])."""
+        if stage == 1:
+            return list(self.vq.parameters())
+        if stage == 2:
+            params = list(self.segmentor.parameters())
+            if self.cfg.train_image_encoder:
+                params += list(self.image_encoder.parameters())
+            return params
+        raise ValueError("stage must be 1 or 2")
