@@ -46,6 +46,7 @@ def test_explorer_run_threshold_samples_scales_export(make_napari_viewer_proxy, 
     w._scope.value = "range"
     w._start.value, w._stop.value = 1, 3
     viewer.dims.set_current_step(0, 2)
+    assert w._target.choices == (1,) and w._target.value == 1  # "lesion" from the checkpoint JSON
     assert w.run() is not None
     qtbot.waitUntil(lambda: w.worker is None, timeout=60000)
     assert sorted(w.tokens) == [1, 2, 3] and w.tokens[2].shape[0] == 4

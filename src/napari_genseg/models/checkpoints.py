@@ -352,3 +352,16 @@ def import_official_checkpoint(
         provenance={"imported_from": str(Path(src).name), "report": report.summary(), "notes": notes},
     )
     return path, report
+
+
+def peek_class_names(name: str, checkpoint: str | os.PathLike | None = None) -> list[str]:
+    """Class names of the checkpoint ``resolve_model`` would load, from its JSON only (cheap)."""
+    path = Path(checkpoint) if checkpoint else None
+    if path is None and name in {f.name for f in registry.list_families()}:
+        path = shipped_checkpoint(name)
+    if path is None:
+        return []
+    try:
+        return list(_read_meta(path.with_suffix(".safetensors")).get("class_names", []))
+    except CheckpointError:
+        return []

@@ -119,6 +119,8 @@ class ArSegExplorer(Container):
         self._device = ComboBox(label="device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
         self._precision = ComboBox(label="precision", choices=list(PRECISIONS), value="auto")
         self._samples = SpinBox(label="samples N", min=1, max=32, value=16)
+        self._target = ComboBox(label="target class", choices=[],
+                                tooltip="the class AR-Seg segments (AdaLN conditioning)")
         self._seed = SpinBox(label="seed", min=0, max=2**31 - 1, value=0)
         self._batch = SpinBox(label="slices per batch", min=1, max=32, value=2)
         self._scope = RadioButtons(label="slices", choices=["current", "range", "all"], value="current",
@@ -143,7 +145,7 @@ class ArSegExplorer(Container):
                                      value="arseg_scales.gif")
         self._export = PushButton(text="Export scale progression")
         self.extend([self._image, self._model, self._checkpoint, self._device, self._precision,
-                     self._samples, self._seed, self._batch, self._scope, self._start, self._stop,
+                     self._target, self._samples, self._seed, self._batch, self._scope, self._start, self._stop,
                      self._run, self._cancel, self._progress, self._status, self._threshold, self._show,
                      self._sample, self._legend, self._scale, self._play, self._step, self._loop,
                      self._fps, self._export_path, self._export])
@@ -151,6 +153,9 @@ class ArSegExplorer(Container):
         self._timer.timeout.connect(self._tick)
         self._run.changed.connect(self.run)
         self._cancel.changed.connect(self.cancel)
+        self._model.changed.connect(self._refresh_targets)
+        self._checkpoint.changed.connect(self._refresh_targets)
+        self._refresh_targets()
         self._scope.changed.connect(self._on_scope)
         self._threshold.changed.connect(self._on_threshold)
         self._show.changed.connect(self._on_show)
@@ -168,6 +173,14 @@ class ArSegExplorer(Container):
     def _on_scope(self, *_):
         rng = self._scope.value == "range"
         self._start.visible = self._stop.visible = rng
+
+    def _refresh_targets(self, *_):
+        from ..models.checkpoints import peek_class_names
+
+        names = peek_class_names(self._model.value or "arseg", self._checkpoint_path())
+        choices = [(n, i) for i, n in enumerate(names) if i > 0] or [("foreground", 1)]
+        self._target.choices = choices
+        self._target.value = choices[0][1]
 
     def current_slice(self) -> int:
         image = self._image.value
@@ -206,7 +219,8 @@ class ArSegExplorer(Container):
             if registry.get_family(ckpt.family).kind != "arseg":
                 raise ValueError(f"{ckpt.family} is not an AR-Seg checkpoint; use the Segment CT dock")
             pred = make_predictor(ckpt, device=self._device.value, precision=self._precision.value,
-                                  n_samples=int(self._samples.value), seed=int(self._seed.value))
+                                  n_samples=int(self._samples.value), seed=int(self._seed.value),
+                                  target_class=int(self._target.value or 1))
         except (ValueError, KeyError, CheckpointError) as exc:
             notify_error(str(exc).strip("'\""))
             return None
