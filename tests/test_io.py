@@ -215,3 +215,13 @@ def test_labels_dtype_and_no_metadata_geometry(tmp_path):
     np.testing.assert_array_equal(vol.data, lab)
     with pytest.raises(MaskWriteError):
         write_mask(tmp_path / "b.png", lab)
+
+
+def test_outputs_get_normal_file_permissions(tmp_path):
+    import os
+    import stat
+
+    out = write_mask(tmp_path / "m.nii.gz", np.zeros((2, 3, 4), np.uint8))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~mask

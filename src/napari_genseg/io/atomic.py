@@ -7,7 +7,14 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "same_file"]
+__all__ = ["atomic_path", "same_file", "default_mode"]
+
+
+def default_mode() -> int:
+    """0o666 minus the process umask (what a plain open() would create)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _suffix(path: Path) -> str:
@@ -31,6 +38,7 @@ def atomic_path(path: str | os.PathLike):
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, default_mode())  # mkstemp creates 0600
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)

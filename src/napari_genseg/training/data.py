@@ -1,0 +1,472 @@
+"""Training data: labelled volumes, patient-level splits and 2-D slice sampling with augmentation.
+
+Sources (``parse_data_spec``):
+
+* ``phantom:N`` / ``phantom:N@S``: N synthetic phantoms with seeds S..S+N-1 (S = 0 by default);
+  phantom labels are mapped onto the class names by name (``liver_lesion`` -> ``liver``).
+* ``msd:DIR``: a Medical Segmentation Decathlon folder (``dataset.json`` with a ``training`` list,
+  ``imagesTr/``, ``labelsTr/``); without ``dataset.json`` image/label files are paired by name.
+* ``pairs:IMG,LBL[;IMG,LBL...]``: explicit NIfTI (or DICOM-folder) image/label pairs.
+
+NIfTI labels are mapped with a label map (``"5:1,1:2"`` = source id 5 -> class 1, 1 -> 2, every
+other id -> background); without one the ids are kept (ids >= K become background).
+
+Splits (``make_split``) are by case (deterministic seed) so no patient lands on both sides; a
+source with a single case can instead hold out a contiguous block of slices with a gap of unused
+slices on each side (``holdout="auto"`` = a centred block of 8 with a 2-slice gap).
+
+Slices (``SliceDataset``) are brought onto the model grid with the same ``SliceGrid`` the engine
+uses at inference, then augmented on that grid in torch: intensity (HU scale/shift, noise, gamma),
+scale, rotation, elastic, and optional anterior-posterior flip. A left-right flip is never done:
+the liver is on the patient's right and a model must learn that.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..preprocessing import Normalization, SliceGrid, as_float_hu
+
+__all__ = [
+    "Case",
+    "parse_label_map",
+    "apply_label_map",
+    "parse_data_spec",
+    "load_sources",
+    "phantom_cases",
+    "nifti_cases",
+    "msd_pairs",
+    "Split",
+    "make_split",
+    "slice_block_holdout",
+    "Augment",
+    "SliceDataset",
+    "DEFAULT_CLASSES",
+]
+
+DEFAULT_CLASSES = ("background", "liver", "spleen")
+
+
+# ----------------------------------------------------------------------------- cases
+@dataclass
+class Case:
+    """One labelled volume, labels already mapped to the training classes."""
+
+    name: str
+    image: np.ndarray  # (z, y, x) HU
+    labels: np.ndarray  # (z, y, x) uint8 class ids
+    spacing: tuple[float, float, float]
+    source: str  # the data spec it came from
+    kind: str = "nifti"  # "nifti" | "phantom"
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_slices(self) -> int:
+        return int(self.image.shape[0])
+
+
+def parse_label_map(spec) -> dict[int, int] | None:
+    """"5:1,1:2" (or a dict) -> {5: 1, 1: 2}; None/"" -> None."""
+    if spec is None or spec == "" or spec == {}:
+        return None
+    if isinstance(spec, dict):
+        return {int(k): int(v) for k, v in spec.items()}
+    out = {}
+    for part in str(spec).replace(" ", "").split(","):
+        if not part:
+            continue
+        if ":" not in part:
+            raise ValueError(f"label map entry {part!r} is not SRC:DST")
+        a, b = part.split(":", 1)
+        out[int(a)] = int(b)
+    return out
+
+
+def apply_label_map(labels: np.ndarray, mapping: dict[int, int] | None, num_classes: int) -> np.ndarray:
+    labels = np.asarray(labels)
+    if mapping is None:
+        out = labels.astype(np.int64)
+        out[(out < 0) | (out >= num_classes)] = 0
+        return out.astype(np.uint8)
+    lut = np.zeros(int(max(labels.max(initial=0), max(mapping, default=0))) + 1, np.uint8)
+    for src, dst in mapping.items():
+        if not 0 <= dst < num_classes:
+            raise ValueError(f"label map target {dst} outside 0..{num_classes - 1}")
+        if src >= 0:
+            lut[src] = dst
+    return lut[np.clip(labels, 0, None).astype(np.int64)]
+
+
+def phantom_label_map(class_names) -> dict[int, int]:
+    from ..phantom import PHANTOM_CLASSES
+
+    names = list(class_names)
+    out = {}
+    for i, n in enumerate(PHANTOM_CLASSES):
+        if n in names and i:
+            out[i] = names.index(n)
+    if "liver" in names and "liver_lesion" not in names:
+        out[PHANTOM_CLASSES.index("liver_lesion")] = names.index("liver")
+    return out
+
+
+def phantom_cases(n: int, seed0: int = 0, class_names=DEFAULT_CLASSES, shape=(40, 160, 160),
+                  spacing=(3.0, 2.2, 2.2), source: str | None = None) -> list[Case]:
+    from ..phantom import make_phantom
+
+    lm = phantom_label_map(class_names)
+    out = []
+    for s in range(seed0, seed0 + n):
+        p = make_phantom(seed=s, shape=tuple(shape), spacing=tuple(spacing))
+        out.append(Case(
+            name=f"phantom_{s:04d}", image=p.image, labels=apply_label_map(p.labels, lm, len(class_names)),
+            spacing=tuple(p.spacing), source=source or f"phantom:{n}@{seed0}", kind="phantom",
+            meta={"seed": s, "shape": list(shape), "spacing": list(spacing)},
+        ))
+    return out
+
+
+def _load(path):
+    from ..io import load_volume
+
+    return load_volume(path)
+
+
+def nifti_cases(pairs, label_map=None, class_names=DEFAULT_CLASSES, source: str | None = None) -> list[Case]:
+    out = []
+    k = len(class_names)
+    for img_p, lbl_p in pairs:
+        img, lbl = _load(img_p), _load(lbl_p)
+        if img.shape != lbl.shape:
+            raise ValueError(f"{Path(lbl_p).name}: label shape {lbl.shape} differs from image {img.shape}")
+        name = re.sub(r"\.nii(\.gz)?$", "", Path(img_p).name)
+        out.append(Case(
+            name=name, image=img.data, labels=apply_label_map(lbl.data, label_map, k), spacing=img.spacing,
+            source=source or f"pairs:{img_p},{lbl_p}", kind="nifti",
+            meta={"image": str(img_p), "label": str(lbl_p)},
+        ))
+    return out
+
+
+def msd_pairs(root) -> list[tuple[str, str]]:
+    """Image/label pairs of a Decathlon-layout folder."""
+    root = Path(root)
+    ds = root / "dataset.json"
+    if ds.is_file():
+        meta = json.loads(ds.read_text())
+        pairs = []
+        for item in meta.get("training", []):
+            img = (root / item["image"]).resolve()
+            lbl = (root / item["label"]).resolve()
+            pairs.append((str(img), str(lbl)))
+        if pairs:
+            return pairs
+    imgs = sorted(p for p in (root / "imagesTr").glob("*.nii*") if not p.name.startswith("._"))
+    pairs = []
+    for p in imgs:
+        base = re.sub(r"_0000(\.nii(\.gz)?)$", r"\1", p.name)
+        q = root / "labelsTr" / base
+        if q.is_file():
+            pairs.append((str(p), str(q)))
+    if not pairs:
+        raise ValueError(f"{root}: no imagesTr/labelsTr pairs found")
+    return pairs
+
+
+def parse_data_spec(spec: str) -> tuple[str, dict]:
+    """-> (kind, args). Kinds: phantom, msd, pairs."""
+    spec = spec.strip()
+    if spec.startswith("phantom:"):
+        rest = spec.split(":", 1)[1]
+        n, _, s = rest.partition("@")
+        return "phantom", {"n": int(n), "seed0": int(s) if s else 0}
+    if spec.startswith("msd:"):
+        return "msd", {"root": spec.split(":", 1)[1]}
+    if spec.startswith("pairs:"):
+        pairs = []
+        for chunk in spec.split(":", 1)[1].split(";"):
+            if not chunk.strip():
+                continue
+            parts = chunk.split(",")
+            if len(parts) != 2:
+                raise ValueError(f"pairs entry {chunk!r} is not IMG,LBL")
+            pairs.append((parts[0].strip(), parts[1].strip()))
+        return "pairs", {"pairs": pairs}
+    p = Path(spec)
+    if p.is_dir():
+        return "msd", {"root": spec}
+    raise ValueError(f"unknown data spec {spec!r} (phantom:N[@SEED] | msd:DIR | pairs:IMG,LBL[;IMG,LBL])")
+
+
+def load_sources(specs, label_map=None, class_names=DEFAULT_CLASSES, phantom_shape=(40, 160, 160),
+                 phantom_spacing=(3.0, 2.2, 2.2)) -> list[list[Case]]:
+    """One list of cases per data spec."""
+    if isinstance(specs, str):
+        specs = [specs]
+    lm = parse_label_map(label_map)
+    out = []
+    for spec in specs:
+        kind, a = parse_data_spec(spec)
+        if kind == "phantom":
+            out.append(phantom_cases(a["n"], a["seed0"], class_names, phantom_shape, phantom_spacing, source=spec))
+        elif kind == "msd":
+            out.append(nifti_cases(msd_pairs(a["root"]), lm, class_names, source=spec))
+        else:
+            out.append(nifti_cases(a["pairs"], lm, class_names, source=spec))
+    return out
+
+
+# ----------------------------------------------------------------------------- splits
+@dataclass
+class Split:
+    """Slices used for training / validation: lists of (case index, [z...])."""
+
+    train: list[tuple[int, list[int]]]
+    val: list[tuple[int, list[int]]]
+    description: dict
+
+    def to_dict(self, cases: list[Case]) -> dict:
+        def d(items):
+            return [{"case": cases[i].name, "source": cases[i].source, "slices": _ranges(zs)} for i, zs in items]
+
+        return {"train": d(self.train), "val": d(self.val), **self.description}
+
+
+def _ranges(zs: list[int]) -> str:
+    """[0,1,2,5,6] -> "0-2,5-6"."""
+    zs = sorted(zs)
+    if not zs:
+        return ""
+    out, a, b = [], zs[0], zs[0]
+    for z in zs[1:]:
+        if z == b + 1:
+            b = z
+        else:
+            out.append(f"{a}-{b}" if b > a else f"{a}")
+            a = b = z
+    out.append(f"{a}-{b}" if b > a else f"{a}")
+    return ",".join(out)
+
+
+def slice_block_holdout(n: int, block="auto", gap: int = 2, size: int = 8) -> tuple[list[int], list[int]]:
+    """Train / validation slice indices of one volume: validation = a contiguous block
+    (``"a:b"``, b exclusive, or ``"auto"`` = a centred block of ``size``), with ``gap`` slices on
+    each side left out of both."""
+    if block in (None, "", "auto"):
+        size = min(size, max(1, n - 2 * gap - 2))
+        a = (n - size) // 2
+        b = a + size
+    elif isinstance(block, (tuple, list)):
+        a, b = int(block[0]), int(block[1])
+    else:
+        s = str(block)
+        if ":" not in s:
+            raise ValueError(f"hold-out block {block!r} is not 'a:b'")
+        x, y = s.split(":", 1)
+        a, b = int(x or 0), int(y) if y else n
+    if not 0 <= a < b <= n:
+        raise ValueError(f"hold-out block {a}:{b} outside 0..{n}")
+    val = list(range(a, b))
+    lo, hi = max(0, a - gap), min(n, b + gap)
+    train = [z for z in range(n) if z < lo or z >= hi]
+    if not train:
+        raise ValueError("the hold-out block and its gaps leave no training slice")
+    return train, val
+
+
+def make_split(sources: list[list[Case]], val_fraction: float = 0.2, seed: int = 0,
+               holdout="auto", holdout_gap: int = 2, holdout_size: int = 8) -> tuple[list[Case], Split]:
+    """Flatten the sources and split them.
+
+    A source with several cases is split by case: ``round(val_fraction * n)`` cases (at least 1 when
+    ``val_fraction > 0`` and n > 1) chosen with ``seed``. A source with one case uses the slice-block
+    hold-out (``holdout``; ``None``/"none" = train on all of it).
+    """
+    cases: list[Case] = []
+    train, val = [], []
+    desc = {"val_fraction": val_fraction, "seed": seed, "holdout": holdout, "holdout_gap": holdout_gap,
+            "strategy": []}
+    for src in sources:
+        idx0 = len(cases)
+        cases.extend(src)
+        n = len(src)
+        if n == 1:
+            c = src[0]
+            if holdout in (None, "none", False):
+                train.append((idx0, list(range(c.n_slices))))
+                desc["strategy"].append({"source": c.source, "kind": "all-train"})
+            else:
+                tz, vz = slice_block_holdout(c.n_slices, holdout, holdout_gap, holdout_size)
+                train.append((idx0, tz))
+                val.append((idx0, vz))
+                desc["strategy"].append({"source": c.source, "kind": "slice-block", "val": _ranges(vz),
+                                         "gap": holdout_gap})
+            continue
+        order = sorted(range(n), key=lambda i: src[i].name)
+        rng = np.random.default_rng(seed)
+        perm = [order[i] for i in rng.permutation(n)]
+        n_val = int(round(val_fraction * n))
+        if val_fraction > 0 and n_val == 0:
+            n_val = 1
+        n_val = min(n_val, n - 1)
+        vset = set(perm[:n_val])
+        for i in range(n):
+            (val if i in vset else train).append((idx0 + i, list(range(src[i].n_slices))))
+        desc["strategy"].append({"source": src[0].source, "kind": "by-case", "n_val": n_val,
+                                 "val_cases": sorted(src[i].name for i in vset)})
+    return cases, Split(train, val, desc)
+
+
+# ----------------------------------------------------------------------------- augmentation
+@dataclass
+class Augment:
+    """Random augmentation of one model-grid slice (HU image, labels).
+
+    Probabilities ``p_*``; ranges are symmetric around identity. ``flip_ap`` (anterior-posterior)
+    is off by default and a left-right flip does not exist on purpose (liver side matters).
+    """
+
+    p_intensity: float = 0.8
+    hu_scale: float = 0.08  # image * U(1-s, 1+s)
+    hu_shift: float = 20.0  # + U(-d, d) HU
+    noise_hu: float = 15.0  # + N(0, U(0, sigma)) HU
+    gamma: float = 0.3  # normalised ** exp(U(-g, g))
+    p_spatial: float = 0.8
+    scale: float = 0.2  # zoom U(1-s, 1+s)
+    rotate_deg: float = 15.0
+    translate: float = 0.05  # fraction of the grid
+    p_elastic: float = 0.3
+    elastic_px: float = 4.0  # displacement std in pixels (smooth field)
+    flip_ap: float = 0.0  # probability of an anterior-posterior flip (off by default)
+
+    @classmethod
+    def none(cls) -> "Augment":
+        return cls(p_intensity=0, p_spatial=0, p_elastic=0, flip_ap=0)
+
+    def spatial(self, img: torch.Tensor, lab: torch.Tensor, g: torch.Generator, pad_hu: float = -1024.0):
+        """img (1, S, S) HU float, lab (S, S) long -> same, transformed."""
+        s = img.shape[-1]
+        do_aff = _u(g) < self.p_spatial
+        do_el = _u(g) < self.p_elastic
+        do_flip = _u(g) < self.flip_ap
+        if not (do_aff or do_el or do_flip):
+            return img, lab
+        theta = torch.eye(2, 3)
+        if do_aff:
+            z = 1.0 + _uu(g, -self.scale, self.scale)
+            a = math.radians(_uu(g, -self.rotate_deg, self.rotate_deg))
+            c, si = math.cos(a) / z, math.sin(a) / z
+            theta = torch.tensor([[c, -si, 2 * _uu(g, -self.translate, self.translate)],
+                                  [si, c, 2 * _uu(g, -self.translate, self.translate)]])
+        if do_flip:
+            theta[1] = -theta[1]  # output row y samples input row -y: anterior <-> posterior only
+        grid = F.affine_grid(theta[None], (1, 1, s, s), align_corners=False)
+        if do_el:
+            cells = 5
+            d = torch.randn((1, 2, cells, cells), generator=g) * (self.elastic_px * 2.0 / s)
+            d = F.interpolate(d, size=(s, s), mode="bicubic", align_corners=True)
+            grid = grid + d.permute(0, 2, 3, 1)
+        # pad with air: shift HU so that zero padding = pad_hu
+        out = F.grid_sample((img - pad_hu)[None], grid, mode="bilinear", padding_mode="zeros",
+                            align_corners=False)[0] + pad_hu
+        lo = F.grid_sample(lab[None, None].float(), grid, mode="nearest", padding_mode="zeros",
+                           align_corners=False)[0, 0].long()
+        return out, lo
+
+    def intensity_hu(self, img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        if not _u(g) < self.p_intensity:
+            return img
+        img = img * (1.0 + _uu(g, -self.hu_scale, self.hu_scale)) + _uu(g, -self.hu_shift, self.hu_shift)
+        if self.noise_hu > 0:
+            img = img + torch.randn(img.shape, generator=g) * (_u(g) * self.noise_hu)
+        return img
+
+    def gamma_norm(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """On the normalised [0, 1] input."""
+        if self.gamma <= 0 or not _u(g) < self.p_intensity:
+            return x
+        return x.clamp(0, 1) ** math.exp(_uu(g, -self.gamma, self.gamma))
+
+
+def _u(g) -> float:
+    return float(torch.rand((), generator=g))
+
+
+def _uu(g, a, b) -> float:
+    return a + (b - a) * _u(g)
+
+
+# ----------------------------------------------------------------------------- slice dataset
+def to_grid(image_slices: np.ndarray, label_slices: np.ndarray, spacing_yx, grid: SliceGrid, pad_hu=-1024.0):
+    """(n, H, W) HU + labels -> (n, 1, S, S) float HU, (n, S, S) long on the model grid
+    (image exactly as the engine does; labels nearest-neighbour with the same geometry)."""
+    x = torch.from_numpy(as_float_hu(image_slices))[:, None]
+    x = grid.to_model(x, spacing_yx, pad_value=pad_hu)
+    lab = torch.from_numpy(np.asarray(label_slices).astype(np.int64))[:, None].float()
+    hw = tuple(lab.shape[-2:])
+    sh = grid._scaled_hw(hw, spacing_yx)
+    if sh != hw:
+        lab = F.interpolate(lab, size=sh, mode="nearest-exact")
+    if grid.mode == "spacing":
+        from ..preprocessing import _center_fit
+
+        lab = _center_fit(lab, grid.size, 0.0)
+    return x, lab[:, 0].long()
+
+
+class SliceDataset(torch.utils.data.Dataset):
+    """2-D slices of ``cases`` on the model grid, cached once; ``repeats`` per case index
+    oversamples a case (e.g. real slices). Items: (x (1, S, S) normalised float, y (S, S) long)."""
+
+    def __init__(self, cases: list[Case], items: list[tuple[int, list[int]]], grid: SliceGrid,
+                 norm: Normalization, augment: Augment | None = None, repeats: dict[int, int] | None = None,
+                 seed: int = 0):
+        self.grid, self.norm = grid, norm
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+        xs, ys, index, self.origin = [], [], [], []
+        repeats = repeats or {}
+        pos = 0
+        for ci, zs in items:
+            c = cases[ci]
+            if not zs:
+                continue
+            x, y = to_grid(c.image[zs], c.labels[zs], c.spacing[1:], grid, norm.pad_value_hu)
+            xs.append(x)
+            ys.append(y)
+            for j, z in enumerate(zs):
+                self.origin.append((c.name, z))
+                index += [pos + j] * max(1, int(repeats.get(ci, 1)))
+            pos += len(zs)
+        self.x = torch.cat(xs) if xs else torch.zeros((0, 1, grid.size, grid.size))
+        self.y = torch.cat(ys) if ys else torch.zeros((0, grid.size, grid.size), dtype=torch.long)
+        self.index = index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, i):
+        j = self.index[i]
+        x, y = self.x[j], self.y[j]
+        if self.augment is not None:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch * 100_003 + i) % (2**63))
+            x, y = self.augment.spatial(x, y, g, self.norm.pad_value_hu)
+            x = self.augment.intensity_hu(x, g)
+            x = self.norm(x[None])[0]
+            if self.norm.kind in ("hu_window", "minmax"):
+                x = self.augment.gamma_norm(x, g)
+        else:
+            x = self.norm(x[None])[0]
+        return x.contiguous(), y.contiguous()

@@ -1,0 +1,38 @@
+"""A tiny registered conv net for the training tests (family "tinyseg")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+
+@dataclass
+class TinySegConfig:
+    num_classes: int = 3
+    img_size: int = 32
+    in_chans: int = 1
+    width: int = 12
+
+
+class TinySeg(nn.Module):
+    def __init__(self, cfg: TinySegConfig):
+        super().__init__()
+        w = cfg.width
+        self.net = nn.Sequential(
+            nn.Conv2d(cfg.in_chans, w, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(w, w, 3, padding=2, dilation=2), nn.ReLU(),
+            nn.Conv2d(w, w, 3, padding=4, dilation=4), nn.ReLU(),
+            nn.Conv2d(w, cfg.num_classes, 1),
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def register() -> None:
+    from napari_genseg.models import registry
+
+    if "tinyseg" not in {f.name for f in registry.list_families()}:
+        registry.register_family("tinyseg", TinySegConfig, TinySeg, "tinyseg_small", description="test net")
+        registry.register_config("tinyseg", "tinyseg_small", TinySegConfig())
