@@ -88,7 +88,7 @@ def run_demo(args) -> int:
             scores = evaluate_labels(res.labels, ref, vol.spacing,
                                      {i: c for i, c in enumerate(ckpt.class_names) if i > 0})
             for cname, m in scores.items():
-                print(f"phantom {cname}: Dice {m['dice']:.3f}  HD95 {m['hd95']:.1f} mm")
+                print(f"phantom {cname}: Dice {m['dice']:.3f}  HD95 {m['hd95_mm']:.1f} mm")
         return 0
 
     import napari
