@@ -91,3 +91,20 @@ def test_truncated_checkpoint_is_reported(double_checkpoint, abdomen_ct, tmp_pat
     rc = main(["segment", str(abdomen_ct), "--model", "testdouble", "--checkpoint", str(double_checkpoint),
                "--out", str(tmp_path / "m.nii.gz"), "--quiet"])
     assert rc == 2 and "cannot read weights" in capsys.readouterr().err
+
+
+def test_cohort_cases_split_across_torchrun_ranks(abdomen_ct, double_checkpoint, tmp_path, monkeypatch):
+    import shutil
+
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    for n in ("a", "b", "c"):
+        shutil.copy(abdomen_ct, cases / f"{n}.nii.gz")
+    lst = tmp_path / "list.txt"
+    lst.write_text("\n".join(str(p) for p in sorted(cases.iterdir())))
+    out = tmp_path / "masks"
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["segment", str(lst), "--model", "testdouble", "--checkpoint", str(double_checkpoint),
+                 "--out", str(out), "--slices", "0:1", "--quiet"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["b_mask.nii.gz"]  # rank 1 of 2 takes every 2nd case
