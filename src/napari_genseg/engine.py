@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generator, Iterable, Protocol
+from typing import Any, Callable, Generator, Protocol
 
 import numpy as np
 import torch

@@ -6,8 +6,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,37 +25,9 @@ from napari_genseg.models.arseg.sam_encoder import SamImageEncoder
 from napari_genseg.models.arseg.segmentor import SvdAdapter
 from napari_genseg.models.checkpoints import load_state_dict_report
 
-FIDELITY = Path(__file__).resolve().parents[2].parent / "shared" / "fidelity"
+from fidelity_utils import FIDELITY_DIR as FIDELITY  # noqa: E402
 
-try:  # the project's fixture helpers (tests/fidelity_utils.py)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from fidelity_utils import formula_input, official_state_dict
-except ImportError:  # pragma: no cover - same formulas, kept local
-    def official_state_dict(keys_json_path):
-        entries = json.loads(Path(keys_json_path).read_text())
-        sd = {}
-        for key_index, (key, shape, dtype) in enumerate(entries):
-            n = math.prod(shape)
-            if "float" not in dtype:
-                sd[key] = torch.zeros(shape, dtype=getattr(torch, dtype))
-                continue
-            s = np.sin(0.731 * np.arange(n, dtype=np.float64) + 0.5 * (key_index + 1))
-            if key.endswith("running_var"):
-                v = 1.0 + 0.5 * s**2
-            elif key.endswith("running_mean"):
-                v = 0.1 * s
-            elif len(shape) == 1 and key.endswith("bias"):
-                v = 0.02 * s
-            elif len(shape) <= 1:
-                v = 1.0 + 0.1 * s
-            else:
-                v = s * math.sqrt(3.0 / (n // shape[0]))
-            sd[key] = torch.from_numpy(v.astype(np.float32).reshape(shape))
-        return sd
-
-    def formula_input(shape):
-        i = np.arange(math.prod(shape), dtype=np.float64)
-        return (np.sin(0.0123 * i) + 0.5 * np.sin(0.00071 * i)).astype(np.float32).reshape(shape)
+from fidelity_utils import formula_input, official_state_dict  # tests/ is on pytest's pythonpath
 
 
 @contextlib.contextmanager

@@ -54,7 +54,7 @@ def _describe(uid: str, items: list) -> str:
     return f"series {ds.get('SeriesNumber', '?')} '{desc}' ({len(items)} slices, UID {uid})"
 
 
-def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) -> "Volume":
+def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None):
     """Read the largest (or the given) CT series of ``folder``."""
     folder = Path(folder)
     if not folder.is_dir():

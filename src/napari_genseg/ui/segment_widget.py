@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 from magicgui.widgets import (
     ComboBox,
     Container,

@@ -11,6 +11,8 @@ Importing this package registers the ``msa2net`` family and its configurations:
 
 from __future__ import annotations
 
+import dataclasses
+
 from .. import registry
 from .blocks import (
     MASAG,
@@ -64,15 +66,7 @@ _PAPER = Msa2NetConfig(
     token_layout="spatial",
     keep_unused_modules=True,
 )
-_RELEASED = Msa2NetConfig(
-    encoder="maxvit_rmlp_small_rw_224",
-    img_size=224,
-    in_chans=1,
-    num_classes=9,
-    variant="released",
-    token_layout="spatial",
-    keep_unused_modules=True,
-)
+_RELEASED = dataclasses.replace(_PAPER, variant="released")
 _DEMO = Msa2NetConfig(
     encoder="maxvit_rmlp_pico_rw_256",
     img_size=256,
