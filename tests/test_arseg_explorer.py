@@ -47,6 +47,8 @@ def test_explorer_run_threshold_samples_scales_export(make_napari_viewer_proxy, 
     w._start.value, w._stop.value = 1, 3
     viewer.dims.set_current_step(0, 2)
     assert w._target.choices == (1,) and w._target.value == 1  # "lesion" from the checkpoint JSON
+    w.reset_choices()  # napari does this on every layer change: the target list must survive
+    assert w._target.choices == (1,)
     assert w.run() is not None
     qtbot.waitUntil(lambda: w.worker is None, timeout=60000)
     assert sorted(w.tokens) == [1, 2, 3] and w.tokens[2].shape[0] == 4

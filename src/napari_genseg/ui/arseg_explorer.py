@@ -119,7 +119,10 @@ class ArSegExplorer(Container):
         self._device = ComboBox(label="device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
         self._precision = ComboBox(label="precision", choices=list(PRECISIONS), value="auto")
         self._samples = SpinBox(label="samples N", min=1, max=32, value=16)
-        self._target = ComboBox(label="target class", choices=[],
+        # choices come from a callable: napari calls reset_choices() on docked widgets whenever
+        # layers change, which would reset a plain list to the constructor's (empty) one
+        self._target_list: list[tuple[str, int]] = [("foreground", 1)]
+        self._target = ComboBox(label="target class", choices=lambda _w: self._target_list,
                                 tooltip="the class AR-Seg segments (AdaLN conditioning)")
         self._seed = SpinBox(label="seed", min=0, max=2**31 - 1, value=0)
         self._batch = SpinBox(label="slices per batch", min=1, max=32, value=2)
@@ -178,9 +181,9 @@ class ArSegExplorer(Container):
         from ..models.checkpoints import peek_class_names
 
         names = peek_class_names(self._model.value or "arseg", self._checkpoint_path())
-        choices = [(n, i) for i, n in enumerate(names) if i > 0] or [("foreground", 1)]
-        self._target.choices = choices
-        self._target.value = choices[0][1]
+        self._target_list = [(n, i) for i, n in enumerate(names) if i > 0] or [("foreground", 1)]
+        self._target.reset_choices()
+        self._target.value = self._target_list[0][1]
 
     def current_slice(self) -> int:
         image = self._image.value
@@ -238,7 +241,7 @@ class ArSegExplorer(Container):
             self._layers["variability"] = self.viewer.add_image(
                 np.zeros(vol.shape, np.uint8), name=f"{base} variability", scale=image.scale,
                 translate=image.translate, colormap="inferno", contrast_limits=(0, 50), opacity=0.7,
-                blending="additive", visible=False, metadata={"units": "% of samples disagreeing"})
+                blending="translucent", visible=False, metadata={"units": "% of samples disagreeing"})
         self._layers["sample"] = self._layer("sample") or add_class_labels(
             self.viewer, image, f"{base} sample", names, visible=False)
         self._layers["scale"] = self._layer("scale") or add_class_labels(
