@@ -4,7 +4,7 @@ Layers it manages for image ``I``:
 
 * ``I [arseg] consensus`` (Labels): mean of the N sample masks > threshold; the threshold slider
   updates it live on every slice that was run (each change is one undo step);
-* ``I [arseg] variability`` (Image, inferno, 0–50 %): percentage of samples that disagree with the
+* ``I [arseg] variability`` (Image, inferno-like ramp with 0 transparent, 0–50 %): percentage of samples that disagree with the
   consensus, min(v, N − v) / N (0 = all samples agree, 50 % = an even split);
 * ``I [arseg] sample`` (Labels): sample k of the current slice, decoded on demand from its tokens;
 * ``I [arseg] scale`` (Labels): the consensus of f̂_k decoded after scale k (k = 1..8) on the
@@ -91,6 +91,17 @@ def save_progression(path: str | Path, frames: list[np.ndarray], fps: float = 2.
         else:
             raise ValueError(f"{path.name}: export as .gif, .mp4 or .png")
     return path
+
+
+def variability_colormap():
+    """Inferno-like ramp whose zero is transparent, so agreement leaves the CT visible."""
+    from napari.utils.colormaps import Colormap
+
+    return Colormap(
+        colors=[[0.0, 0.0, 0.0, 0.0], [0.34, 0.06, 0.43, 0.55], [0.73, 0.21, 0.33, 0.8],
+                [0.98, 0.55, 0.04, 0.95], [0.99, 1.0, 0.64, 1.0]],
+        name="genseg_variability", display_name="variability (inferno, 0 transparent)",
+    )
 
 
 class ArSegExplorer(Container):
@@ -240,7 +251,7 @@ class ArSegExplorer(Container):
         if self._layer("variability") is None:
             self._layers["variability"] = self.viewer.add_image(
                 np.zeros(vol.shape, np.uint8), name=f"{base} variability", scale=image.scale,
-                translate=image.translate, colormap="inferno", contrast_limits=(0, 50), opacity=0.7,
+                translate=image.translate, colormap=variability_colormap(), contrast_limits=(0, 50), opacity=0.8,
                 blending="translucent", visible=False, metadata={"units": "% of samples disagreeing"})
         self._layers["sample"] = self._layer("sample") or add_class_labels(
             self.viewer, image, f"{base} sample", names, visible=False)
