@@ -16,7 +16,7 @@ trains the autoencoder on every annotator's mask).
 Usage (from the repository root; one torch thread per process is much faster on a loaded CPU)::
 
     .venv/bin/python models/train_arseg_demo.py --stage1-minutes 6 --stage1-total-minutes 10 \
-        --stage2-minutes 13 \
+        --stage2-minutes 13 --stage2-total-minutes 38 \
         --work /work/train_runs/arseg
 
 Prints the exact ``genseg train`` commands it runs.
@@ -50,6 +50,8 @@ def main(argv=None) -> int:
                     help="then resume stage 1 up to this total budget (the lr schedule continues on the "
                          "elapsed fraction; the shipped run did 6 + 4 min because the machine was shared)")
     ap.add_argument("--stage2-minutes", type=float, default=13.0)
+    ap.add_argument("--stage2-total-minutes", type=float, default=38.0,
+                    help="then resume stage 2 up to this total budget (the shipped run: 13 + 25 min)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", default="/work/train_runs/arseg")
@@ -74,6 +76,13 @@ def main(argv=None) -> int:
     walls["stage2"] = run(base + ["--stage", "2", "--init", str(s1), "--lr", "8e-4", "--warmup-steps", "40",
                                   "--grad-clip", "1.0", "--class-repeat", "liver_lesion=2", "--time-budget-minutes", str(a.stage2_minutes),
                                   "--out", str(work / "arseg_stage2.safetensors"), "--half"])
+    s2 = work / "arseg_stage2.safetensors"
+    if a.stage2_total_minutes > a.stage2_minutes:
+        walls["stage2_resume"] = run(base + ["--stage", "2", "--init", str(s1), "--lr", "8e-4",
+                                             "--warmup-steps", "40", "--grad-clip", "1.0",
+                                             "--class-repeat", "liver_lesion=2",
+                                             "--time-budget-minutes", str(a.stage2_total_minutes),
+                                             "--resume", str(s2), "--out", str(s2), "--half"])
     # the shipped files: the fp16 stage-2 checkpoint (+ JSON) copied next to this script
     import shutil
 
