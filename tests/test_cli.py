@@ -108,3 +108,15 @@ def test_cohort_cases_split_across_torchrun_ranks(abdomen_ct, double_checkpoint,
     assert main(["segment", str(lst), "--model", "testdouble", "--checkpoint", str(double_checkpoint),
                  "--out", str(out), "--slices", "0:1", "--quiet"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["b_mask.nii.gz"]  # rank 1 of 2 takes every 2nd case
+
+
+def test_threads_option_sets_torch_threads(abdomen_ct, double_checkpoint, tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert main(["segment", str(abdomen_ct), "--model", "testdouble", "--checkpoint", str(double_checkpoint),
+                     "--out", str(tmp_path / "m.nii.gz"), "--slices", "0:1", "--threads", "1", "--quiet"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
