@@ -37,8 +37,9 @@ import torch.nn.functional as F
 
 from ..preprocessing import Normalization, SliceGrid
 from . import data as D
-from .loop import (Dist, TrainConfig, _build_model, _decay, _init_dist, _log, _lr_lambda, _make_optimizer,
-                   _precision, _resolve_device, git_commit, train_state_path)
+from .loop import (Dist, StepGuard, TrainConfig, _build_model, _init_dist, _log, _lr_lambda,
+                   _make_optimizer, _precision, _resolve_device, barrier, git_commit, rank0_decision,
+                   set_budget_lr, train_state_path)
 
 __all__ = ["ArSegTrainConfig", "train_arseg", "ArSegItems", "load_arseg_cases", "ARSEG_CLASSES"]
 
@@ -170,15 +171,7 @@ class ArSegItems(torch.utils.data.Dataset):
         ms = self._mask_by_class[k][j]  # (A, S, S)
         if a < 0:
             a = int(torch.randint(ms.shape[0], (1,), generator=g))
-        x, y = self.x[j], ms[a].long()
-        if self.augment is not None:
-            x, y = self.augment.spatial(x, y, g, self.norm.pad_value_hu)
-            x = self.augment.intensity_hu(x, g)
-            x = self.norm(x[None])[0]
-            if self.norm.kind in ("hu_window", "minmax"):
-                x = self.augment.gamma_norm(x, g)
-        else:
-            x = self.norm(x[None])[0]
+        x, y = D.augment_and_normalize(self.augment, self.norm, self.x[j], ms[a].long(), g)
         y = y[None, None].float()
         if y.shape[-1] != self.mask_size:
             y = (F.interpolate(y, size=(self.mask_size, self.mask_size), mode="area") > 0.5).float()
@@ -434,15 +427,6 @@ def train_arseg(cfg: ArSegTrainConfig | dict, on_step=None) -> dict:
         torch.save(state, tmp)
         os.replace(tmp, train_state_path(out))
 
-    def sync(frac: float, stop: bool) -> tuple[float, bool]:
-        if dist_.world <= 1:
-            return frac, stop
-        import torch.distributed as dist
-
-        t = torch.tensor([frac, float(stop)], dtype=torch.float64)
-        dist.broadcast(t, src=0)
-        return float(t[0]), bool(t[1] > 0.5)
-
     bar = None
     if dist_.main and not cfg.quiet:
         from tqdm import tqdm
@@ -455,7 +439,8 @@ def train_arseg(cfg: ArSegTrainConfig | dict, on_step=None) -> dict:
     next_frac = 0.25
     while budget_s and next_frac <= trained_seconds() / budget_s:
         next_frac += 0.25
-    running, parts_run, last_val, skipped, bad = None, {}, None, 0, 0
+    running, parts_run, last_val, skipped = None, {}, None, 0
+    guard = StepGuard(opt, params, cfg.grad_clip, scaler, use_scaler)
     stop = done = False
     while step < total and not stop and not done:
         if sampler is not None:
@@ -466,32 +451,13 @@ def train_arseg(cfg: ArSegTrainConfig | dict, on_step=None) -> dict:
                 break
             xb, mb, cb = xb.to(device), mb.to(device), cb.to(device)
             loss, parts = step_loss(xb, mb, cb)
-            opt.zero_grad(set_to_none=True)
-            if use_scaler:
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-            else:
-                loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
-            if use_scaler:
-                scaler.step(opt)
-                scaler.update()
-            elif torch.isfinite(gnorm):
-                opt.step()
-                bad = 0
-            else:
-                bad += 1
-                skipped += 1
-                opt.zero_grad(set_to_none=True)
-                if bad > 20:
-                    raise FloatingPointError(f"non-finite gradients for {bad} steps in a row at step {step}")
+            guard.step(loss, step)
+            skipped = guard.skipped
             step += 1
-            frac, stop = sync(trained_seconds() / budget_s if budget_s else 0.0,
-                              deadline is not None and time.time() > deadline)
+            frac, stop = rank0_decision(dist_, trained_seconds() / budget_s if budget_s else 0.0,
+                                        deadline is not None and time.time() > deadline)
             if budget_s:
-                warm = step / cfg.warmup_steps if cfg.warmup_steps and step < cfg.warmup_steps else 1.0
-                for gr in opt.param_groups:
-                    gr["lr"] = gr["initial_lr"] * warm * _decay(sched_kind, frac)
+                set_budget_lr(opt, step, cfg.warmup_steps, sched_kind, frac)
                 done = frac >= 1.0
             else:
                 sched.step()
@@ -526,10 +492,7 @@ def train_arseg(cfg: ArSegTrainConfig | dict, on_step=None) -> dict:
                             f"{k_} {b:.4f}" for k_, b in v.items()))
                 if (step % save_every == 0 or timed) and step != total and not stop:
                     save(last_val)
-                if dist_.world > 1:
-                    import torch.distributed as dist
-
-                    dist.barrier()
+                barrier(dist_)
             if stop or done:
                 break
         epoch += 1
@@ -545,10 +508,6 @@ def train_arseg(cfg: ArSegTrainConfig | dict, on_step=None) -> dict:
                "total_steps": total, "rank": dist_.rank, "world_size": dist_.world, "wall_seconds": wall,
                "final_loss": running, "validation": last_val, "stopped_early": stop,
                "skipped_nonfinite_steps": skipped}
-    if dist_.world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
+    barrier(dist_, destroy=True)
     _log(dist_, f"done: stage {stage}, {step} steps in {wall:.0f} s -> {out}", cfg.quiet)
     return summary

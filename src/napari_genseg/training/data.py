@@ -405,6 +405,20 @@ def _uu(g, a, b) -> float:
 
 
 # ----------------------------------------------------------------------------- slice dataset
+def augment_and_normalize(augment: "Augment | None", norm: Normalization, x: torch.Tensor, y: torch.Tensor,
+                          g: torch.Generator | None):
+    """One training item: spatial + HU-intensity augmentation, normalisation, then gamma on the
+    normalised image (only for [0, 1]-range normalisations); plain normalisation without ``augment``."""
+    if augment is None:
+        return norm(x[None])[0], y
+    x, y = augment.spatial(x, y, g, norm.pad_value_hu)
+    x = augment.intensity_hu(x, g)
+    x = norm(x[None])[0]
+    if norm.kind in ("hu_window", "minmax"):
+        x = augment.gamma_norm(x, g)
+    return x, y
+
+
 def to_grid(image_slices: np.ndarray, label_slices: np.ndarray, spacing_yx, grid: SliceGrid, pad_hu=-1024.0):
     """(n, H, W) HU + labels -> (n, 1, S, S) float HU, (n, S, S) long on the model grid
     (image exactly as the engine does; labels nearest-neighbour with the same geometry)."""
@@ -459,14 +473,8 @@ class SliceDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         j = self.index[i]
-        x, y = self.x[j], self.y[j]
+        g = None
         if self.augment is not None:
             g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch * 100_003 + i) % (2**63))
-            x, y = self.augment.spatial(x, y, g, self.norm.pad_value_hu)
-            x = self.augment.intensity_hu(x, g)
-            x = self.norm(x[None])[0]
-            if self.norm.kind in ("hu_window", "minmax"):
-                x = self.augment.gamma_norm(x, g)
-        else:
-            x = self.norm(x[None])[0]
+        x, y = augment_and_normalize(self.augment, self.norm, self.x[j], self.y[j], g)
         return x.contiguous(), y.contiguous()

@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -190,16 +190,70 @@ def _lr_lambda(kind: str, total: int, warmup: int, power: float = 0.9) -> Callab
     def f(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / warmup
-        t = min(1.0, (step - warmup) / max(1, total - warmup))
-        if kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * t))
-        if kind == "poly":
-            return (1.0 - t) ** power
-        if kind == "constant":
-            return 1.0
-        raise ValueError(f"unknown schedule {kind!r}")
+        return _decay(kind, (step - warmup) / max(1, total - warmup), power)
 
     return f
+
+
+# ----------------------------------------------------------------------------- step helpers (shared with training.arseg)
+class StepGuard:
+    """Backward + clip + optimizer step, skipping steps whose gradients are not finite (fp32/bf16;
+    the fp16 GradScaler skips by itself); raises after ``limit`` bad steps in a row."""
+
+    def __init__(self, opt, params, grad_clip: float | None, scaler, use_scaler: bool, limit: int = 20):
+        self.opt, self.params, self.grad_clip = opt, list(params), grad_clip
+        self.scaler, self.use_scaler, self.limit = scaler, use_scaler, limit
+        self.bad = self.skipped = 0
+
+    def step(self, loss: torch.Tensor, step: int) -> None:
+        opt = self.opt
+        opt.zero_grad(set_to_none=True)
+        if self.use_scaler:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(opt)
+        else:
+            loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip or float("inf"))
+        if self.use_scaler:
+            self.scaler.step(opt)  # skips non-finite steps itself and lowers the scale
+            self.scaler.update()
+        elif torch.isfinite(gnorm):
+            opt.step()
+            self.bad = 0
+        else:
+            self.bad += 1
+            self.skipped += 1
+            opt.zero_grad(set_to_none=True)
+            if self.bad > self.limit:
+                raise FloatingPointError(f"non-finite gradients for {self.bad} steps in a row at step {step}; "
+                                         "lower --lr, set grad_clip or use --precision fp32")
+
+
+def rank0_decision(dist_: Dist, frac: float, stop: bool) -> tuple[float, bool]:
+    """Rank 0's view of the clock wins (every rank must take the same decisions)."""
+    if dist_.world <= 1:
+        return frac, stop
+    import torch.distributed as dist
+
+    t = torch.tensor([frac, float(stop)], dtype=torch.float64)
+    dist.broadcast(t, src=0)
+    return float(t[0]), bool(t[1] > 0.5)
+
+
+def set_budget_lr(opt, step: int, warmup_steps: int, kind: str, frac: float) -> None:
+    """Time-budgeted schedule: lr follows the elapsed fraction of the budget (after warm-up)."""
+    warm = step / warmup_steps if warmup_steps and step < warmup_steps else 1.0
+    for gr in opt.param_groups:
+        gr["lr"] = gr["initial_lr"] * warm * _decay(kind, frac)
+
+
+def barrier(dist_: Dist, destroy: bool = False) -> None:
+    if dist_.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        if destroy:
+            dist.destroy_process_group()
 
 
 def _make_optimizer(cfg: TrainConfig, params, world: int):
@@ -440,7 +494,8 @@ def train(cfg: TrainConfig | dict, on_step: Callable[[int, float], None] | None 
 
     last_val = None
     last_val_step = -1
-    bad_steps = skipped = 0
+    skipped = 0
+    guard = StepGuard(opt, model.parameters(), cfg.grad_clip, scaler, use_scaler)
     running = None
     stop_early = False
     deadline = t_start + cfg.max_minutes * 60 if cfg.max_minutes else None
@@ -461,16 +516,6 @@ def train(cfg: TrainConfig | dict, on_step: Callable[[int, float], None] | None 
         while next_val_frac <= progress():
             next_val_frac += 0.25
 
-    def sync(frac: float, stop: bool) -> tuple[float, bool]:
-        """Rank 0's view of the clock wins (every rank must take the same decisions)."""
-        if dist_.world <= 1:
-            return frac, stop
-        import torch.distributed as dist
-
-        t = torch.tensor([frac, float(stop)], dtype=torch.float64)
-        dist.broadcast(t, src=0)
-        return float(t[0]), bool(t[1] > 0.5)
-
     while step < total and not stop_early and not budget_done:
         if sampler is not None:
             sampler.set_epoch(epoch)
@@ -484,33 +529,13 @@ def train(cfg: TrainConfig | dict, on_step: Callable[[int, float], None] | None 
             with autocast_context(device, precision):
                 logits = net(xb)
             loss = criterion(logits.float(), yb)
-            opt.zero_grad(set_to_none=True)
-            if use_scaler:
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-            else:
-                loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-            if use_scaler:
-                scaler.step(opt)  # skips non-finite steps itself and lowers the scale
-                scaler.update()
-            elif torch.isfinite(gnorm):
-                opt.step()
-                bad_steps = 0
-            else:
-                bad_steps += 1
-                skipped += 1
-                opt.zero_grad(set_to_none=True)
-                if bad_steps > 20:
-                    raise FloatingPointError(f"non-finite gradients for {bad_steps} steps in a row at step {step}; "
-                                             "lower --lr, set grad_clip or use --precision fp32")
+            guard.step(loss, step)
+            skipped = guard.skipped
             step += 1
-            frac, stop_early = sync(progress() if budget_s else 0.0,
-                                    deadline is not None and time.time() > deadline)
+            frac, stop_early = rank0_decision(dist_, progress() if budget_s else 0.0,
+                                              deadline is not None and time.time() > deadline)
             if budget_s:
-                warm = step / cfg.warmup_steps if cfg.warmup_steps and step < cfg.warmup_steps else 1.0
-                for gr in opt.param_groups:
-                    gr["lr"] = gr["initial_lr"] * warm * _decay(sched_kind, frac)
+                set_budget_lr(opt, step, cfg.warmup_steps, sched_kind, frac)
                 if frac >= 1.0:
                     budget_done = True
             else:
@@ -553,10 +578,7 @@ def train(cfg: TrainConfig | dict, on_step: Callable[[int, float], None] | None 
                                   + ", ".join(f"{a} {b:.3f}" for a, b in v["mean_dice"].items()))
                 if (step % save_every == 0 or timed_val) and step != total and not stop_early:
                     save(last_val)
-                if dist_.world > 1:
-                    import torch.distributed as dist
-
-                    dist.barrier()
+                barrier(dist_)
             if stop_early or budget_done:
                 break
         epoch += 1
@@ -570,10 +592,6 @@ def train(cfg: TrainConfig | dict, on_step: Callable[[int, float], None] | None 
                "rank": dist_.rank, "world_size": dist_.world, "wall_seconds": wall,
                "final_loss": running, "validation": None if last_val is None else last_val["mean_dice"],
                "stopped_early": stop_early, "skipped_nonfinite_steps": skipped}
-    if dist_.world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
+    barrier(dist_, destroy=True)
     _log(dist_, f"done: {step} steps in {wall:.0f} s -> {out}", cfg.quiet)
     return summary

@@ -76,15 +76,7 @@ _DEMO = Msa2NetConfig(
     token_layout="spatial",
     keep_unused_modules=False,
 )
-_TINY = Msa2NetConfig(
-    encoder="maxvit_rmlp_pico_rw_256",
-    img_size=64,
-    in_chans=1,
-    num_classes=2,
-    variant="paper",
-    token_layout="spatial",
-    keep_unused_modules=False,
-)
+_TINY = dataclasses.replace(_DEMO, img_size=64, num_classes=2)
 
 registry.register_family(
     "msa2net",
