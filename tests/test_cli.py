@@ -120,3 +120,11 @@ def test_threads_option_sets_torch_threads(abdomen_ct, double_checkpoint, tmp_pa
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_models_lists_configs_params_classes_and_checkpoints(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "msa2net_paper [paper]     112.77 M" in out and "msa2net_released [paper]  93.66 M" in out
+    assert "arseg_paper [paper]       101.45 M" in out
+    assert "background, liver, spleen" in out and "msa2net_demo.safetensors" in out

@@ -182,17 +182,13 @@ def _dist_rank_world() -> tuple[int, int]:
 
 def cmd_models(args) -> int:
     from .models import registry
-    from .models.checkpoints import load_checkpoint, shipped_checkpoint
+    from .models.checkpoints import peek_class_names, shipped_checkpoint
 
     rows = []
     for fam in registry.list_families():
         ck = shipped_checkpoint(fam.name)
-        classes = "-"
-        if ck is not None:
-            try:
-                classes = ", ".join(load_checkpoint(ck).class_names)
-            except Exception as exc:  # noqa: BLE001 - report, keep listing
-                classes = f"(unreadable: {exc})"
+        # the JSON sidecar is enough for the class names; no need to build and load the model
+        classes = ", ".join(peek_class_names(fam.name)) if ck is not None else "-"
         rows.append((fam.name, "(family)", "", classes, str(ck) if ck else "no shipped checkpoint"))
         for e in registry.list_configs(fam.name):
             import torch
