@@ -125,16 +125,8 @@ def _cases(inputs: list[str]) -> list[Path]:
     return cases
 
 
-def _case_name(p: Path) -> str:
-    name = p.name
-    for suf in (".nii.gz", ".nii"):
-        if name.endswith(suf):
-            return name[: -len(suf)]
-    return name
-
-
 def cmd_segment(args) -> int:
-    from .io import MaskWriteError, write_mask
+    from .io import MaskWriteError, case_name, write_mask
 
     cases = _cases(args.input)
     single = len(cases) == 1 and not Path(args.out).is_dir() and str(args.out).endswith((".nii", ".nii.gz"))
@@ -157,7 +149,7 @@ def cmd_segment(args) -> int:
     mine = cases[rank::world]
     failed = 0
     for case in mine:
-        target = out_dir / f"{_case_name(case)}_mask.nii.gz"
+        target = out_dir / f"{case_name(case)}_mask.nii.gz"
         if target.exists() and not args.overwrite:
             print(f"skip {case.name}: {target.name} exists", file=sys.stderr)
             continue

@@ -16,7 +16,17 @@ __all__ = [
     "VolumeReadError",
     "MaskWriteError",
     "is_nifti_path",
+    "case_name",
 ]
+
+
+def case_name(path: str | os.PathLike) -> str:
+    """File or folder name without .nii/.nii.gz (a case's name in layers and outputs)."""
+    name = Path(path).name
+    for suf in (".nii.gz", ".nii"):
+        if name.endswith(suf):
+            return name[: -len(suf)]
+    return name
 
 
 def load_volume(path: str | os.PathLike, series_uid: str | None = None):

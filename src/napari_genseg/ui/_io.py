@@ -7,18 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import is_nifti_path, load_volume, write_mask
+from ..io import case_name, is_nifti_path, load_volume, write_mask
 from .layers import image_layer_data, volume_from_layer
 
 __all__ = ["get_reader", "write_labels", "phantom_sample"]
-
-
-def _name(path: Path) -> str:
-    n = path.name
-    for suf in (".nii.gz", ".nii"):
-        if n.endswith(suf):
-            return n[: -len(suf)]
-    return n
 
 
 def get_reader(path):
@@ -40,7 +32,7 @@ def _read(path):
     vol = load_volume(p)  # VolumeReadError -> napari shows the message
     if p.suffix.lower() == ".dcm":
         p = p.parent
-    layer = image_layer_data(vol, _name(p))
+    layer = image_layer_data(vol, case_name(p))
     for w in vol.meta.get("warnings", []):
         from napari.utils.notifications import show_warning
 
