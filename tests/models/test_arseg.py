@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -170,14 +171,40 @@ def test_attention_mask_functional():
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_kv_cache_sampling_equals_uncached(seed):
+def test_kv_cache_sampling_equals_uncached(seed, monkeypatch):
+    """KV-cached sampling computes the same per-scale logits as the uncached full-sequence pass.
+
+    Compared under teacher forcing (both runs continue from the cached run's draws) with a float
+    tolerance, not by equality of the drawn ids: the two paths reduce in a different order, so a
+    draw that lands on a top-k or CDF boundary could flip on another CPU or thread count.
+    """
+    from napari_genseg.models.arseg import sampling
+
     m = _tiny()
     emb = m.embed(torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(seed)))
     cls = torch.tensor([0, 2])
+    real_draw = sampling.draw_tokens
+    seen = {True: [], False: []}
+    forced: list[torch.Tensor] = []
+
+    def recording_draw(cached):
+        def draw(logits, temperature, top_k, generator):
+            seen[cached].append(logits.float().clone())
+            if cached:
+                forced.append(real_draw(logits, temperature, top_k, generator))
+                return forced[-1]
+            return forced[len(seen[False]) - 1]
+        return draw
+
+    monkeypatch.setattr(sampling, "draw_tokens", recording_draw(True))
     a = m.sample(emb, cls, 3, generator=torch.Generator().manual_seed(seed), use_kv_cache=True)
+    monkeypatch.setattr(sampling, "draw_tokens", recording_draw(False))
     b = m.sample(emb, cls, 3, generator=torch.Generator().manual_seed(seed), use_kv_cache=False)
-    assert a.shape == (2, 3, 204) and a.dtype == torch.int64
-    assert torch.equal(a, b)
+    assert a.shape == (2, 3, 204) and a.dtype == torch.int64 and torch.equal(a, b)
+    assert len(seen[True]) == len(seen[False]) == 8
+    for k, (lc, lu) in enumerate(zip(seen[True], seen[False])):
+        assert lc.shape == lu.shape == (6, (k + 1) ** 2, lc.shape[-1])
+        torch.testing.assert_close(lc, lu, rtol=0, atol=2e-5)
 
 
 def test_sampling_is_batched_and_seeded():
@@ -366,13 +393,24 @@ def test_importer_maps_official_layouts():
 
 
 # ---- fidelity ---------------------------------------------------------------------------------------
-def test_fidelity_mask_autoencoder():
-    """Official mask autoencoder: ids at every scale, f_hat and logits within 1e-4.
+def test_fidelity_mask_autoencoder(capsys):
+    """Official mask autoencoder: token ids at every scale, f̂ within 1e-4, then the logits.
 
-    The fixture is ill-conditioned: its formula codebook has near-ties (relative gap ~5e-6) and the
-    decoder amplifies rounding (the official fp32 logits differ from fp64 by 5e-3). Agreement to
-    1e-4 therefore needs the official op order and the fp32 reduction order of the machine that made
-    the fixture, i.e. two intra-op threads (with 1 or 3 threads a few late-scale ids flip).
+    The fixture is ill-conditioned: |z|² dominates every code distance (222 of the 408 positions
+    have their two nearest codes within 1e-5, relative) and the encoder and decoder amplify fp32
+    rounding (the latent differs from an fp64 evaluation by up to 0.6 % of |z|; the official fp32
+    logits differ from fp64 by up to 5.4e-3). Which code wins a near-tie in fp32 therefore depends
+    on the CPU's reduction order (SIMD width, thread count: an AVX2 EPYC flips 35 ids with 2 threads).
+
+    So the comparison runs our model in **fp64**, where the result no longer depends on the CPU, and
+    applies the rule of ``shared/fidelity/README.md``: where our nearest id differs from the
+    fixture's and the fixture's code is within 1e-5 (relative) of the nearest distance (a near-tie),
+    the fixture's id is taken (teacher forcing: later scales see the same residual) and counted;
+    everywhere else ids must be equal. Measured: 13 ties, the same with any thread count. Then f̂
+    within 1e-4 (measured 2.5e-7). The logits then differ from the fixture only by the fixture's
+    own fp32 rounding: RMS 2.0e-4 and max 5.4e-3, the same on every CPU; bounds 2.5e-4 / 6e-3
+    (scaling one decoder bias by 1.001 gives RMS 1.3e-3). Finally the fp32 path users run must stay
+    within fp32 noise of fp64 on the same ids (RMS <= 1e-3; measured 2.4e-4 to 4.7e-4).
     """
     folder = FIDELITY / "arseg_maskvq"
     if not (folder / "keys.json").is_file():
@@ -386,15 +424,53 @@ def test_fidelity_mask_autoencoder():
     ref = np.load(folder / "outputs.npz")
     mask = torch.from_numpy(formula_input((2, 1, 128, 128)) > 0.3).float()
     np.testing.assert_array_equal(mask.numpy(), ref["mask_input"])
-    with torch.no_grad(), _threads(2):
-        ids = vq.encode_tokens(mask)
-        parts = vq.quantizer.split(ids)
+    ref_ids = [torch.from_numpy(ref[f"idx_scale{k + 1}"]) for k in range(8)]
+    vq64 = copy.deepcopy(vq).double()
+    with torch.no_grad():
+        ids_k, _, ties = vq64.quantizer.quantize_near_ties(vq64.encode_latent(mask.double()), ref_ids,
+                                                           rtol=1e-5)
         for k in range(8):
-            np.testing.assert_array_equal(parts[k].numpy(), ref[f"idx_scale{k + 1}"])
-            fhat = vq.quantizer.fhat_from_ids(ids, k + 1).numpy()
+            np.testing.assert_array_equal(ids_k[k].numpy(), ref[f"idx_scale{k + 1}"])
+        ids = torch.cat(ids_k, dim=1)
+        for k in range(8):
+            fhat = vq64.quantizer.fhat_from_ids(ids, k + 1).numpy()
             assert np.abs(fhat - ref[f"fhat_scale{k + 1}"]).max() <= 1e-4
-        logits = vq.decode_tokens(ids).numpy()
-    assert np.abs(logits - ref["logits"]).max() <= 1e-4
+        logits64 = vq64.decode_tokens(ids).numpy()
+        logits32 = vq.decode_tokens(ids).numpy()
+    diff = logits64 - ref["logits"]
+    rms, worst = float(np.sqrt(np.mean(diff**2))), float(np.abs(diff).max())
+    rms32 = float(np.sqrt(np.mean((logits32 - logits64) ** 2)))
+    with capsys.disabled():
+        print(f"\n[arseg mask-VQ fidelity] near-ties taken from the fixture: {ties} of "
+              f"{sum(t.numel() for t in ref_ids)} tokens; logits vs fixture RMS {rms:.2e}, max "
+              f"{worst:.2e}; fp32 vs fp64 RMS {rms32:.2e} ({torch.get_num_threads()} threads)")
+    assert ties <= 20, f"{ties} near-ties: more than rounding explains"
+    assert rms <= 2.5e-4 and worst <= 6e-3
+    assert rms32 <= 1e-3
+
+
+def test_near_tie_rule_takes_reference_only_at_ties():
+    """The fidelity rule's teacher forcing: a reference id is taken only where its code is within
+    rtol of the nearest one; a far-off reference id stays a visible mismatch."""
+    q = MaskVQ(CONFIGS["arseg_tiny"]).quantizer
+    with torch.no_grad():
+        q.codebook.weight.zero_()
+        q.codebook.weight[0, 0] = 1.0
+        q.codebook.weight[1, 0] = -1.0  # codes 0 and 1 equidistant from 0; 2.. at the origin
+        q.codebook.weight[2:, 0] = 5.0
+    n = q.latent_size
+    f = torch.zeros(1, q.dim, n, n)
+    f[:, 1] = 1e-3  # nearest: 0 and 1 tie exactly (the code at 5.0 is far)
+    ids, _, _ = q._quantize(f)
+    first = int(ids[0][0, 0])
+    other = 1 - first if first in (0, 1) else 0
+    refs = [i.clone() for i in ids]
+    refs[0][0, 0] = other
+    got, _, ties = q.quantize_near_ties(f, refs, rtol=1e-5)
+    assert ties >= 1 and int(got[0][0, 0]) == other
+    refs[0][0, 0] = 2  # a far code: no tie, this machine's id stays
+    got, _, _ = q.quantize_near_ties(f, refs, rtol=1e-5)
+    assert int(got[0][0, 0]) != 2
 
 
 def test_fidelity_sam_vit_b():

@@ -236,12 +236,12 @@ class ResidualQuantizer(nn.Module):
     def latent_size(self) -> int:
         return self.patch_nums[-1]
 
-    def _lookup(self, z_NC: torch.Tensor) -> torch.Tensor:
-        """Nearest codebook index of each row (squared L2, expanded form)."""
+    def _distances(self, z_NC: torch.Tensor) -> torch.Tensor:
+        """Squared L2 distance of each row to every code, (N, V), in the official expanded form
+        ``|z|² + |e|² − 2 z·e`` (its fp32 rounding, not the exact distance, decides near-ties)."""
         e = self.codebook.weight.detach()
         d = z_NC.square().sum(1, keepdim=True) + e.square().sum(1)
-        d = torch.addmm(d, z_NC, e.t(), beta=1.0, alpha=-2.0)
-        return d.argmin(1)
+        return torch.addmm(d, z_NC, e.t(), beta=1.0, alpha=-2.0)
 
     def _to_latent(self, si: int, h: torch.Tensor) -> torch.Tensor:
         """phi_k(bicubic upsample of the code map h [B, C, pn, pn]) -> [B, C, n, n]."""
@@ -263,16 +263,53 @@ class ResidualQuantizer(nn.Module):
 
     def quantize(self, f: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Alg. 1 on a latent f [B, C, n, n] -> (token ids per scale (B, pn²), f_hat per scale)."""
+        ids, fhats, _ = self._quantize(f)
+        return ids, fhats
+
+    def quantize_near_ties(self, f: torch.Tensor, reference_ids: list[torch.Tensor], rtol: float = 1e-5
+                           ) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+        """Alg. 1 with the reference's ids taken at near-ties (teacher forcing); for fidelity checks.
+
+        Which of two almost equidistant codes is nearest depends on the fp32 reduction order of the
+        CPU (SIMD width, thread count), so ids computed elsewhere (e.g. by the official code on
+        another machine) can differ there and nowhere else. At each position where this machine's
+        nearest id differs from ``reference_ids[k]`` but the reference code's distance is within
+        ``rtol`` (relative) of the nearest distance, the reference id is used, so later scales see the
+        reference's residual. Other positions keep this machine's id (a real mismatch stays visible).
+
+        Args:
+            f: latent [B, C, n, n].
+            reference_ids: one (B, pn²) int tensor per scale (``fidelity/README.md``: the fixture's).
+            rtol: relative tolerance of a near-tie, ``d_ref − d_min ≤ rtol · d_min``.
+
+        Returns:
+            (ids per scale, f_hat per scale, number of near-ties taken from the reference).
+        """
+        if len(reference_ids) != len(self.patch_nums):
+            raise ValueError(f"expected {len(self.patch_nums)} reference scales, got {len(reference_ids)}")
+        return self._quantize(f, reference_ids, rtol)
+
+    def _quantize(self, f: torch.Tensor, reference_ids=None, rtol: float = 0.0):
         b, c, n, _ = f.shape
         if n != self.latent_size:
             raise ValueError(f"latent side {n} != patch_nums[-1] = {self.latent_size}")
         rest = f.detach()
         f_hat = torch.zeros_like(rest)
         ids, fhats = [], []
+        ties = 0
         last = len(self.patch_nums) - 1
         for si, pn in enumerate(self.patch_nums):
             z = rest if si == last else F.interpolate(rest, size=(pn, pn), mode="area")
-            idx = self._lookup(z.permute(0, 2, 3, 1).reshape(-1, c)).view(b, pn * pn)
+            d = self._distances(z.permute(0, 2, 3, 1).reshape(-1, c))  # (B·pn², V)
+            idx = d.argmin(1)
+            if reference_ids is not None:
+                ref = reference_ids[si].reshape(-1).to(device=idx.device, dtype=idx.dtype)
+                d_min = d.gather(1, idx[:, None])[:, 0]
+                d_ref = d.gather(1, ref[:, None])[:, 0]
+                tie = (ref != idx) & (d_ref - d_min <= rtol * d_min.abs())
+                ties += int(tie.sum())
+                idx = torch.where(tie, ref, idx)
+            idx = idx.view(b, pn * pn)
             # same numbers as scale_vectors, in the official encode path's contiguous layout:
             # the residual (hence later ids) is then bit-identical to the official quantiser's
             h = self.codebook(idx.view(b, pn, pn)).permute(0, 3, 1, 2)
@@ -283,7 +320,7 @@ class ResidualQuantizer(nn.Module):
             rest = rest - h
             ids.append(idx)
             fhats.append(f_hat)
-        return ids, fhats
+        return ids, fhats, ties
 
     def split(self, idx_Bl: torch.Tensor) -> list[torch.Tensor]:
         """(B, L) -> list of (B, pn²) per scale."""
