@@ -20,7 +20,7 @@ def arseg_tiny_checkpoint(tmp_path):
     torch.manual_seed(0)
     model = registry.get_family("arseg").build(entry.config)
     return save_checkpoint(tmp_path / "arseg_tiny.safetensors", model, "arseg", "arseg_tiny", entry.config,
-                           ["background", "lesion"], {"normalization": {"kind": "minmax"}, "resize": "resize"})
+                           ["background", "lesion"], {"normalization": {"kind": "minmax"}, "grid": "resize"})
 
 
 def _image(viewer):

@@ -17,7 +17,7 @@ from napari_genseg.engine import (
 from napari_genseg.preprocessing import Normalization, SliceGrid, window_limits
 from napari_genseg.volume import Volume
 
-from conftest import ThresholdConfig, ThresholdNet
+from _doubles import ThresholdConfig, ThresholdNet
 
 
 class CountingNet(ThresholdNet):

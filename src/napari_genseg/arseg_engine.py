@@ -68,7 +68,8 @@ class ArSegPredictor:
         self.class_names = names
         self.norm = normalization
         self.grid = grid
-        self.mask_grid = SliceGrid(int(getattr(self.cfg, "mask_size", 128)), grid.mode, grid.target_spacing)
+        # the mask grid covers the image grid's field of view at mask_size (spacing scaled)
+        self.mask_grid = grid.with_size(int(self.cfg.mask_size))
         self.n = n_samples
         self.threshold = threshold
         self.seed = seed

@@ -180,21 +180,13 @@ class SegmentationPredictor:
             torch.cuda.empty_cache()
 
 
-def grid_from_input(inp: dict, img_size: int, mode: str | None = None) -> SliceGrid:
-    mode = mode or inp.get("resize", "resize")
-    spacing = inp.get("spacing_mm")
-    if mode == "spacing" and not spacing:
-        mode = "resize"
-    return SliceGrid(img_size, mode, tuple(spacing) if mode == "spacing" else None)
-
-
 def make_predictor(ckpt, device="auto", precision="auto", want_probs=False, grid_mode=None, **kw):
     """A predictor for a loaded :class:`~napari_genseg.models.checkpoints.Checkpoint`."""
     from .models import registry
 
     fam = registry.get_family(ckpt.family)
     norm = Normalization.from_dict(ckpt.input.get("normalization"))
-    grid = grid_from_input(ckpt.input, ckpt.config.img_size, grid_mode)
+    grid = SliceGrid.from_meta(ckpt.input, ckpt.config.img_size, grid_mode)
     if fam.kind == "arseg":
         from .arseg_engine import ArSegPredictor
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "GRID_MODES",
     "WINDOW_PRESETS",
     "window_limits",
     "Normalization",
@@ -106,6 +107,10 @@ class Normalization:
         return -1024.0
 
 
+#: how a slice reaches a model's square grid (checkpoint JSON ``input.grid``, ``--grid``)
+GRID_MODES = ("resize", "spacing")
+
+
 @dataclass(frozen=True)
 class SliceGrid:
     """Maps (H, W) slices with pixel spacing (sy, sx) onto a size×size model grid and back.
@@ -120,10 +125,44 @@ class SliceGrid:
     target_spacing: tuple[float, float] | None = None
 
     def __post_init__(self):
-        if self.mode not in ("resize", "spacing"):
-            raise ValueError(f"unknown grid mode {self.mode!r}")
+        if self.mode not in GRID_MODES:
+            raise ValueError(f"unknown grid mode {self.mode!r} (one of {', '.join(GRID_MODES)})")
         if self.mode == "spacing" and not self.target_spacing:
             raise ValueError("grid mode 'spacing' needs target_spacing")
+        if self.target_spacing is not None:
+            object.__setattr__(self, "target_spacing", tuple(float(v) for v in self.target_spacing))
+
+    @classmethod
+    def create(cls, size: int, mode: str = "resize", spacing_mm: float | None = None) -> "SliceGrid":
+        """A training grid: ``mode`` "resize", or "spacing" at ``spacing_mm`` in-plane (default
+        384 mm / ``size``: a 384 mm field of view, enough for an adult abdomen)."""
+        if mode == "spacing":
+            sp = float(spacing_mm) if spacing_mm else 384.0 / int(size)
+            return cls(int(size), "spacing", (sp, sp))
+        return cls(int(size), mode)
+
+    def to_meta(self) -> dict:
+        """The checkpoint JSON's ``input`` entries: ``{"grid": mode, "spacing_mm": [sy, sx] | None}``."""
+        return {"grid": self.mode, "spacing_mm": list(self.target_spacing) if self.mode == "spacing" else None}
+
+    @classmethod
+    def from_meta(cls, meta: dict, size: int, mode: str | None = None) -> "SliceGrid":
+        """The grid a checkpoint was trained on (``input`` of its JSON; version-1 files name the mode
+        ``"resize"``), or ``mode`` instead when given. "spacing" without a recorded spacing falls
+        back to "resize" (the checkpoint does not say which field of view it saw)."""
+        mode = mode or meta.get("grid") or meta.get("resize") or "resize"
+        spacing = meta.get("spacing_mm")
+        if mode == "spacing" and not spacing:
+            mode = "resize"
+        return cls(int(size), mode, tuple(spacing) if mode == "spacing" else None)
+
+    def with_size(self, size: int) -> "SliceGrid":
+        """The grid with the same field of view at ``size``×``size`` (e.g. AR-Seg's mask grid next
+        to its image grid): "spacing" scales the target spacing by ``self.size / size``."""
+        if self.mode == "resize":
+            return SliceGrid(int(size), "resize")
+        f = self.size / int(size)
+        return SliceGrid(int(size), "spacing", (self.target_spacing[0] * f, self.target_spacing[1] * f))
 
     def _scaled_hw(self, hw, spacing):
         if self.mode == "resize":

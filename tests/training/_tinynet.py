@@ -6,6 +6,10 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+#: a small phantom for fast training tests: (z, y, x) voxels and mm
+PHANTOM_SHAPE = [12, 64, 64]
+PHANTOM_SPACING = [3.0, 3.5, 3.5]
+
 
 @dataclass
 class TinySegConfig:

@@ -9,10 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _tinynet import register  # noqa: E402
-
-PHANTOM_SHAPE = [12, 64, 64]
-PHANTOM_SPACING = [3.0, 3.5, 3.5]
+from _tinynet import PHANTOM_SHAPE, PHANTOM_SPACING, register  # noqa: E402
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import torch
 
 from napari_genseg.preprocessing import Normalization, SliceGrid
 from napari_genseg.training import data as D
-from conftest import PHANTOM_SHAPE, PHANTOM_SPACING
+from _tinynet import PHANTOM_SHAPE, PHANTOM_SPACING
 
 
 def _fake_cases(n, source="pairs:x"):

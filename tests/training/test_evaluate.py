@@ -3,7 +3,7 @@ import json
 
 from napari_genseg.training.evaluate import evaluate, format_table
 from napari_genseg.training.loop import train
-from conftest import PHANTOM_SHAPE, PHANTOM_SPACING
+from _tinynet import PHANTOM_SHAPE, PHANTOM_SPACING
 
 
 def test_evaluate_phantom_with_baseline(tiny_cfg, tmp_path):

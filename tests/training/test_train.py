@@ -16,7 +16,7 @@ def test_short_train_lowers_loss_and_writes_checkpoint(tiny_cfg):
     ck = load_checkpoint(summary["checkpoint"])
     assert ck.class_names == ["background", "liver", "spleen"]
     assert ck.input["normalization"] == {"kind": "hu_window", "low": -125.0, "high": 275.0}
-    assert ck.input["resize"] == "spacing" and ck.input["spacing_mm"] == [12.0, 12.0]
+    assert ck.input["grid"] == "spacing" and ck.input["spacing_mm"] == [12.0, 12.0]
     prov = ck.provenance
     for key in ("data", "split", "recipe", "hyperparameters", "git_commit", "torch", "wall_seconds",
                 "validation", "data_cases"):

@@ -6,7 +6,7 @@ Own format: ``NAME.safetensors`` (weights) beside ``NAME.json`` (what to rebuild
      "model": "msa2net", "config_name": "msa2net_demo", "config": {...asdict(cfg)...},
      "class_names": ["background", "liver", "spleen"],
      "input": {"normalization": {"kind": "hu_window", "low": -125, "high": 275},
-               "spacing_mm": [1.5, 1.5] | null, "resize": "spacing" | "resize"},
+               "grid": "spacing" | "resize", "spacing_mm": [1.5, 1.5] | null},
      "provenance": {...}}
 
 Foreign ``.pth`` files are read only through ``torch.load(weights_only=True)``.
@@ -305,9 +305,9 @@ def resolve_model(
 OFFICIAL_INPUTS = {
     # TransUNet lineage: HU clip [-125, 275] -> [0, 1], then (x - 0.5) / 0.5 in the MSA²Net code
     "msa2net": {"normalization": {"kind": "hu_window", "low": -125.0, "high": 275.0,
-                                  "out_min": -1.0, "out_max": 1.0}, "resize": "resize"},
+                                  "out_min": -1.0, "out_max": 1.0}, "grid": "resize"},
     # SAM / MedSAM: per-image min-max to [0, 1]
-    "arseg": {"normalization": {"kind": "minmax"}, "resize": "resize"},
+    "arseg": {"normalization": {"kind": "minmax"}, "grid": "resize"},
 }
 
 
@@ -342,7 +342,7 @@ def import_official_checkpoint(
         raise CheckpointError(f"{len(names)} class names given for a {n}-class checkpoint")
     path = save_checkpoint(
         out, model, family, f"{entry.name}_imported", cfg, names,
-        input or {"normalization": {"kind": "hu_window", "low": -125.0, "high": 275.0}, "resize": "resize"},
+        input or {"normalization": {"kind": "hu_window", "low": -125.0, "high": 275.0}, "grid": "resize"},
         provenance={"imported_from": str(Path(src).name), "report": report.summary(), "notes": notes},
     )
     return path, report

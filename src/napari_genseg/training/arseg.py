@@ -225,13 +225,8 @@ def train_arseg(cfg: ArSegTrainConfig | dict, on_step=None) -> dict:
         raise ValueError(f"{cfg.model} is not an AR-Seg config")
     img_size, mask_size = int(mcfg.img_size), int(mcfg.mask_size)
     norm = Normalization.from_dict(cfg.normalization)
-    if cfg.grid == "spacing":
-        sp = float(cfg.spacing_mm) if cfg.spacing_mm else 384.0 / img_size
-        grid = SliceGrid(img_size, "spacing", (sp, sp))
-        input_meta = {"normalization": norm.to_dict(), "resize": "spacing", "spacing_mm": [sp, sp]}
-    else:
-        grid = SliceGrid(img_size, "resize")
-        input_meta = {"normalization": norm.to_dict(), "resize": "resize", "spacing_mm": None}
+    grid = SliceGrid.create(img_size, cfg.grid, cfg.spacing_mm)
+    input_meta = {"normalization": norm.to_dict(), **grid.to_meta()}
 
     # ---- data (every slice of the training cases; validation = held-out cases)
     sources, annotations = load_arseg_cases(cfg)

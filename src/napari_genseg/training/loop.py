@@ -344,13 +344,8 @@ def train(cfg: TrainConfig | dict, on_step: Callable[[int, float], None] | None 
     img_size = int(mcfg.img_size)
     in_chans = int(getattr(mcfg, "in_chans", 1))
     norm = Normalization.from_dict(cfg.normalization)
-    if cfg.grid == "spacing":
-        sp = float(cfg.spacing_mm) if cfg.spacing_mm else 384.0 / img_size
-        grid = SliceGrid(img_size, "spacing", (sp, sp))
-        input_meta = {"normalization": norm.to_dict(), "resize": "spacing", "spacing_mm": [sp, sp]}
-    else:
-        grid = SliceGrid(img_size, "resize")
-        input_meta = {"normalization": norm.to_dict(), "resize": "resize", "spacing_mm": None}
+    grid = SliceGrid.create(img_size, cfg.grid, cfg.spacing_mm)
+    input_meta = {"normalization": norm.to_dict(), **grid.to_meta()}
 
     # ---- data
     sources = D.load_sources(cfg.data, cfg.label_map, class_names, tuple(cfg.phantom_shape),

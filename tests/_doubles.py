@@ -1,0 +1,46 @@
+"""Test doubles (tests only): a threshold "model" with fixed intensity bands."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class ThresholdConfig:
+    """Test double config: class k where the normalised input lies in the k-th band."""
+
+    num_classes: int = 3
+    img_size: int = 32
+    in_chans: int = 1
+    delay_s: float = 0.0
+
+
+class ThresholdNet(nn.Module):
+    """Test double: logits from fixed intensity bands, plus one learnable scalar (for loaders)."""
+
+    def __init__(self, cfg: ThresholdConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gain = nn.Parameter(torch.tensor(20.0))
+
+    def forward(self, x):
+        import time
+
+        if self.cfg.delay_s:
+            time.sleep(self.cfg.delay_s)
+        k = self.cfg.num_classes
+        centers = torch.linspace(0, 1, k, device=x.device).view(1, k, 1, 1)
+        return -self.gain * (x[:, :1] - centers).abs()
+
+
+def register_double() -> None:
+    """Register the test double's family and config once per process."""
+    from napari_genseg.models import registry
+
+    if "testdouble" not in {f.name for f in registry.list_families()}:
+        registry.register_family("testdouble", ThresholdConfig, ThresholdNet, "testdouble_small",
+                                 description="test double")
+        registry.register_config("testdouble", "testdouble_small", ThresholdConfig())
