@@ -6,14 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_genseg.engine import (
-    SegmentationPredictor,
-    parse_slices,
-    resolve_device,
-    resolve_precision,
-    run_to_end,
-    run_volume,
-)
+from napari_genseg.engine import SegmentationPredictor, parse_slices, run_to_end, run_volume
 from napari_genseg.preprocessing import Normalization, SliceGrid, window_limits
 from napari_genseg.volume import Volume
 
@@ -97,18 +90,6 @@ def test_parse_slices(spec, expected):
 def test_bad_slice_ranges(spec):
     with pytest.raises(ValueError):
         parse_slices(spec, 5)
-
-
-def test_device_fallback_and_precision():
-    assert resolve_device("cpu").type == "cpu"
-    if not torch.cuda.is_available():
-        with pytest.warns(UserWarning, match="CUDA"):
-            assert resolve_device("cuda").type == "cpu"
-        assert resolve_device("auto").type in ("cpu", "mps")
-    cpu = torch.device("cpu")
-    assert resolve_precision("auto", cpu) == "fp32"
-    assert resolve_precision("fp16", cpu) == "bf16"
-    assert resolve_precision("auto", torch.device("cuda")) in ("bf16", "fp16")
 
 
 def test_bf16_path_runs_and_agrees():

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .engine import autocast_context, resolve_device, resolve_precision
+from .device import autocast_context, resolve_device, resolve_precision
 from .preprocessing import Normalization, SliceGrid, as_float_hu
 
 __all__ = ["ArSegPredictor", "consensus_from_votes", "variability_from_votes"]

@@ -12,7 +12,6 @@ model's normalisation, resizing to its grid and the logits back, device and prec
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, Protocol
@@ -20,12 +19,11 @@ from typing import Any, Callable, Generator, Protocol
 import numpy as np
 import torch
 
+from .device import autocast_context, resolve_device, resolve_precision
 from .preprocessing import Normalization, SliceGrid, as_float_hu
 from .volume import Volume
 
 __all__ = [
-    "resolve_device",
-    "autocast_context",
     "parse_slices",
     "SegmentationPredictor",
     "Progress",
@@ -34,56 +32,6 @@ __all__ = [
     "run_to_end",
     "make_predictor",
 ]
-
-
-# ----------------------------------------------------------------------------- device & precision
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """"auto" -> cuda > mps > cpu; an unavailable explicit device falls back to cpu with a warning."""
-    if isinstance(device, torch.device):
-        return device
-    device = (device or "auto").lower()
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        import warnings
-
-        warnings.warn(f"{device} requested but CUDA is not available; using cpu", stacklevel=2)
-        return torch.device("cpu")
-    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        import warnings
-
-        warnings.warn("mps requested but not available; using cpu", stacklevel=2)
-        return torch.device("cpu")
-    return torch.device(device)
-
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}")
-    if precision != "auto":
-        if precision == "fp16" and device.type == "cpu":
-            return "bf16"  # fp16 autocast on CPU is slow and partial; bf16 is the CPU half type
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device.type == "mps":
-        return "fp16"
-    return "fp32"
-
-
-def autocast_context(device: torch.device, precision: str):
-    """torch.autocast for bf16/fp16, a null context for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------- slices

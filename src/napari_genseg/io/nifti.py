@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import InputError
 from ..volume import DISPLAY_AXCODES, Volume
 from .atomic import atomic_path, same_file
 
@@ -26,11 +27,11 @@ __all__ = [
 ]
 
 
-class VolumeReadError(ValueError):
+class VolumeReadError(InputError, ValueError):
     """An input that is not a readable CT volume (message is one line, for users)."""
 
 
-class MaskWriteError(RuntimeError):
+class MaskWriteError(InputError, RuntimeError):
     """A mask that cannot be written where asked (not a ValueError: napari would swallow it)."""
 
 

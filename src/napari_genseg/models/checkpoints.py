@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..errors import InputError
 from . import registry
 
 FORMAT = "napari-genseg-checkpoint"
@@ -42,7 +43,7 @@ __all__ = [
 ]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError, ValueError):
     """A checkpoint that cannot be used, with a one-line reason."""
 
 

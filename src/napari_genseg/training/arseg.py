@@ -320,7 +320,7 @@ def train_arseg(cfg: ArSegTrainConfig | dict, on_step=None) -> dict:
          f"{'time budget %.1f min' % cfg.time_budget_minutes if budget_s else '%d steps' % total}, "
          f"batch {cfg.batch_size}", cfg.quiet)
 
-    from ..engine import autocast_context
+    from ..device import autocast_context
 
     def step_loss(xb, mb, cb) -> tuple[torch.Tensor, dict]:
         with autocast_context(device, precision):

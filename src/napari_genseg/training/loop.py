@@ -151,7 +151,7 @@ def _init_dist(device: torch.device) -> Dist:
 
 
 def _resolve_device(name: str, d: Dist) -> torch.device:
-    from ..engine import resolve_device
+    from ..device import resolve_device
 
     dev = resolve_device(name)
     if dev.type == "mps" and name == "auto":
@@ -163,11 +163,10 @@ def _resolve_device(name: str, d: Dist) -> torch.device:
 
 
 def _precision(p: str, device: torch.device) -> str:
-    if p == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
-    if p == "fp16" and device.type != "cuda":
-        return "bf16"
-    return p
+    """The inference rule (``device.resolve_precision``): fp32 on CPUs unless bf16 is asked."""
+    from ..device import resolve_precision
+
+    return resolve_precision(p, device)
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -485,7 +484,7 @@ def train(cfg: TrainConfig | dict, on_step: Callable[[int, float], None] | None 
         from tqdm import tqdm
 
         bar = tqdm(total=None if total >= 10**9 else total, initial=step, desc="train", file=sys.stderr, dynamic_ncols=True, mininterval=2.0)
-    from ..engine import autocast_context
+    from ..device import autocast_context
 
     last_val = None
     last_val_step = -1

@@ -36,7 +36,8 @@ from magicgui.widgets import (
 )
 
 from ..arseg_engine import consensus_from_votes, variability_from_votes
-from ..engine import PRECISIONS, make_predictor, parse_slices, run_volume
+from ..device import PRECISIONS
+from ..engine import make_predictor, parse_slices, run_volume
 from ..models import registry
 from ..preprocessing import window_limits
 from ._run import LayerEdit, add_class_labels, notify_error

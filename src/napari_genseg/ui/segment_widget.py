@@ -22,7 +22,8 @@ from magicgui.widgets import (
     create_widget,
 )
 
-from ..engine import PRECISIONS, make_predictor, parse_slices, run_volume
+from ..device import PRECISIONS
+from ..engine import make_predictor, parse_slices, run_volume
 from ..models import registry
 from ..preprocessing import WINDOW_PRESETS, window_limits
 from ._run import LayerEdit, add_class_labels, notify_error
