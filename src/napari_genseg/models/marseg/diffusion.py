@@ -203,8 +203,8 @@ class GaussianDiffusion:
 
     @staticmethod
     def _at(arr: np.ndarray, t: torch.Tensor) -> torch.Tensor:
-        """arr[t] as float32 (N, 1) on t's device."""
-        return torch.from_numpy(arr).to(t.device)[t].float()[:, None]
+        """arr[t] as float32 (N, 1) on t's device (cast on the CPU: MPS has no float64)."""
+        return torch.from_numpy(arr).float().to(t.device)[t][:, None]
 
     def model_step_index(self, t: torch.Tensor) -> torch.Tensor:
         """Respaced index -> base step index the network is conditioned on."""

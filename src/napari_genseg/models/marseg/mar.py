@@ -19,7 +19,8 @@ repeated ``diffusion_batch_mul`` times. Segmentation (stage 2): nothing masked, 
 
 The blocks are timm ``Block``s (key names ``norm1``, ``attn.qkv``, ``attn.proj``, ``norm2``,
 ``mlp.fc1``, ``mlp.fc2``) with attention through ``scaled_dot_product_attention``. Every random
-draw (mask ratio, orders, label drop, diffusion steps and noise) takes a ``torch.Generator``.
+draw (mask ratio, orders, label drop, diffusion steps and noise) takes a ``torch.Generator``
+(dropout, active in training mode, uses torch's global generator as everywhere in torch).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def sample_mask_ratio(minimum: float, generator: torch.Generator | None = None,
     ``truncnorm((minimum - 1) / 0.25, 0, loc=1, scale=0.25)``), by inverting the normal CDF."""
     a = torch.special.ndtr(torch.tensor((minimum - 1.0) / 0.25, dtype=torch.float64))
     b = 0.5  # ndtr(0)
-    u = torch.rand((), generator=generator, device=device, dtype=torch.float64).cpu()
+    u = torch.rand((), generator=generator, device=device).cpu().double()  # (no float64 on MPS)
     ratio = 1.0 + 0.25 * float(torch.special.ndtri(a + u * (b - a)))
     return min(max(ratio, minimum), 1.0)
 
@@ -224,11 +225,15 @@ class MAR(nn.Module):
             full[keep] = x.reshape(-1, x.shape[-1])
             x = full
         x = x + self.decoder_pos_embed_learned
+        if not output and not layers:
+            raise ValueError("forward_decoder without output needs layers to return")
         depth = len(self.decoder_blocks) if output else max(layers) + 1
         out, feats = self._run(x, self.decoder_blocks, self.decoder_norm, layers, depth, output)
         return (out[:, self.buffer_size:] if out is not None else None), feats
 
     def _run(self, x, blocks, norm, layers, depth, output: bool = True):
+        """Blocks 0..depth-1 on x; ``norm`` of the outputs of ``layers`` (buffer stripped) and,
+        with ``output``, of the last block (the shared final norm is computed once per block)."""
         feats: dict[int, torch.Tensor] = {}
         last = len(blocks) - 1
         normed_last = None

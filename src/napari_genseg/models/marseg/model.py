@@ -75,6 +75,11 @@ class MarSeg(nn.Module):
                                   for _ in range(n))
         self.head = FPNHead(cfg.fuse_dim, n, cfg.num_classes, num_fpn_convs=1 if cfg.inference_only else n)
 
+    @property
+    def config(self) -> MarSegConfig:
+        """The configuration (also ``cfg``; MSA²Net's models name it ``config``)."""
+        return self.cfg
+
     # ---- pieces ---------------------------------------------------------------------------------
     def _check(self, x: torch.Tensor) -> None:
         want = (self.cfg.in_chans, self.img_size, self.img_size)
