@@ -309,6 +309,11 @@ OFFICIAL_INPUTS = {
                                   "out_min": -1.0, "out_max": 1.0}, "grid": "resize"},
     # SAM / MedSAM: per-image min-max to [0, 1]
     "arseg": {"normalization": {"kind": "minmax"}, "grid": "resize"},
+    # MARSeg: 3 identical channels in [-1, 1] after an organ-specific HU window whose values are
+    # not published; the abdominal soft-tissue window [-125, 275] is used (the engine repeats the
+    # slice to the config's in_chans = 3)
+    "marseg": {"normalization": {"kind": "hu_window", "low": -125.0, "high": 275.0,
+                                 "out_min": -1.0, "out_max": 1.0}, "grid": "resize"},
 }
 
 

@@ -1,8 +1,8 @@
 """AR-Seg multi-scale mask autoencoder (paper Sec. 2.1, Alg. 1 and 2; stage-1 loss Eq. 5).
 
-* :class:`MaskEncoder` / :class:`MaskDecoder`: LDM-style convolutional autoencoder on the binary mask
-  (GroupNorm + swish residual blocks, one self-attention block in the middle, stride-2 convs down,
-  nearest x2 + conv up). 128² mask -> [B, z, 8, 8] for ``ch_mult`` of length 5.
+* :class:`MaskEncoder` / :class:`MaskDecoder`: the LDM convolutional autoencoder of
+  :mod:`napari_genseg.nn.ldm` on the binary mask (GroupNorm + swish residual blocks, one
+  self-attention block in the middle, stride-2 convs down, nearest x2 + conv up). 128² mask -> [B, z, 8, 8] for ``ch_mult`` of length 5.
 * :class:`ResidualQuantizer`: VAR-style residual multi-scale quantiser. For scale k with side
   ``pn``: area-downsample the residual to pn², nearest codebook entry (L2), bicubic-upsample the
   code vectors back to the latent size (not at the last scale), apply phi, add to f_hat and
@@ -23,163 +23,29 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...nn.ldm import Decoder, Encoder
 from .config import ArSegConfig
 
 __all__ = ["MaskVQ", "MaskEncoder", "MaskDecoder", "ResidualQuantizer", "dice_loss"]
 
 
-def _swish(x: torch.Tensor) -> torch.Tensor:
-    # x * sigmoid(x) spelled out (not F.silu): same value, but the official rounding, which the
-    # fidelity fixture needs (its formula codebook has near-ties at 1e-6)
-    return x * torch.sigmoid(x)
-
-
-def _norm(channels: int, groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
-
-
-class ResBlock(nn.Module):
-    """norm-swish-conv x 2 with a 1x1 shortcut when the width changes."""
-
-    def __init__(self, cin: int, cout: int, groups: int) -> None:
-        super().__init__()
-        self.norm1 = _norm(cin, groups)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2 = _norm(cout, groups)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(_swish(self.norm1(x)))
-        h = self.conv2(_swish(self.norm2(h)))
-        if self.nin_shortcut is not None:
-            x = self.nin_shortcut(x)
-        return x + h
-
-
-class SpatialSelfAttention(nn.Module):
-    """Single-head self-attention over the h*w positions (1x1-conv projections)."""
-
-    def __init__(self, channels: int, groups: int) -> None:
-        super().__init__()
-        self.norm = _norm(channels, groups)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        y = self.norm(x)
-        q = self.q(y).reshape(b, c, h * w).transpose(1, 2)  # (B, hw, c)
-        k = self.k(y).reshape(b, c, h * w)  # (B, c, hw)
-        v = self.v(y).reshape(b, c, h * w)  # (B, c, hw)
-        # explicit softmax(q k^T / sqrt(c)) v: the latent is tiny (8 x 8) and this keeps the
-        # official rounding (see _swish)
-        att = torch.softmax(torch.bmm(q, k) * (int(c) ** -0.5), dim=2)  # (B, hw_q, hw_k)
-        y = torch.bmm(v, att.transpose(1, 2)).reshape(b, c, h, w)
-        return x + self.proj_out(y)
-
-
-class _Downsample(nn.Module):
-    """Stride-2 3x3 conv with zero padding on the right/bottom only."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class _Upsample(nn.Module):
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
-class _Mid(nn.Module):
-    def __init__(self, channels: int, groups: int) -> None:
-        super().__init__()
-        self.block_1 = ResBlock(channels, channels, groups)
-        self.attn_1 = SpatialSelfAttention(channels, groups)
-        self.block_2 = ResBlock(channels, channels, groups)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block_2(self.attn_1(self.block_1(x)))
-
-
-class MaskEncoder(nn.Module):
-    """Mask [B, 1, S, S] -> feature [B, z, S / 2**(levels-1), same]."""
+class MaskEncoder(Encoder):
+    """Mask [B, 1, S, S] -> feature [B, z, S / 2**(levels-1), same] (LDM encoder, no level
+    attention, LDM's exact attention rounding)."""
 
     def __init__(self, ch: int, ch_mult: tuple, num_res_blocks: int, z_channels: int,
                  groups: int, in_channels: int = 1) -> None:
-        super().__init__()
-        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
-        self.down = nn.ModuleList()
-        cin = ch
-        for level, mult in enumerate(ch_mult):
-            stage = nn.Module()
-            cout = ch * mult
-            stage.block = nn.ModuleList()
-            for _ in range(num_res_blocks):
-                stage.block.append(ResBlock(cin, cout, groups))
-                cin = cout
-            if level != len(ch_mult) - 1:
-                stage.downsample = _Downsample(cin)
-            self.down.append(stage)
-        self.mid = _Mid(cin, groups)
-        self.norm_out = _norm(cin, groups)
-        self.conv_out = nn.Conv2d(cin, z_channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
-        for stage in self.down:
-            for blk in stage.block:
-                h = blk(h)
-            if hasattr(stage, "downsample"):
-                h = stage.downsample(h)
-        h = self.mid(h)
-        return self.conv_out(_swish(self.norm_out(h)))
+        super().__init__(ch, ch_mult, num_res_blocks, z_channels, groups, in_channels,
+                         attn_levels=(), exact_attention=True)
 
 
-class MaskDecoder(nn.Module):
+class MaskDecoder(Decoder):
     """Feature [B, z, s, s] -> mask logits [B, 1, s * 2**(levels-1), same] (no clamp)."""
 
     def __init__(self, ch: int, ch_mult: tuple, num_res_blocks: int, z_channels: int,
                  groups: int, out_channels: int = 1) -> None:
-        super().__init__()
-        cin = ch * ch_mult[-1]
-        self.conv_in = nn.Conv2d(z_channels, cin, 3, padding=1)
-        self.mid = _Mid(cin, groups)
-        ups = []
-        for level in reversed(range(len(ch_mult))):
-            stage = nn.Module()
-            cout = ch * ch_mult[level]
-            stage.block = nn.ModuleList()
-            for _ in range(num_res_blocks + 1):
-                stage.block.append(ResBlock(cin, cout, groups))
-                cin = cout
-            if level != 0:
-                stage.upsample = _Upsample(cin)
-            ups.append(stage)
-        # stored lowest level first so that ``up.{i}`` is resolution level i
-        self.up = nn.ModuleList(reversed(ups))
-        self.norm_out = _norm(cin, groups)
-        self.conv_out = nn.Conv2d(cin, out_channels, 3, padding=1)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))
-        for level in reversed(range(len(self.up))):
-            stage = self.up[level]
-            for blk in stage.block:
-                h = blk(h)
-            if hasattr(stage, "upsample"):
-                h = stage.upsample(h)
-        return self.conv_out(_swish(self.norm_out(h)))
+        super().__init__(ch, ch_mult, num_res_blocks, z_channels, groups, out_channels,
+                         attn_levels=(), exact_attention=True)
 
 
 class Phi(nn.Conv2d):

@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...nn.attention import KVCache, SelfAttention
 from .config import ArSegConfig
 
 __all__ = ["SvdAdapter", "KVCache", "NextScaleSegmentor", "block_causal_mask", "scale_groups"]
@@ -114,70 +115,13 @@ def block_causal_mask(num_cond: int, patch_nums: tuple) -> torch.Tensor:
     return g[None, :] <= g[:, None]
 
 
-class KVCache:
-    """Keys/values of every layer for incremental (scale-by-scale) decoding.
-
-    Buffers are (B, heads, capacity, head_dim), filled left to right; ``length`` counts the
-    positions already stored. ``repeat_interleave(n)`` turns B prefix rows into B*n sample rows.
-    """
-
-    def __init__(self, depth: int, capacity: int) -> None:
-        self.capacity = capacity
-        self.k: list[torch.Tensor | None] = [None] * depth
-        self.v: list[torch.Tensor | None] = [None] * depth
-        self.length = 0
-
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        b, h, t, d = k.shape
-        if self.k[layer] is None:
-            self.k[layer] = k.new_empty(b, h, self.capacity, d)
-            self.v[layer] = v.new_empty(b, h, self.capacity, d)
-        s, e = self.length, self.length + t
-        if e > self.capacity:
-            raise RuntimeError("KV cache capacity exceeded")
-        self.k[layer][:, :, s:e] = k
-        self.v[layer][:, :, s:e] = v
-        return self.k[layer][:, :, :e], self.v[layer][:, :, :e]
-
-    def advance(self, t: int) -> None:
-        self.length += t
-
-    def repeat_interleave(self, n: int) -> None:
-        if n == 1:
-            return
-        self.k = [None if t is None else t.repeat_interleave(n, 0) for t in self.k]
-        self.v = [None if t is None else t.repeat_interleave(n, 0) for t in self.v]
-
-
-class SelfAttention(nn.Module):
-    def __init__(self, dim: int, heads: int, dropout: float) -> None:
-        super().__init__()
-        self.heads = heads
-        self.dropout = dropout
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None,
-                layer: int) -> torch.Tensor:
-        b, t, c = x.shape
-        qkv = self.qkv(x).view(b, t, 3, self.heads, c // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, T, d)
-        if cache is not None:
-            k, v = cache.append(layer, k, v)  # (B, heads, T_past + T, d)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-        )
-        return self.proj_drop(self.proj(y.transpose(1, 2).reshape(b, t, c)))
-
-
 class AdaLNBlock(nn.Module):
     """Pre-LN transformer block modulated by the class (see the module docstring)."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = SelfAttention(dim, heads, dropout)
+        self.attn = SelfAttention(dim, heads, attn_drop=dropout, proj_drop=dropout)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(
