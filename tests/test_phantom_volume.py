@@ -1,4 +1,4 @@
-"""Phantom -> Volume in one place (``Phantom.to_volume``), used by the UI sample and the demo;
+"""Phantom -> Volume in one place (``Phantom.to_volume``), used by training cases and the UI sample;
 geometry proven with marker voxels, not shapes."""
 
 from __future__ import annotations
@@ -45,6 +45,18 @@ def test_marker_voxel_lands_at_its_world_position(ph, tmp_path):
     s, p_, l_ = (np.asarray(vol.origin) + np.asarray([z, y, x]) * np.asarray(vol.spacing))
     np.testing.assert_allclose(ras[:3], [-l_, -p_, s], atol=1e-6)
     np.testing.assert_allclose(ras, ph.affine @ [x, y, z, 1.0], atol=1e-6)  # the phantom's own affine
+
+
+def test_training_cases_carry_the_phantom_volume(ph):
+    from napari_genseg.training import data as D
+
+    (case,) = D.phantom_cases(1, seed0=3, class_names=["background", "liver", "spleen"], shape=SHAPE,
+                              spacing=SPACING)
+    vol = ph.to_volume()
+    assert case.volume.spacing == vol.spacing and case.volume.origin == vol.origin
+    np.testing.assert_array_equal(case.volume.source_affine, vol.source_affine)
+    assert case.image is case.volume.data and case.spacing == SPACING
+    np.testing.assert_array_equal(case.labels == 2, ph.labels == 2)  # spleen keeps its voxels
 
 
 def test_ui_sample_uses_the_same_conversion(ph):
