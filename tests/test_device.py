@@ -38,13 +38,3 @@ def test_fp16_on_cpu_runs_fp32_with_one_warning(monkeypatch):
         assert [D.resolve_precision("fp16", torch.device("cpu")) for _ in range(3)] == ["fp32"] * 3
     msgs = [str(w.message) for w in caught]
     assert len(msgs) == 1 and "fp16" in msgs[0] and "fp32" in msgs[0]
-
-
-def test_training_uses_the_same_rule(monkeypatch):
-    from napari_genseg.training.loop import _precision
-
-    monkeypatch.setattr(D, "_WARNED", set())
-    cpu = torch.device("cpu")
-    assert _precision("auto", cpu) == "fp32"
-    with pytest.warns(UserWarning, match="fp16"):
-        assert _precision("fp16", cpu) == "fp32"

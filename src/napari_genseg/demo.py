@@ -22,11 +22,10 @@ def demo_volume(path: str | None):
         from .io import load_volume
 
         return load_volume(path), None, Path(path).name
-    from .io.nifti import volume_from_array
     from .phantom import make_phantom
 
     ph = make_phantom(seed=0)
-    vol = volume_from_array(np.transpose(ph.image, (2, 1, 0)), ph.affine, meta={"format": "phantom"})
+    vol = ph.to_volume()
     return vol, ph, "phantom"
 
 

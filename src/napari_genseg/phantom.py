@@ -67,6 +67,20 @@ class Phantom:
     lesion_annotations: np.ndarray | None = None  # (A, z, y, x) bool
     meta: dict = field(default_factory=dict)
 
+    def to_volume(self):
+        """The CT as the project's ``Volume`` (the one Phantom -> Volume conversion).
+
+        ``image`` is already in the display axes (z, y, x) = (S, P, L); ``affine`` maps the NIfTI
+        voxel order (x, y, z) to RAS, so the array goes through ``io.nifti.volume_from_array`` in
+        that order and the Volume gets the same spacing, origin, source affine and orientation as
+        the phantom written to NIfTI and read back. Labels share the geometry:
+        ``ph.to_volume().with_data(ph.labels)``.
+        """
+        from .io.nifti import volume_from_array  # lazy: this module imports only numpy/scipy
+
+        return volume_from_array(np.transpose(self.image, (2, 1, 0)), self.affine,
+                                 meta={"format": "phantom", "phantom": dict(self.meta)})
+
 
 _HU = {
     "portal_venous": dict(

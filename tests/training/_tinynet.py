@@ -17,6 +17,8 @@ class TinySegConfig:
     img_size: int = 32
     in_chans: int = 1
     width: int = 12
+    #: dropout before the classifier (draws from the global torch RNG in training mode)
+    dropout: float = 0.0
 
 
 class TinySeg(nn.Module):
@@ -27,6 +29,7 @@ class TinySeg(nn.Module):
             nn.Conv2d(cfg.in_chans, w, 3, padding=1), nn.ReLU(),
             nn.Conv2d(w, w, 3, padding=2, dilation=2), nn.ReLU(),
             nn.Conv2d(w, w, 3, padding=4, dilation=4), nn.ReLU(),
+            nn.Dropout2d(cfg.dropout),
             nn.Conv2d(w, cfg.num_classes, 1),
         )
 

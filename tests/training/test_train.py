@@ -1,11 +1,10 @@
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from napari_genseg.models.checkpoints import load_checkpoint
-from napari_genseg.training.loop import TrainConfig, train, train_state_path
+from napari_genseg.training.loop import train, train_state_path
 
 
 def test_short_train_lowers_loss_and_writes_checkpoint(tiny_cfg):
@@ -70,10 +69,6 @@ def test_cli_bad_option_exits_2(tmp_path, capsys):
 
 
 def test_msa2net_tiny_trains(tiny_cfg):
-    from napari_genseg.models import registry
-
-    if "msa2net_tiny" not in {e.name for e in registry.list_configs()}:
-        pytest.skip("msa2net not registered")
     losses = []
     s = train(tiny_cfg(model="msa2net_tiny", img_size=None, steps=3, batch_size=2, lr=2e-3, val_fraction=0.0,
                        holdout_slices="none", data=["phantom:1"], threads=1),
@@ -91,3 +86,20 @@ def test_time_budget_schedule_ends_at_zero_lr(tiny_cfg):
     assert hp["time_budget_minutes"] == 0.04 and hp["steps"] is None
     st = torch.load(train_state_path(s["checkpoint"]), weights_only=True)
     assert st["optimizer"]["param_groups"][0]["lr"] < 1e-4
+
+
+def test_precision_follows_the_device_rule(tiny_cfg, monkeypatch):
+    """CPU: auto = fp32; fp16 asked on a CPU runs fp32 with one warning (``device.resolve_precision``)."""
+    import warnings
+
+    from napari_genseg import device
+
+    monkeypatch.setattr(device, "_WARNED", set())
+    s = train(tiny_cfg(steps=1, val_fraction=0.0, holdout_slices="none"))
+    assert load_checkpoint(s["checkpoint"]).provenance["hyperparameters"]["precision"] == "fp32"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = train(tiny_cfg(steps=2, precision="fp16", val_fraction=0.0, holdout_slices="none"))
+    msgs = [str(w.message) for w in caught if "fp16" in str(w.message)]
+    assert len(msgs) == 1 and "fp32" in msgs[0]  # once per run, not once per step
+    assert load_checkpoint(s["checkpoint"]).provenance["hyperparameters"]["precision"] == "fp32"

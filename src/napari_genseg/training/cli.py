@@ -18,7 +18,7 @@ from pathlib import Path
 
 __all__ = ["add_training_commands", "config_from_args"]
 
-# flag dest -> TrainConfig field (flags left at None do not override the config file)
+# flag dest -> config field (flags left at None do not override the config file)
 _FLAGS = {
     "model": "model", "data": "data", "label_map": "label_map", "classes": "classes", "recipe": "recipe",
     "loss": "loss", "schedule": "schedule", "epochs": "epochs", "steps": "steps", "batch_size": "batch_size",
@@ -27,6 +27,8 @@ _FLAGS = {
     "device": "device", "precision": "precision", "seed": "seed", "workers": "workers", "grid": "grid",
     "spacing_mm": "spacing_mm", "img_size": "img_size", "val_every": "val_every", "threads": "threads",
     "max_minutes": "max_minutes", "grad_clip": "grad_clip", "time_budget_minutes": "time_budget_minutes",
+    # options of one task's config (AR-Seg); a model whose task lacks them refuses them by name
+    "stage": "stage", "init": "init", "empty_fraction": "empty_fraction",
 }
 
 
@@ -46,39 +48,20 @@ def _read_config_file(path: str) -> dict:
     return d
 
 
-def _is_arseg(model: str | None) -> bool:
-    """True when ``model`` names an AR-Seg config (trained in two stages by ``training.arseg``)."""
-    if not model:
-        return False
-    from ..models import registry
-
-    try:
-        return registry.get_family(registry.get_entry(model).family).kind == "arseg"
-    except (KeyError, ValueError):
-        return False
-
-
 def config_from_args(args):
-    from .loop import TrainConfig
+    """``genseg train`` flags over the ``--config`` file -> the config of the model's training task."""
+    from .tasks import config_from_dict
 
     d = _read_config_file(args.config) if args.config else {}
     for dest, key in _FLAGS.items():
         v = getattr(args, dest, None)
         if v is not None:
             d[key] = v
-    if _is_arseg(d.get("model")):  # AR-Seg: stage 1 (mask VQ) / stage 2 (segmentor), see training.arseg
-        from .arseg import ArSegTrainConfig as TrainConfig  # noqa: F811
-
-        for dest in ("stage", "init", "empty_fraction"):
-            if getattr(args, dest, None) is not None:
-                d[dest] = getattr(args, dest)
-        for item in getattr(args, "class_repeat", None) or []:
-            name, _, n = item.rpartition("=")
-            if not name:
-                raise ValueError(f"--class-repeat {item!r} is not NAME=N")
-            d["class_repeat"] = {**d.get("class_repeat", {}), name: int(n)}
-    elif getattr(args, "stage", None) is not None or getattr(args, "init", None) is not None:
-        raise ValueError("--stage/--init are for AR-Seg models (e.g. --model arseg_light)")
+    for item in getattr(args, "class_repeat", None) or []:
+        name, _, n = item.rpartition("=")
+        if not name:
+            raise ValueError(f"--class-repeat {item!r} is not NAME=N")
+        d["class_repeat"] = {**d.get("class_repeat", {}), name: int(n)}
     if args.repeat:
         rep = dict(d.get("repeat", {}))
         for item in args.repeat:
@@ -93,7 +76,7 @@ def config_from_args(args):
         d["half"] = True
     if args.quiet:
         d["quiet"] = True
-    return TrainConfig.from_dict(d)
+    return config_from_dict(d)
 
 
 def cmd_train(args) -> int:
@@ -104,8 +87,6 @@ def cmd_train(args) -> int:
         cfg = config_from_args(args)
     except (ValueError, FileNotFoundError, TypeError) as exc:
         raise UserError(str(exc)) from None
-    if type(cfg).__name__ == "ArSegTrainConfig":
-        from .arseg import train_arseg as train
     try:
         summary = train(cfg)
     except (ValueError, KeyError, FileNotFoundError) as exc:

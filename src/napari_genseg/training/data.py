@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from ..preprocessing import Normalization, SliceGrid, as_float_hu
+from ..volume import Volume
+from .config import DEFAULT_CLASSES
 
 __all__ = [
     "Case",
@@ -52,25 +54,46 @@ __all__ = [
     "DEFAULT_CLASSES",
 ]
 
-DEFAULT_CLASSES = ("background", "liver", "spleen")
-
-
 # ----------------------------------------------------------------------------- cases
 @dataclass
 class Case:
-    """One labelled volume, labels already mapped to the training classes."""
+    """One labelled volume: the CT as the project's ``Volume`` and its labels on the same voxels.
+
+    ``volume`` carries the geometry (``data`` (z, y, x) HU, ``spacing`` (sz, sy, sx) mm, origin,
+    source affine); nothing here re-derives it. ``labels`` are (z, y, x) uint8 class ids already
+    mapped to the training classes. ``annotations``: per-class masks of several annotators where a
+    source has them (class name -> (A, z, y, x) bool; the phantoms' ``liver_lesion``).
+    Raises ``ValueError`` when labels or annotations do not match the volume's shape.
+    """
 
     name: str
-    image: np.ndarray  # (z, y, x) HU
-    labels: np.ndarray  # (z, y, x) uint8 class ids
-    spacing: tuple[float, float, float]
+    volume: Volume
+    labels: np.ndarray
     source: str  # the data spec it came from
     kind: str = "nifti"  # "nifti" | "phantom"
     meta: dict = field(default_factory=dict)
+    annotations: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.labels.shape != self.volume.shape:
+            raise ValueError(f"{self.name}: labels {self.labels.shape} do not match the image {self.volume.shape}")
+        for k, a in self.annotations.items():
+            if a.ndim != 4 or a.shape[1:] != self.volume.shape:
+                raise ValueError(f"{self.name}: {k} annotations {a.shape} are not (A, *{self.volume.shape})")
+
+    @property
+    def image(self) -> np.ndarray:
+        """(z, y, x) HU voxels of ``volume``."""
+        return self.volume.data
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """(sz, sy, sx) mm of ``volume``."""
+        return self.volume.spacing
 
     @property
     def n_slices(self) -> int:
-        return int(self.image.shape[0])
+        return int(self.volume.shape[0])
 
 
 def parse_label_map(spec) -> dict[int, int] | None:
@@ -119,17 +142,27 @@ def phantom_label_map(class_names) -> dict[int, int]:
 
 
 def phantom_cases(n: int, seed0: int = 0, class_names=DEFAULT_CLASSES, shape=(40, 160, 160),
-                  spacing=(3.0, 2.2, 2.2), source: str | None = None) -> list[Case]:
+                  spacing=(3.0, 2.2, 2.2), source: str | None = None, n_annotators: int | None = None
+                  ) -> list[Case]:
+    """N synthetic phantoms (seeds ``seed0``..) with labels mapped by name (``phantom_label_map``).
+
+    ``n_annotators`` (default: ``make_phantom``'s) simulated lesion annotators are kept as
+    ``annotations["liver_lesion"]`` when that class is trained.
+    """
     from ..phantom import make_phantom
 
     lm = phantom_label_map(class_names)
+    kw = {} if n_annotators is None else {"n_annotators": int(n_annotators)}
     out = []
     for s in range(seed0, seed0 + n):
-        p = make_phantom(seed=s, shape=tuple(shape), spacing=tuple(spacing))
+        p = make_phantom(seed=s, shape=tuple(shape), spacing=tuple(spacing), **kw)
+        ann = {}
+        if "liver_lesion" in class_names and p.lesion_annotations is not None and len(p.lesion_annotations):
+            ann["liver_lesion"] = p.lesion_annotations
         out.append(Case(
-            name=f"phantom_{s:04d}", image=p.image, labels=apply_label_map(p.labels, lm, len(class_names)),
-            spacing=tuple(p.spacing), source=source or f"phantom:{n}@{seed0}", kind="phantom",
-            meta={"seed": s, "shape": list(shape), "spacing": list(spacing)},
+            name=f"phantom_{s:04d}", volume=p.to_volume(), labels=apply_label_map(p.labels, lm, len(class_names)),
+            source=source or f"phantom:{n}@{seed0}", kind="phantom",
+            meta={"seed": s, "shape": list(shape), "spacing": list(spacing)}, annotations=ann,
         ))
     return out
 
@@ -140,16 +173,25 @@ def _load(path):
     return load_volume(path)
 
 
+def _same_grid(a: Volume, b: Volume, tol_mm: float = 1e-3) -> bool:
+    """Same voxel grid in the world: shape, spacing and origin (within ``tol_mm``)."""
+    return (a.shape == b.shape and np.allclose(a.spacing, b.spacing, atol=tol_mm)
+            and np.allclose(a.origin, b.origin, atol=tol_mm))
+
+
 def nifti_cases(pairs, label_map=None, class_names=DEFAULT_CLASSES, source: str | None = None) -> list[Case]:
+    """Image/label file pairs as cases. Raises ``ValueError`` when a label file's voxel grid (shape,
+    spacing, origin after reorientation to the display axes) is not its image's."""
     out = []
     k = len(class_names)
     for img_p, lbl_p in pairs:
         img, lbl = _load(img_p), _load(lbl_p)
-        if img.shape != lbl.shape:
-            raise ValueError(f"{Path(lbl_p).name}: label shape {lbl.shape} differs from image {img.shape}")
+        if not _same_grid(img, lbl):
+            raise ValueError(f"{Path(lbl_p).name}: label grid (shape {lbl.shape}, spacing {lbl.spacing}, origin "
+                             f"{lbl.origin}) differs from the image's ({img.shape}, {img.spacing}, {img.origin})")
         name = re.sub(r"\.nii(\.gz)?$", "", Path(img_p).name)
         out.append(Case(
-            name=name, image=img.data, labels=apply_label_map(lbl.data, label_map, k), spacing=img.spacing,
+            name=name, volume=img, labels=apply_label_map(lbl.data, label_map, k),
             source=source or f"pairs:{img_p},{lbl_p}", kind="nifti",
             meta={"image": str(img_p), "label": str(lbl_p)},
         ))
@@ -207,8 +249,8 @@ def parse_data_spec(spec: str) -> tuple[str, dict]:
 
 
 def load_sources(specs, label_map=None, class_names=DEFAULT_CLASSES, phantom_shape=(40, 160, 160),
-                 phantom_spacing=(3.0, 2.2, 2.2)) -> list[list[Case]]:
-    """One list of cases per data spec."""
+                 phantom_spacing=(3.0, 2.2, 2.2), phantom_annotators: int | None = None) -> list[list[Case]]:
+    """One list of cases per data spec (``phantom_annotators``: see ``phantom_cases``)."""
     if isinstance(specs, str):
         specs = [specs]
     lm = parse_label_map(label_map)
@@ -216,7 +258,8 @@ def load_sources(specs, label_map=None, class_names=DEFAULT_CLASSES, phantom_sha
     for spec in specs:
         kind, a = parse_data_spec(spec)
         if kind == "phantom":
-            out.append(phantom_cases(a["n"], a["seed0"], class_names, phantom_shape, phantom_spacing, source=spec))
+            out.append(phantom_cases(a["n"], a["seed0"], class_names, phantom_shape, phantom_spacing, source=spec,
+                                     n_annotators=phantom_annotators))
         elif kind == "msd":
             out.append(nifti_cases(msd_pairs(a["root"]), lm, class_names, source=spec))
         else:
@@ -350,6 +393,13 @@ class Augment:
     @classmethod
     def none(cls) -> "Augment":
         return cls(p_intensity=0, p_spatial=0, p_elastic=0, flip_ap=0)
+
+    @classmethod
+    def from_options(cls, options: dict) -> "Augment | None":
+        """A training config's ``augment`` mapping: field overrides, or ``{"off": true}`` -> None."""
+        if options.get("off"):
+            return None
+        return cls(**{k: v for k, v in options.items() if k != "off"})
 
     def spatial(self, img: torch.Tensor, lab: torch.Tensor, g: torch.Generator, pad_hu: float = -1024.0):
         """img (1, S, S) HU float, lab (S, S) long -> same, transformed."""

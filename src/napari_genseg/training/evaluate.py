@@ -28,11 +28,9 @@ METRICS = ("dice", "iou", "hd95_mm")
 
 def _model_labels(ckpt, case: D.Case, zs, device, batch_size):
     from ..engine import make_predictor, run_to_end, run_volume
-    from ..volume import Volume
 
-    vol = Volume(np.asarray(case.image), case.spacing)
     pred = make_predictor(ckpt, device=device, precision="fp32")
-    res = run_to_end(run_volume(pred, vol, slices=zs, batch_size=batch_size))
+    res = run_to_end(run_volume(pred, case.volume, slices=zs, batch_size=batch_size))
     return res.labels
 
 

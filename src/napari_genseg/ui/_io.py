@@ -51,11 +51,10 @@ def write_labels(path: str, data, meta: dict) -> list[str]:
 def phantom_sample():
     """Sample data: the synthetic abdomen phantom with its reference labels."""
     from ..phantom import make_phantom
-    from ..io.nifti import volume_from_array
     from .layers import class_colormap, class_features, geometry_metadata
 
     ph = make_phantom(seed=0)
-    vol = volume_from_array(np.transpose(ph.image, (2, 1, 0)), ph.affine, meta={"format": "phantom"})
+    vol = ph.to_volume()
     img = image_layer_data(vol, "phantom CT")
     from napari.utils.colormaps import DirectLabelColormap
 

@@ -1,0 +1,297 @@
+"""AR-Seg training: stage 1 (multi-scale mask autoencoder) and stage 2 (next-scale segmentor).
+
+Chen et al., "Autoregressive Medical Image Segmentation via Next-Scale Mask Prediction" (MICCAI
+2025), Sec. 2.1 (mask VQ) and 2.2 (next-scale prediction); the loop around it is the one
+training loop (``training/loop.py``).
+
+* Stage 1: ``model.vq.loss(mask)`` = Dice + BCE + VQ on binary target masks (every target class;
+  for a class with several annotators, e.g. the phantoms' ``liver_lesion``, every annotator's mask).
+  Validation: reconstruction Dice of the held-out masks; score = recon_dice.
+* Stage 2 (``init`` = a stage-1 checkpoint; VQ frozen, in eval mode): cross-entropy on the token
+  ids of the ground-truth mask (``model.vq.encode_tokens``), conditioned on the slice and the AdaLN
+  class id (= label id - 1). Multi-annotator classes draw ONE annotator at random per item (AR-Seg on
+  LIDC). Validation: teacher-forced token CE and accuracy; score = token_acc.
+
+Items are (case, slice, class): slices that contain the target, plus slices without it at rate
+``empty_fraction`` (per class; so the model also learns to answer "nothing here"). Validation =
+held-out cases (no slice-block hold-out).
+
+``genseg train --model arseg_light --stage 1 ...`` / ``--stage 2 --init STAGE1.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ...preprocessing import Normalization, SliceGrid
+from .. import data as D
+from ..config import TrainConfig
+from .base import ModelSpec, SliceTask, TaskData, build_registered_model
+
+__all__ = ["ArSegTrainConfig", "ArSegTask", "ArSegItems", "target_masks", "ARSEG_CLASSES"]
+
+#: the demo's targets (label ids 1..3 -> AdaLN ids 0..2)
+ARSEG_CLASSES = ("background", "liver", "spleen", "liver_lesion")
+
+
+@dataclass
+class ArSegTrainConfig(TrainConfig):
+    """``TrainConfig`` plus AR-Seg's stage, init checkpoint and item sampling."""
+
+    model: str = "arseg_light"
+    classes: list = field(default_factory=lambda: list(ARSEG_CLASSES))
+    stage: int = 1
+    #: stage 2: start from this stage-1 checkpoint (its VQ is loaded and frozen)
+    init: str | None = None
+    #: per class: slices without the target, as a fraction of the slices with it
+    empty_fraction: float = 0.1
+    #: oversample the items of a class name (e.g. {"liver_lesion": 2})
+    class_repeat: dict = field(default_factory=dict)
+    grid: str = "resize"
+    phantom_annotators: int = 4
+
+
+# ----------------------------------------------------------------------------- data
+def target_masks(case: D.Case, class_names, cls: int, zs) -> np.ndarray:
+    """(A, n, y, x) bool masks of label id ``cls`` on slices ``zs``: every annotator where the case
+    has several for that class (``case.annotations``), else A = 1 from the labels (liver includes
+    its lesions)."""
+    name = class_names[cls]
+    if name in case.annotations:
+        return case.annotations[name][:, zs]
+    lab = case.labels[zs]
+    m = lab == cls
+    if name == "liver" and "liver_lesion" in class_names:
+        m |= lab == class_names.index("liver_lesion")
+    return m[None]
+
+
+class ArSegItems(torch.utils.data.Dataset):
+    """(case, slice, class) items on the model grid. Returns (x (1, S, S) normalised,
+    mask (1, M, M) float {0,1} on the mask grid, AdaLN class id = label id - 1).
+
+    A multi-annotator class draws one annotator per item (``all_annotators``: every annotator is
+    an item of its own instead, for stage 1)."""
+
+    def __init__(self, cases, split_items, class_names, grid: SliceGrid, norm: Normalization,
+                 mask_size: int, augment: D.Augment | None = None, empty_fraction: float = 0.1,
+                 class_repeat: dict | None = None, seed: int = 0, all_annotators: bool = False):
+        self.grid, self.norm, self.mask_size, self.augment, self.seed = grid, norm, mask_size, augment, seed
+        self.epoch = 0
+        rng = np.random.default_rng(seed)
+        xs, masks, self.items = [], [], []  # items: (stored slice, class, annotator or -1)
+        class_repeat = class_repeat or {}
+        pos = 0
+        for ci, zs in split_items:
+            if not zs:
+                continue
+            c = cases[ci]
+            x, _ = D.to_grid(c.image[zs], c.labels[zs], c.spacing[1:], grid, norm.pad_value_hu)
+            xs.append(x)
+            per_class = {}
+            for k in range(1, len(class_names)):
+                m = target_masks(c, class_names, k, zs)  # (A, n, y, x)
+                a = m.shape[0]
+                g = torch.stack([D.to_grid(c.image[zs[:1]], m[j], c.spacing[1:], grid)[1] for j in range(a)], 1)
+                per_class[k] = g.to(torch.uint8)  # (n, A, S, S)
+                present = g.flatten(2).any(-1).any(-1)  # (n,)
+                pos_idx = [i for i in range(len(zs)) if bool(present[i])]
+                neg_idx = [i for i in range(len(zs)) if not bool(present[i])]
+                n_neg = min(len(neg_idx), int(round(empty_fraction * len(pos_idx))))
+                neg_idx = [int(v) for v in rng.choice(neg_idx, n_neg, replace=False)] if n_neg else []
+                rep = max(1, int(class_repeat.get(class_names[k], 1)))
+                for i in sorted(pos_idx + neg_idx):
+                    for j in (range(a) if all_annotators else [-1]):
+                        self.items += [(pos + i, k, j)] * rep
+            masks.append(per_class)
+            pos += len(zs)
+        self.x = torch.cat(xs) if xs else torch.zeros((0, 1, grid.size, grid.size))
+        # class -> (N, A, S, S); a case with one annotator is broadcast to the class's A
+        self._mask_by_class = {}
+        for k in range(1, len(class_names)):
+            parts = [m[k] for m in masks]
+            amax = max((p.shape[1] for p in parts), default=1)
+            parts = [p if p.shape[1] == amax else p[:, :1].expand(-1, amax, -1, -1) for p in parts]
+            self._mask_by_class[k] = torch.cat(parts) if parts else None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, i):
+        j, k, a = self.items[i]
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch * 100_003 + i) % (2**63))
+        ms = self._mask_by_class[k][j]  # (A, S, S)
+        if a < 0:
+            a = int(torch.randint(ms.shape[0], (1,), generator=g))
+        x, y = D.augment_and_normalize(self.augment, self.norm, self.x[j], ms[a].long(), g)
+        y = y[None, None].float()
+        if y.shape[-1] != self.mask_size:
+            y = (F.interpolate(y, size=(self.mask_size, self.mask_size), mode="area") > 0.5).float()
+        return x.contiguous(), y[0].contiguous(), k - 1
+
+
+# ----------------------------------------------------------------------------- the task
+class _Stage1(nn.Module):
+    """Stage-1 objective over the VQ only (what DDP wraps): batch -> {"total", parts} of ``vq.loss``."""
+
+    def __init__(self, vq: nn.Module):
+        super().__init__()
+        self.vq = vq
+
+    def forward(self, x, mask, class_ids):
+        return self.vq.loss(mask)
+
+
+class _Stage2(nn.Module):
+    """Stage-2 objective (what DDP wraps): token CE of the mask's VQ tokens (frozen VQ, no grad)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, mask, class_ids):
+        with torch.no_grad():
+            ids = self.model.vq.encode_tokens(mask)
+        return self.model(x, ids, class_ids)
+
+
+def _load_weights(model: nn.Module, path, family: str):
+    from ...models.checkpoints import load_checkpoint
+
+    ck = load_checkpoint(path, expect_model=family)
+    model.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v
+                           for k, v in ck.model.state_dict().items()})
+    return ck
+
+
+class ArSegTask(SliceTask):
+    """AR-Seg stage 1 (mask VQ) or stage 2 (segmentor on a frozen VQ), ``cfg.stage``."""
+
+    title = "AR-Seg"
+    config_cls = ArSegTrainConfig
+
+    def __init__(self, cfg: ArSegTrainConfig, run):
+        super().__init__(cfg, run)
+        self.stage = int(cfg.stage)
+        if self.stage not in (1, 2):
+            raise ValueError("stage must be 1 or 2")
+        if len(self.class_names) < 2:
+            raise ValueError("need a background and at least one target class")
+        self.init_meta = None
+
+    def build_model(self) -> ModelSpec:
+        # AdaLN ids count foreground classes: num_classes = K - 1
+        self.spec = build_registered_model(self.cfg, len(self.class_names) - 1)
+        if self.spec.entry.family != "arseg":
+            raise ValueError(f"{self.cfg.model} is not an AR-Seg config")
+        mcfg = self.spec.config
+        self.mask_size = int(mcfg.mask_size)
+        self.set_input(mcfg.img_size)
+        return self.spec
+
+    def data(self) -> TaskData:
+        cfg = self.cfg
+        cases, split = self.split_sources("none", phantom_annotators=cfg.phantom_annotators)
+        common = dict(class_names=self.class_names, grid=self.grid, norm=self.norm, mask_size=self.mask_size,
+                      empty_fraction=cfg.empty_fraction, seed=cfg.seed, all_annotators=self.stage == 1)
+        ds = ArSegItems(cases, split.train, augment=D.Augment.from_options(cfg.augment),
+                        class_repeat=cfg.class_repeat, **common)
+        self.val = ArSegItems(cases, split.val, augment=None, **common) if split.val else None
+        if len(ds) == 0:
+            raise ValueError("no training items (no slice contains a target class)")
+        self.n_train = len(ds)
+        return TaskData(cases, split, ds, f"{len(ds)} train items, {0 if self.val is None else len(self.val)} val items")
+
+    def prepare(self, model, resuming: bool) -> None:
+        if self.stage != 2 or resuming:
+            return
+        if not self.cfg.init:
+            self.run.log("warning: stage 2 without --init: the VQ is untrained")
+            return
+        ck = _load_weights(model, self.cfg.init, self.spec.entry.family)
+        if list(ck.class_names) != self.class_names:
+            self.run.log(f"note: init checkpoint classes {ck.class_names} != {self.class_names}")
+        prov = ck.provenance if isinstance(getattr(ck, "provenance", None), dict) else None
+        self.init_meta = {"path": str(self.cfg.init), "provenance": None if prov is None else {
+            k: prov.get(k) for k in ("stage", "git_commit", "wall_seconds", "hyperparameters", "data", "validation")}}
+
+    def trainable_parameters(self, model):
+        return model.stage_parameters(self.stage)
+
+    def train_mode(self, model) -> None:
+        model.train()
+        if self.stage == 2:
+            model.vq.eval()
+
+    def objective(self, model):
+        return _Stage1(model.vq) if self.stage == 1 else _Stage2(model)
+
+    def loss(self, net, batch):
+        with self.run.autocast():
+            out = net(*batch)
+        if self.stage == 1:
+            return out["total"].float(), {k: float(v.detach()) for k, v in out.items() if k != "total"}
+        return out.float(), {}
+
+    @torch.no_grad()
+    def validate(self, model):
+        if self.val is None or len(self.val) == 0:
+            return None
+        was = model.training
+        model.eval()
+        dev, bs = self.run.device, self.cfg.batch_size
+        tot, n, dices, correct, ntok = 0.0, 0, [], 0, 0
+        for s in range(0, len(self.val), bs):
+            b = [self.val[i] for i in range(s, min(len(self.val), s + bs))]
+            xb = torch.stack([t[0] for t in b]).to(dev)
+            mb = torch.stack([t[1] for t in b]).to(dev)
+            cb = torch.tensor([t[2] for t in b], device=dev)
+            if self.stage == 1:
+                p = (model.vq(mb)["logits"] > 0).float()
+                inter = (p * mb).flatten(1).sum(1)
+                den = p.flatten(1).sum(1) + mb.flatten(1).sum(1)
+                dices += torch.where(den > 0, 2 * inter / den.clamp_min(1), torch.ones_like(den)).tolist()
+                tot += float(model.vq.loss(mb)["total"]) * len(b)
+            else:
+                ids = model.vq.encode_tokens(mb)
+                emb = model.embed(xb)
+                teacher = model.vq.quantizer.teacher_inputs(ids)
+                logits = model.segmentor(emb, cb, teacher.to(emb.dtype))
+                tot += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids.reshape(-1))) * len(b)
+                correct += int((logits.argmax(-1) == ids).sum())
+                ntok += ids.numel()
+            n += len(b)
+        if was:
+            self.train_mode(model)
+        v = {"loss": tot / max(n, 1), "items": n}
+        if self.stage == 1:
+            v["recon_dice"] = v["score"] = float(np.mean(dices))
+        else:
+            v["token_acc"] = v["score"] = correct / max(ntok, 1)
+        return v
+
+    def provenance(self) -> dict:
+        cfg = self.cfg
+        return {"stage": self.stage, "init": self.init_meta,
+                "loss": "dice+bce+vq" if self.stage == 1 else "token_ce",
+                "hyperparameters": {"empty_fraction": cfg.empty_fraction, "class_repeat": cfg.class_repeat,
+                                    "mask_size": self.mask_size}}
+
+    def state_dict(self) -> dict:
+        return {"stage": self.stage, "init_meta_json": json.dumps(self.init_meta, default=str)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if int(state.get("stage", self.stage)) != self.stage:
+            raise ValueError(f"{self.cfg.resume} is a stage-{state.get('stage')} run, not stage {self.stage}")
+        if state.get("init_meta_json"):
+            self.init_meta = json.loads(state["init_meta_json"])
+
