@@ -380,10 +380,13 @@ def _assemble(frames: list[Frame], first, uid: str, notes: list[str], source_pat
         tag = float(tilt_tag)
         meta_tilt["gantry_detector_tilt_deg"] = tag
         if abs(tag) > 0.01:
-            seen = shear.angle_deg if shear.sheared else 0.0
-            agree = "agrees" if abs(abs(tag) - seen) < 0.5 else "differs; the positions are used"
-            notes.append(f"GantryDetectorTilt (0018,1120) is {tag:g} deg; the slice positions show "
-                         f"{seen:.2f} deg ({agree})")
+            normal = np.cross(row_cos, col_cos)
+            plane_tilt = float(np.degrees(np.arccos(np.clip(np.max(np.abs(normal)), -1.0, 1.0))))
+            seen = shear.angle_deg if shear.sheared else plane_tilt
+            agree = "agrees" if abs(abs(tag) - seen) < 0.5 else "differs; the geometry is used"
+            how = ("the slice positions show" if shear.sheared else
+                   "positions step along the slice normal (no shear); the slice planes are tilted")
+            notes.append(f"GantryDetectorTilt (0018,1120) is {tag:g} deg; {how} {seen:.2f} deg ({agree})")
     for n in notes:
         warnings.warn(n, stacklevel=3)
     meta = {

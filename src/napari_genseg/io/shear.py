@@ -122,11 +122,12 @@ def display_grid(affine_ras: np.ndarray, shape_ijk) -> DisplayGrid:
 
 
 def resample_to_display(data_ijk: np.ndarray, affine_ras: np.ndarray, grid: DisplayGrid,
-                        order: int = 1, fill: float | None = None) -> np.ndarray:
+                        order: int = 1, fill: float | None = None, slab: int = 16) -> np.ndarray:
     """Sample the source (i, j, k) array on ``grid``; returns (z, y, x) in the source dtype.
 
     ``order`` 1 = trilinear (images), 0 = nearest neighbour (labels). Display voxels outside the
-    source take ``fill`` (default: the source minimum, i.e. air or background).
+    source take ``fill`` (default: the source minimum, i.e. air or background). Works in slabs
+    of ``slab`` display slices so memory stays near the size of the result.
     """
     from scipy import ndimage
 
@@ -135,20 +136,22 @@ def resample_to_display(data_ijk: np.ndarray, affine_ras: np.ndarray, grid: Disp
         fill = float(src.min()) if src.size else 0.0
     # display voxel (x, y, z) -> source voxel (i, j, k)
     m = np.linalg.inv(np.asarray(affine_ras, dtype=np.float64)) @ grid.affine_ras
-    out_dtype = np.float32 if (order > 0 or src.dtype.kind == "f") else src.dtype
     nz, ny, nx = grid.shape
-    out = ndimage.affine_transform(
-        src.astype(np.float32, copy=False) if out_dtype == np.float32 else src,
-        m[:3, :3], offset=m[:3, 3], output_shape=(nx, ny, nz), order=order, mode="constant",
-        cval=float(fill), output=out_dtype, prefilter=False,
-    )
-    if src.dtype.kind in "iub" and out.dtype != src.dtype:
-        info = np.iinfo(src.dtype) if src.dtype.kind != "b" else None
-        out = np.rint(out)
-        if info is not None:
-            np.clip(out, info.min, info.max, out=out)
-        out = out.astype(src.dtype)
-    return np.ascontiguousarray(np.transpose(out, (2, 1, 0)))
+    integral = src.dtype.kind in "iub"
+    out = np.empty((nz, ny, nx), dtype=src.dtype if integral else np.float32)
+    for z0 in range(0, nz, slab):
+        z1 = min(z0 + slab, nz)
+        part = ndimage.affine_transform(
+            src, m[:3, :3], offset=m[:3, 3] + m[:3, 2] * z0, output_shape=(nx, ny, z1 - z0),
+            order=order, mode="constant", cval=float(fill), output=np.float32, prefilter=False,
+        )
+        if integral:
+            np.rint(part, out=part)
+            if src.dtype.kind != "b":
+                info = np.iinfo(src.dtype)
+                np.clip(part, info.min, info.max, out=part)
+        out[z0:z1] = np.transpose(part, (2, 1, 0))
+    return out
 
 
 def labels_to_source(labels_zyx: np.ndarray, grid: DisplayGrid, affine_ras: np.ndarray,
