@@ -133,17 +133,19 @@ def test_slicecount_two_slice_series_matches_ground_truth():
 
 
 # ---------------------------------------------------------------------------- item 5 kinds
-def test_slices_without_position_are_listed(tmp_path):
+@pytest.mark.parametrize("attr,reported", [("ImagePositionPatient", "1 of 8 slices without ImagePositionPatient"),
+                                           ("PixelSpacing", "1 of 8 slices without a valid PixelSpacing")])
+def test_slices_without_position_are_listed(tmp_path, attr, reported):
     s = Series(n=8)
     paths = s.write(tmp_path / "ct")
     import pydicom
 
     ds = pydicom.dcmread(paths[3])
-    del ds.ImagePositionPatient
+    delattr(ds, attr)
     ds.save_as(paths[3])
     vol, warned = _read(tmp_path / "ct")
     assert vol.meta["n_slices"] == 7
-    assert any("1 of 8 slices without ImagePositionPatient" in w and paths[3].name in w for w in warned), warned
+    assert any(reported in w and paths[3].name in w for w in warned), warned
     assert vol.shape[0] == 8  # the skipped slice's place is kept (empty), the others keep their positions
 
 

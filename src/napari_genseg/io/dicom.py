@@ -205,9 +205,12 @@ def _keep_volume_frames(frames: list[Frame], desc: str, notes: list[str]) -> lis
     frames = [f for f in frames if f.position is not None and f.orientation is not None]
     no_spacing = [f for f in frames if f.spacing is None or min(f.spacing) <= 0]
     if no_spacing:
-        raise VolumeReadError(f"{desc}: {_list(no_spacing)} have no valid PixelSpacing (0028,0030)")
+        notes.append(f"skipped {len(no_spacing)} of {len(frames)} slices without a valid PixelSpacing "
+                     f"(0028,0030): {_list(no_spacing)}")
+        frames = [f for f in frames if f.spacing is not None and min(f.spacing) > 0]
     if len(frames) < 2:
-        raise VolumeReadError(f"{desc}: only {len(frames)} slice(s) with a position: not a volume")
+        raise VolumeReadError(f"{desc}: only {len(frames)} slice(s) with ImagePositionPatient, "
+                              f"ImageOrientationPatient and PixelSpacing: not a volume")
     groups: list[list[Frame]] = []
     for f in frames:
         for g in groups:
