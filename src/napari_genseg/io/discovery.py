@@ -9,8 +9,8 @@
   and StudyInstanceUID (0020,000D). One study and no NIfTI file is **one case** (the series is
   chosen when it is read: the largest, others reported, ``--series`` picks), also when its series
   sit in subfolders. Several studies or patients, or NIfTI files beside them, make a **cohort**:
-  one case per NIfTI file (top level only) and per study, named after the subfolder that holds
-  the study (or PatientID_StudyDate);
+  one case per NIfTI file (top level only) and per study, named after the folder that holds
+  the study alone (or PatientID_StudyDate);
 * a ``.txt`` file: a cohort list, one existing path per line (blank lines and ``#`` comments
   skipped; relative paths are taken from the working folder, else from the list's folder). A
   ``.txt`` file that is not such a list is refused, never read as a cohort.
@@ -201,26 +201,33 @@ def _studies(headers) -> tuple[dict[tuple[str, str], list], list[str]]:
 
 
 def _study_cases(studies: dict, root: Path) -> list[Case]:
-    """One case per study; named after the subfolder of ``root`` that holds it alone."""
-    top_of = {}
-    for key, items in studies.items():
-        tops = {q.relative_to(root).parts[0] if len(q.relative_to(root).parts) > 1 else None
-                for q, _ in items}
-        top_of[key] = tops.pop() if len(tops) == 1 else None
-    owners = defaultdict(int)
-    for top in top_of.values():
-        owners[top] += 1
+    """One case per study, named after the folder below ``root`` that holds it alone (its
+    top-level subfolder, else the deepest folder common to its files), else PatientID_StudyDate."""
+    dirs = {key: [q.parent.relative_to(root).parts for q, _ in items] for key, items in studies.items()}
+
+    def owned(key, parts) -> bool:  # no other study has a file at or below root/parts
+        n = len(parts)
+        return bool(parts) and not any(d[:n] == parts for other, ds in dirs.items() if other != key for d in ds)
+
     cases = []
     for key, items in sorted(studies.items(), key=lambda kv: str(kv[1][0][0])):
-        top = top_of[key]
         files = tuple(q for q, _ in items)
-        if top is not None and owners[top] == 1:
-            cases.append(Case(top, root / top, "dicom", files=files))
-            continue
-        ds = items[0][1]
-        label = "_".join(v for v in (str(ds.get("PatientID", "") or ""), str(ds.get("StudyDate", "") or ""))
-                         if v) or "study_" + key[1][-8:]
-        cases.append(Case(re.sub(r"[^A-Za-z0-9._-]+", "_", label), root, "dicom", files=files))
+        top = dirs[key][0][:1]
+        common = dirs[key][0]
+        for d in dirs[key][1:]:
+            n = 0
+            while n < min(len(common), len(d)) and common[n] == d[n]:
+                n += 1
+            common = common[:n]
+        for parts in (top, common):
+            if all(d[:len(parts)] == parts for d in dirs[key]) and owned(key, parts):
+                cases.append(Case("_".join(parts), root.joinpath(*parts), "dicom", files=files))
+                break
+        else:
+            ds = items[0][1]
+            label = "_".join(v for v in (str(ds.get("PatientID", "") or ""), str(ds.get("StudyDate", "") or ""))
+                             if v) or "study_" + key[1][-8:]
+            cases.append(Case(re.sub(r"[^A-Za-z0-9._-]+", "_", label), root, "dicom", files=files))
     return cases
 
 
