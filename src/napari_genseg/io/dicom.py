@@ -138,7 +138,9 @@ def read_dicom_headers(headers, series_uid: str | None = None, source_path=None,
     """Read one series out of already-read headers ``[(path, dataset without pixels)]``.
 
     The largest series is chosen unless ``series_uid`` is given; the others are reported.
-    Returns a Volume in HU (display convention); ``meta["warnings"]`` lists every report.
+    Returns a Volume in HU (display convention, spacing/origin in mm); ``meta["warnings"]`` lists
+    every report (each also issued as a UserWarning). Raises VolumeReadError (one line) for a
+    missing or ambiguous series, a series that is not one volume, or undecodable pixels.
     """
     series, skipped = _group_series(headers)
     if not series:
