@@ -122,7 +122,15 @@ def test_dicom_missing_slice_warns_and_two_series_pick_largest(shared_data, tmp_
             shutil.copy(f, gap / f.name)
     with pytest.warns(UserWarning, match="missing"):
         vol = load_volume(gap)
-    assert vol.shape[0] == 92 and vol.spacing[0] == pytest.approx(1.5)
+    # the gap is kept as an empty slice, so every slice stays at its true position
+    assert vol.shape[0] == 93 and vol.spacing[0] == pytest.approx(1.5)
+    z40 = float(pydicom.dcmread(src / "CTHead40.dcm", stop_before_pixels=True).ImagePositionPatient[2])
+    k40 = round((z40 - vol.origin[0]) / vol.spacing[0])
+    assert np.ptp(vol.data[k40]) == 0 and np.ptp(vol.data[k40 + 1]) > 0
+    z41 = pydicom.dcmread(src / "CTHead41.dcm")
+    np.testing.assert_array_equal(
+        vol.data[round((float(z41.ImagePositionPatient[2]) - vol.origin[0]) / 1.5)],
+        z41.pixel_array * float(z41.RescaleSlope) + float(z41.RescaleIntercept))
     two = tmp_path / "two"
     two.mkdir()
     for i, f in enumerate(sorted(src.glob("*.dcm"))[:12]):
@@ -132,7 +140,8 @@ def test_dicom_missing_slice_warns_and_two_series_pick_largest(shared_data, tmp_
         ds.save_as(two / f.name)
     with pytest.warns(UserWarning, match="2 series"):
         vol = load_volume(two)
-    assert vol.shape[0] == 8
+    # CTHead2 and CTHead13..19 remain: 8 slices, the 10 between them kept as empty slices
+    assert vol.meta["n_slices"] == 8 and vol.shape[0] == 18
 
 
 def test_dicom_two_equal_series_refused(shared_data, tmp_path):

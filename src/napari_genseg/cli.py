@@ -23,13 +23,14 @@ def _fail(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _load(path: str, series: str | None = None):
+def _load(case, series: str | None = None):
+    """Read one case (a Case from discovery, or a path that must hold one case)."""
     from .io import VolumeReadError, load_volume
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            vol = load_volume(path, series_uid=series)
+            vol = case.load(series) if hasattr(case, "load") else load_volume(case, series_uid=series)
         except VolumeReadError as exc:
             _fail(str(exc))
     for w in caught:
@@ -103,37 +104,31 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _is_case(p: Path) -> bool:
-    from .io import is_nifti_path
+def _cases(inputs: list[str]):
+    """What the inputs hold (io.discovery: NIfTI, DICOM folder/file/DICOMDIR, cohort, .txt list)."""
+    from .io import VolumeReadError, discover_inputs
 
-    return is_nifti_path(p) or (p.is_dir() and any(p.glob("*.dcm")))
-
-
-def _cases(inputs: list[str]) -> list[Path]:
-    cases: list[Path] = []
-    for raw in inputs:
-        p = Path(raw)
-        if p.suffix == ".txt" and p.is_file():
-            cases += [Path(line.strip()) for line in p.read_text().splitlines() if line.strip()]
-        elif p.is_dir() and not any(p.glob("*.dcm")) and not list(p.glob("*.IMA")):
-            sub = sorted(q for q in p.iterdir() if _is_case(q))
-            if not sub:
-                _fail(f"{p} holds no NIfTI file, DICOM series or DICOM files")
-            cases += sub
-        else:
-            cases.append(p)
-    return cases
+    try:
+        found = discover_inputs(inputs)
+    except VolumeReadError as exc:
+        _fail(str(exc))
+    for n in found.notes:
+        print(f"warning: {n}", file=sys.stderr)
+    return found
 
 
 def cmd_segment(args) -> int:
-    from .io import MaskWriteError, case_name, write_mask
+    from .io import MaskWriteError, write_mask
 
-    cases = _cases(args.input)
+    found = _cases(args.input)
+    cases = found.cases
     single = len(cases) == 1 and not Path(args.out).is_dir() and str(args.out).endswith((".nii", ".nii.gz"))
+    if args.series and len(cases) > 1:
+        _fail(f"--series picks a series of one case; the inputs hold {len(cases)} cases")
     ckpt = _resolve(args.model, args.checkpoint, args.device)
     rank, world = _dist_rank_world()
     if single:
-        vol = _load(str(cases[0]), args.series)
+        vol = _load(cases[0], args.series)
         res = segment_volume(vol, ckpt, args, cases[0].name)
         try:
             write_mask(args.out, res.labels, like=vol)
@@ -149,18 +144,18 @@ def cmd_segment(args) -> int:
     mine = cases[rank::world]
     failed = 0
     for case in mine:
-        target = out_dir / f"{case_name(case)}_mask.nii.gz"
+        target = out_dir / f"{case.name}_mask.nii.gz"
         if target.exists() and not args.overwrite:
             print(f"skip {case.name}: {target.name} exists", file=sys.stderr)
             continue
         try:
-            vol = _load(str(case))
+            vol = _load(case, args.series)
             res = segment_volume(vol, ckpt, args, case.name)
             write_mask(target, res.labels, like=vol)
             print(f"wrote {target}", file=sys.stderr)
         except UserError as exc:
             failed += 1
-            print(f"error: {case}: {exc}", file=sys.stderr)
+            print(f"error: {case.name} ({case.path}): {exc}", file=sys.stderr)
     if failed:
         print(f"{failed} of {len(mine)} cases failed", file=sys.stderr)
         return 1

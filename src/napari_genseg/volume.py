@@ -14,6 +14,12 @@ Sources whose axes are oblique are shown on the closest canonical axes (no resam
 original NIfTI affine and header are kept in ``source_affine`` / ``source_header`` together with
 the reorientation ``ornt`` that maps the stored array to the display array, so a mask written back
 lands on the source voxels exactly.
+
+Sources whose grid is *sheared* (CT gantry tilt: slice positions not along the slice normal) are
+the one exception: ``data`` is then a resampling of the source onto an axis-aligned grid covering
+it (``resampled`` is True, ``ornt`` is None), so on screen every voxel sits at its true LPS
+position; ``source_affine`` keeps the exact sheared affine and a mask is written back by pulling
+each source voxel's label from the display voxel nearest to it (see :mod:`napari_genseg.io.shear`).
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ class Volume:
         source_shape: shape of the stored array (i, j, k).
         source_header: the NIfTI header (nibabel object) of the source, or None.
         source_path: where it came from.
+        resampled: True when ``data`` was resampled from a sheared source grid (gantry tilt)
+            rather than reoriented; masks are then mapped back by nearest neighbour.
         meta: free facts (DICOM tags, series description, warnings, orientation string).
     """
 
@@ -54,6 +62,7 @@ class Volume:
     source_header: Any = None
     source_path: str | None = None
     meta: dict = field(default_factory=dict)
+    resampled: bool = False
 
     def __post_init__(self) -> None:
         if self.data.ndim != 3:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from .dicom import read_dicom_series
+from .discovery import Case, Discovery, case_name, discover, discover_inputs, looks_like_case
 from .nifti import MaskWriteError, VolumeReadError, is_nifti_path, read_nifti, write_mask
 
 __all__ = [
@@ -17,33 +17,24 @@ __all__ = [
     "MaskWriteError",
     "is_nifti_path",
     "case_name",
+    "Case",
+    "Discovery",
+    "discover",
+    "discover_inputs",
+    "looks_like_case",
 ]
 
 
-def case_name(path: str | os.PathLike) -> str:
-    """File or folder name without .nii/.nii.gz (a case's name in layers and outputs)."""
-    name = Path(path).name
-    for suf in (".nii.gz", ".nii"):
-        if name.endswith(suf):
-            return name[: -len(suf)]
-    return name
-
-
 def load_volume(path: str | os.PathLike, series_uid: str | None = None):
-    """A NIfTI file, a DICOM folder, or one DICOM file (its folder's series) -> Volume."""
-    path = Path(path)
-    if path.is_dir():
-        return read_dicom_series(path, series_uid=series_uid)
-    if not path.exists():
-        raise VolumeReadError(f"no such file or folder: {path}")
-    if is_nifti_path(path):
-        return read_nifti(path)
-    if path.suffix.lower() in (".dcm", ".ima", "") :
-        import pydicom
+    """Read the one case that ``path`` holds (NIfTI file, DICOM folder/file/DICOMDIR) -> Volume.
 
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception as exc:
-            raise VolumeReadError(f"{path.name} is neither NIfTI nor DICOM: {exc}") from exc
-        return read_dicom_series(path.parent, series_uid=series_uid or str(ds.SeriesInstanceUID))
-    raise VolumeReadError(f"{path.name}: unsupported input (expected .nii, .nii.gz or a DICOM folder)")
+    What a path holds is decided by :func:`napari_genseg.io.discovery.discover`; a cohort (a
+    folder of several studies or NIfTI files, a .txt list) raises VolumeReadError naming its cases.
+    ``series_uid`` picks the DICOM series when a study holds several.
+    """
+    import warnings
+
+    found = discover(path)
+    for note in found.notes:
+        warnings.warn(note, stacklevel=2)
+    return found.single(os.fspath(path)).load(series_uid)

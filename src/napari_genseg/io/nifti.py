@@ -1,7 +1,8 @@
 """NIfTI in and out with geometry preserved.
 
 Reading reorients the stored voxels to the display convention of :mod:`napari_genseg.volume`
-(closest canonical axes, never resampling) and keeps the original affine and header. Writing a
+(closest canonical axes, no resampling; a sheared grid is the one exception, see
+:mod:`napari_genseg.io.shear`) and keeps the original affine and header. Writing a
 mask undoes that reorientation and writes it with the source's affine and header, atomically.
 """
 
@@ -16,6 +17,7 @@ import numpy as np
 from ..errors import InputError
 from ..volume import DISPLAY_AXCODES, Volume
 from .atomic import atomic_path, same_file
+from .shear import DisplayGrid, display_grid, labels_to_source, measure_shear, resample_to_display
 
 __all__ = [
     "VolumeReadError",
@@ -53,11 +55,25 @@ def volume_from_array(
     header=None,
     source_path: str | None = None,
     meta: dict | None = None,
+    order: int = 1,
+    fill: float | None = None,
 ) -> Volume:
-    """Build a display-convention Volume from a stored array (i, j, k) and its RAS affine."""
+    """Build a display-convention Volume from a stored array (i, j, k) and its RAS affine.
+
+    An orthogonal grid is reoriented to the display axes without resampling. A sheared grid
+    (gantry tilt, :func:`napari_genseg.io.shear.measure_shear`) is resampled onto the
+    axis-aligned grid that covers it (``order`` 1 = trilinear, 0 = nearest for labels; voxels
+    outside the source take ``fill``, default the source minimum) with a warning giving the
+    angle; the exact affine is kept for writing masks back.
+    """
     import nibabel.orientations as no
 
     affine_ras = np.asarray(affine_ras, dtype=np.float64)
+    if not np.all(np.isfinite(affine_ras)):
+        raise VolumeReadError("the affine holds NaN/inf")
+    shear = measure_shear(affine_ras, data_ijk.shape)
+    if shear.sheared:
+        return _resampled_volume(data_ijk, affine_ras, shear, header, source_path, meta, order, fill)
     ornt = _display_ornt(affine_ras)
     disp_xyz = no.apply_orientation(data_ijk, ornt)
     disp_aff = affine_ras @ no.inv_ornt_aff(ornt, data_ijk.shape)
@@ -88,6 +104,34 @@ def volume_from_array(
         source_header=header,
         source_path=source_path,
         meta=meta,
+    )
+
+
+def _resampled_volume(data_ijk, affine_ras, shear, header, source_path, meta, order, fill) -> Volume:
+    import nibabel.orientations as no
+
+    grid = display_grid(affine_ras, data_ijk.shape)
+    data = resample_to_display(data_ijk, affine_ras, grid, order=order, fill=fill)
+    meta = dict(meta or {})
+    msg = (f"sheared voxel grid (slices tilted {shear.angle_deg:.2f} deg against their step, "
+           f"{shear.drift_mm:.1f} mm across the volume: gantry tilt): shown resampled onto an "
+           f"axis-aligned grid {data.shape} (z, y, x); masks are written back on the original "
+           f"{tuple(int(s) for s in data_ijk.shape)} voxels with the exact sheared affine")
+    warnings.warn(msg, stacklevel=3)
+    meta.setdefault("warnings", []).append(msg)
+    meta.update(sheared=True, shear_deg=shear.angle_deg, shear_drift_mm=round(shear.drift_mm, 3),
+                obliquity_deg=0.0, source_axcodes="".join(no.aff2axcodes(affine_ras)))
+    return Volume(
+        data=data,
+        spacing=grid.spacing,
+        origin=grid.origin,
+        source_affine=affine_ras,
+        ornt=None,
+        source_shape=tuple(int(s) for s in data_ijk.shape),
+        source_header=header,
+        source_path=source_path,
+        meta=meta,
+        resampled=True,
     )
 
 
@@ -146,7 +190,9 @@ def read_nifti(path: str | os.PathLike) -> Volume:
     affine = img.affine
     if affine is None or not np.all(np.isfinite(affine)):
         raise VolumeReadError(f"{path.name} has no valid affine")
-    return volume_from_array(data, affine, header=hdr.copy(), source_path=str(path), meta=meta)
+    # a sheared (resampled) grid is sampled by nearest neighbour when the file holds labels
+    order = 0 if dtype.kind in "ub" else 1
+    return volume_from_array(data, affine, header=hdr.copy(), source_path=str(path), meta=meta, order=order)
 
 
 def _label_dtype(max_label: int):
@@ -189,9 +235,13 @@ def write_mask(
     if like is not None:
         if labels.shape != like.shape:
             raise MaskWriteError(f"labels shape {labels.shape} differs from the image {like.shape}")
-        xyz = np.transpose(labels, (2, 1, 0))
-        back = no.ornt_transform(no.axcodes2ornt(DISPLAY_AXCODES), no.io_orientation(like.source_affine))
-        stored = no.apply_orientation(xyz, back).astype(dtype)
+        if like.resampled:
+            grid = DisplayGrid(like.shape, like.spacing, like.origin)
+            stored = labels_to_source(labels, grid, like.source_affine, like.source_shape, dtype)
+        else:
+            xyz = np.transpose(labels, (2, 1, 0))
+            back = no.ornt_transform(no.axcodes2ornt(DISPLAY_AXCODES), no.io_orientation(like.source_affine))
+            stored = no.apply_orientation(xyz, back).astype(dtype)
         assert like.source_shape is None or stored.shape == tuple(like.source_shape)
         affine = like.source_affine
         if like.source_header is not None and isinstance(like.source_header, nib.Nifti1Header):

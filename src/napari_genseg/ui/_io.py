@@ -7,32 +7,30 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import case_name, is_nifti_path, load_volume, write_mask
+from ..io import discover, looks_like_case, write_mask
 from .layers import image_layer_data, volume_from_layer
 
 __all__ = ["get_reader", "write_labels", "phantom_sample"]
 
 
 def get_reader(path):
-    """npe2 reader: a .nii/.nii.gz file or a folder of DICOM slices."""
+    """npe2 reader: a NIfTI file, a DICOM folder, DICOM file (any name) or DICOMDIR; one case."""
     if isinstance(path, list):
         if len(path) != 1:
             return None
         path = path[0]
     p = Path(path)
-    if is_nifti_path(p) or p.is_dir() or p.suffix.lower() == ".dcm":
-        return _read
-    return None
+    if p.suffix.lower() == ".txt" or not looks_like_case(p):
+        return None
+    return _read
 
 
 def _read(path):
     if isinstance(path, list):
         path = path[0]
-    p = Path(path)
-    vol = load_volume(p)  # VolumeReadError -> napari shows the message
-    if p.suffix.lower() == ".dcm":
-        p = p.parent
-    layer = image_layer_data(vol, case_name(p))
+    case = discover(path).single(Path(path).name)  # a cohort -> VolumeReadError, shown by napari
+    vol = case.load()
+    layer = image_layer_data(vol, case.name)
     for w in vol.meta.get("warnings", []):
         from napari.utils.notifications import show_warning
 

@@ -42,6 +42,7 @@ def geometry_metadata(vol: Volume) -> dict:
             "source_shape": vol.source_shape,
             "source_header": vol.source_header,
             "source_path": vol.source_path,
+            "resampled": vol.resampled,
             "orientation": vol.orientation,
             "meta": {k: v for k, v in vol.meta.items() if k != "files_in_order"},
         }
@@ -79,6 +80,7 @@ def volume_from_layer(data: np.ndarray, metadata: dict | None, scale=None, trans
         source_header=geo["source_header"],
         source_path=geo["source_path"],
         meta=dict(geo.get("meta") or {}),
+        resampled=bool(geo.get("resampled", False)),
     )
 
 
