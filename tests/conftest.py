@@ -57,3 +57,19 @@ def slow_double_checkpoint(tmp_path) -> Path:
         ["background", "soft", "dense"],
         {"normalization": {"kind": "hu_window", "low": -200.0, "high": 200.0}, "grid": "resize"},
     )
+
+
+@pytest.fixture
+def arseg_tiny_checkpoint(tmp_path) -> Path:
+    """A project-format checkpoint of ``arseg_tiny`` with seeded random weights (classes:
+    background, lesion, organ)."""
+    import torch
+
+    from napari_genseg.models import registry
+    from napari_genseg.models.checkpoints import save_checkpoint
+
+    entry = registry.get_entry("arseg_tiny")
+    torch.manual_seed(0)
+    model = registry.get_family("arseg").build(entry.config)
+    return save_checkpoint(tmp_path / "arseg_tiny.safetensors", model, "arseg", "arseg_tiny", entry.config,
+                           ["background", "lesion", "organ"], {"normalization": {"kind": "minmax"}, "grid": "resize"})

@@ -9,20 +9,6 @@ import pytest
 pytestmark = pytest.mark.gui
 
 
-@pytest.fixture
-def arseg_tiny_checkpoint(tmp_path):
-    import torch
-
-    from napari_genseg.models import registry
-    from napari_genseg.models.checkpoints import save_checkpoint
-
-    entry = registry.get_entry("arseg_tiny")
-    torch.manual_seed(0)
-    model = registry.get_family("arseg").build(entry.config)
-    return save_checkpoint(tmp_path / "arseg_tiny.safetensors", model, "arseg", "arseg_tiny", entry.config,
-                           ["background", "lesion"], {"normalization": {"kind": "minmax"}, "grid": "resize"})
-
-
 def _image(viewer):
     from napari_genseg.phantom import make_phantom
     from napari_genseg.ui.layers import image_layer_data
@@ -46,9 +32,9 @@ def test_explorer_run_threshold_samples_scales_export(make_napari_viewer_proxy, 
     w._scope.value = "range"
     w._start.value, w._stop.value = 1, 3
     viewer.dims.set_current_step(0, 2)
-    assert w._target.choices == (1,) and w._target.value == 1  # "lesion" from the checkpoint JSON
+    assert w._target.choices == (1, 2) and w._target.value == 1  # "lesion", "organ" from the JSON
     w.reset_choices()  # napari does this on every layer change: the target list must survive
-    assert w._target.choices == (1,)
+    assert w._target.choices == (1, 2)
     assert w.run() is not None
     qtbot.waitUntil(lambda: w.worker is None, timeout=60000)
     assert sorted(w.tokens) == [1, 2, 3] and w.tokens[2].shape[0] == 4
@@ -98,8 +84,9 @@ def test_explorer_run_threshold_samples_scales_export(make_napari_viewer_proxy, 
 
 
 def test_arseg_engine_memory_contract(arseg_tiny_checkpoint):
-    from napari_genseg.engine import make_predictor, run_to_end, run_volume
+    from napari_genseg.engine import run_to_end, run_volume
     from napari_genseg.models.checkpoints import load_checkpoint
+    from napari_genseg.predictors import make_predictor
     from napari_genseg.volume import Volume
 
     ck = load_checkpoint(arseg_tiny_checkpoint)

@@ -43,7 +43,7 @@ def stage1(arseg_cfg):
 
 
 def test_stage1_loss_decreases_and_stage2_runs_through_predictor(stage1, arseg_cfg, tmp_path):
-    from napari_genseg.engine import make_predictor
+    from napari_genseg.predictors import make_predictor
     from napari_genseg.models.checkpoints import load_checkpoint
     from napari_genseg.phantom import make_phantom
 
@@ -71,7 +71,8 @@ def test_stage1_loss_decreases_and_stage2_runs_through_predictor(stage1, arseg_c
     p = make_phantom(seed=7, shape=(12, 64, 64), spacing=(3.0, 3.5, 3.5))
     z = min(int(np.argmax(p.lesion_annotations.any(0).sum((1, 2)))), p.image.shape[0] - 2)
     pred = make_predictor(ck2, device="cpu", n_samples=4, target_class=3)
-    out = pred.predict(p.image[z:z + 2], p.spacing[1:])
+    pred.set_image(p.image[z:z + 2], p.spacing[1:])
+    out = pred.predict()
     assert out["labels"].shape == (2, 64, 64) and set(np.unique(out["labels"])) <= {0, 3}
     assert out["votes"].max() <= 4 and out["tokens"].shape == (2, 4, 204)
 

@@ -280,7 +280,7 @@ def validate(model: nn.Module, cases: list[D.Case], items, class_names, norm: No
              device: torch.device, batch_size: int = 8, in_chans: int = 1) -> dict:
     """Dice/IoU/HD95 per class on the held-out slices of each case, through the inference path
     (``SegmentationPredictor``: same normalisation, grid, and logits back on the original pixels)."""
-    from ..engine import SegmentationPredictor
+    from ..predictors import SegmentationPredictor
     from ..metrics import evaluate_labels
 
     was_training = model.training
@@ -292,7 +292,8 @@ def validate(model: nn.Module, cases: list[D.Case], items, class_names, norm: No
         c = cases[ci]
         labs = []
         for s in range(0, len(zs), batch_size):
-            labs.append(pred.predict(c.image[zs[s:s + batch_size]], c.spacing[1:])["labels"])
+            pred.set_image(c.image[zs[s:s + batch_size]], c.spacing[1:])
+            labs.append(pred.predict()["labels"])
         p = np.concatenate(labs)
         per_case[c.name] = evaluate_labels(p, c.labels[zs], c.spacing, classes)
     model.train(was_training)

@@ -35,10 +35,11 @@ from magicgui.widgets import (
     create_widget,
 )
 
-from ..arseg_engine import consensus_from_votes, variability_from_votes
 from ..device import PRECISIONS
-from ..engine import make_predictor, parse_slices, run_volume
+from ..engine import parse_slices, run_volume
 from ..models import registry
+from ..predictors import ArSegPredictor, make_predictor, predictor_class
+from ..predictors.arseg import consensus_from_votes
 from ..preprocessing import window_limits
 from ._run import LayerEdit, add_class_labels, notify_error
 from .layers import volume_from_layer
@@ -231,7 +232,7 @@ class ArSegExplorer(Container):
                 spec, cur = self._scope.value, self.current_slice()
             zs = parse_slices(spec, vol.shape[0], cur)
             ckpt = resolve_model(self._model.value or "arseg", self._checkpoint_path())
-            if registry.get_family(ckpt.family).kind != "arseg":
+            if not issubclass(predictor_class(ckpt.family), ArSegPredictor):
                 raise ValueError(f"{ckpt.family} is not an AR-Seg checkpoint; use the Segment CT dock")
             pred = make_predictor(ckpt, device=self._device.value, precision=self._precision.value,
                                   n_samples=int(self._samples.value), seed=int(self._seed.value),
@@ -285,7 +286,8 @@ class ArSegExplorer(Container):
             self._edit.set_slices(z, (consensus_from_votes(self.votes[z], self.n, thr) * cls).astype(np.uint8))
         var = self._layer("variability")
         if var is not None:
-            var.data[z] = np.round(200 * variability_from_votes(self.votes[z], self.n)).astype(np.uint8)
+            v = self.votes[z].astype(np.float32)
+            var.data[z] = np.round(200 * np.minimum(v, self.n - v) / self.n).astype(np.uint8)
             var.refresh()
         self._progress.value = int(round(100 * p.fraction))
         self._status.value = f"{p.done}/{p.total} slices, {p.elapsed / max(p.done, 1):.2f} s/slice"
@@ -350,8 +352,9 @@ class ArSegExplorer(Container):
     def progression(self, z: int) -> np.ndarray:
         """(K, H, W) mean of the sample masks after each scale, decoded once per slice."""
         if z not in self._progression:
-            self._progression[z] = self.predictor.scale_progression(self.tokens[z], self.volume.shape[1:],
-                                                                    self.volume.spacing[1:])
+            per_scale, _ = self.predictor.decode_progression(self.tokens[z], self.volume.shape[1:],
+                                                             self.volume.spacing[1:])
+            self._progression[z] = per_scale.astype(np.float32) / self.n
         return self._progression[z]
 
     def _update_scale(self):

@@ -23,8 +23,9 @@ from magicgui.widgets import (
 )
 
 from ..device import PRECISIONS
-from ..engine import make_predictor, parse_slices, run_volume
+from ..engine import parse_slices, run_volume
 from ..models import registry
+from ..predictors import make_predictor
 from ..preprocessing import WINDOW_PRESETS, window_limits
 from ._run import LayerEdit, add_class_labels, notify_error
 from .layers import volume_from_layer
