@@ -16,6 +16,15 @@ SHARED = REPO.parent / "shared"
 DATA = SHARED / "data" / "real"
 
 
+def pytest_runtest_teardown(item):
+    """After a viewer test the process holds Mesa's LLVM (Xvfb's llvmpipe): a later test that
+    imports timm would load triton and crash (see napari_genseg.ui._triton); apply the docks' guard."""
+    if item.get_closest_marker("gui") is not None:
+        from napari_genseg.ui._triton import block_triton_if_unsafe
+
+        block_triton_if_unsafe()
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not DATA.is_dir():

@@ -41,7 +41,7 @@ from ..models import registry
 from ..predictors import ArSegPredictor, make_predictor, predictor_class
 from ..predictors.arseg import consensus_from_votes
 from ..preprocessing import window_limits
-from ._run import LayerEdit, add_class_labels, notify_error
+from ._run import LayerEdit, add_class_labels, load_model, notify_error
 from .layers import volume_from_layer
 
 __all__ = ["ArSegExplorer", "render_progression_frames", "save_progression"]
@@ -214,7 +214,7 @@ class ArSegExplorer(Container):
     def run(self, *_):
         from napari.qt.threading import thread_worker
 
-        from ..models.checkpoints import CheckpointError, resolve_model
+        from ..models.checkpoints import CheckpointError
 
         if self.worker is not None:
             return None
@@ -231,7 +231,7 @@ class ArSegExplorer(Container):
             else:
                 spec, cur = self._scope.value, self.current_slice()
             zs = parse_slices(spec, vol.shape[0], cur)
-            ckpt = resolve_model(self._model.value or "arseg", self._checkpoint_path())
+            ckpt = load_model(self._model.value or "arseg", self._checkpoint_path())
             if not issubclass(predictor_class(ckpt.family), ArSegPredictor):
                 raise ValueError(f"{ckpt.family} is not an AR-Seg checkpoint; use the Segment CT dock")
             pred = make_predictor(ckpt, device=self._device.value, precision=self._precision.value,
