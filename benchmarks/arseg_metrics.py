@@ -27,6 +27,12 @@ import numpy as np
 import torch
 
 
+def _predict(pred, slices_hu, spacing_yx) -> dict:
+    """One batch through the predictor protocol (embed once, then the N samples)."""
+    pred.set_image(slices_hu, spacing_yx)
+    return pred.predict()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("checkpoint")
@@ -44,7 +50,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
 
-    from napari_genseg.engine import make_predictor
+    from napari_genseg.predictors import make_predictor
     from napari_genseg.metrics import dataset_multiannotator_metrics, dice
     from napari_genseg.models.checkpoints import load_checkpoint
     from napari_genseg.phantom import make_phantom
@@ -66,7 +72,7 @@ def main(argv=None) -> int:
                 ref |= p.labels == 6
             zs = list(range(shape[0])) if a.organ_slices == "all" else [int(z) for z in np.where(ref.any((1, 2)))[0]]
             pred = make_predictor(ck, device="cpu", n_samples=a.n, target_class=cid, seed=seed)
-            out = np.concatenate([pred.predict(p.image[zs[i:i + a.batch_size]], spacing[1:])["labels"]
+            out = np.concatenate([_predict(pred, p.image[zs[i:i + a.batch_size]], spacing[1:])["labels"]
                                   for i in range(0, len(zs), a.batch_size)])
             organ[n].append(dice(out > 0, ref[zs]))
             print(f"seed {seed} {n}: Dice {organ[n][-1]:.3f}", file=sys.stderr, flush=True)
@@ -78,8 +84,8 @@ def main(argv=None) -> int:
             hw = shape[1:]
             for i in range(0, len(zs), a.batch_size):
                 zb = zs[i:i + a.batch_size]
-                out = pred.predict(p.image[zb], spacing[1:])
-                probs = pred._sample_probs(torch.as_tensor(out["tokens"]).long(), hw, spacing[1:]).numpy()
+                out = _predict(pred, p.image[zb], spacing[1:])
+                probs = pred.sample_probabilities(out["tokens"], hw, spacing[1:])
                 for j, z in enumerate(zb):
                     annz = ann[:, z]
                     lesion_items.append((annz, probs[j]))

@@ -1,6 +1,6 @@
 """AR-Seg inference speed per slice on this machine: engine path vs an official-style loop.
 
-Engine path (what ``ArSeg.predict`` does): embed the slice once, run the adapter once, draw all N
+Engine path (what ``ArSegPredictor`` does): embed the slice once, run the adapter once, draw all N
 samples as one batch with a KV cache (prefix once on the image row, then only each new scale's
 tokens), decode the N masks as a batch.
 

@@ -16,7 +16,8 @@ import numpy as np
 
 
 def headless(ckpt, vol, batch_sizes, precisions, device):
-    from napari_genseg.engine import make_predictor, run_to_end, run_volume
+    from napari_genseg.engine import run_to_end, run_volume
+    from napari_genseg.predictors import make_predictor
 
     print(f"model {ckpt.config_name} on {vol.shape} (z, y, x), device {device}")
     print(f"{'batch':>5} {'precision':>9} {'slices/s':>9} {'s/slice':>8}")

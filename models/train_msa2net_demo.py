@@ -57,9 +57,10 @@ def estimate_step_seconds(cfg, n: int = 3) -> float:
 
 
 def qualitative_unlabelled(ckpt_path: Path, path: Path) -> dict:
-    from napari_genseg.engine import make_predictor, run_to_end, run_volume
+    from napari_genseg.engine import run_to_end, run_volume
     from napari_genseg.io import load_volume
     from napari_genseg.models.checkpoints import load_checkpoint
+    from napari_genseg.predictors import make_predictor
 
     vol = load_volume(path)
     ck = load_checkpoint(ckpt_path)

@@ -37,10 +37,13 @@ class ThresholdNet(nn.Module):
 
 
 def register_double() -> None:
-    """Register the test double's family and config once per process."""
+    """Register the test double's family and config (served by the segmentation predictor) once
+    per process."""
     from napari_genseg.models import registry
+    from napari_genseg.predictors import SegmentationPredictor, register_predictor
 
     if "testdouble" not in {f.name for f in registry.list_families()}:
         registry.register_family("testdouble", ThresholdConfig, ThresholdNet, "testdouble_small",
                                  description="test double")
         registry.register_config("testdouble", "testdouble_small", ThresholdConfig())
+    register_predictor("testdouble", SegmentationPredictor)

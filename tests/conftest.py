@@ -16,6 +16,15 @@ SHARED = REPO.parent / "shared"
 DATA = SHARED / "data" / "real"
 
 
+def pytest_runtest_teardown(item):
+    """After a viewer test the process holds Mesa's LLVM (Xvfb's llvmpipe): a later test that
+    imports timm would load triton and crash (see napari_genseg.ui._triton); apply the docks' guard."""
+    if item.get_closest_marker("gui") is not None:
+        from napari_genseg.ui._triton import block_triton_if_unsafe
+
+        block_triton_if_unsafe()
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not DATA.is_dir():
@@ -57,3 +66,19 @@ def slow_double_checkpoint(tmp_path) -> Path:
         ["background", "soft", "dense"],
         {"normalization": {"kind": "hu_window", "low": -200.0, "high": 200.0}, "grid": "resize"},
     )
+
+
+@pytest.fixture
+def arseg_tiny_checkpoint(tmp_path) -> Path:
+    """A project-format checkpoint of ``arseg_tiny`` with seeded random weights (classes:
+    background, lesion, organ)."""
+    import torch
+
+    from napari_genseg.models import registry
+    from napari_genseg.models.checkpoints import save_checkpoint
+
+    entry = registry.get_entry("arseg_tiny")
+    torch.manual_seed(0)
+    model = registry.get_family("arseg").build(entry.config)
+    return save_checkpoint(tmp_path / "arseg_tiny.safetensors", model, "arseg", "arseg_tiny", entry.config,
+                           ["background", "lesion", "organ"], {"normalization": {"kind": "minmax"}, "grid": "resize"})

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from napari_genseg.engine import SegmentationPredictor, parse_slices, run_to_end, run_volume
+from napari_genseg.engine import parse_slices, run_to_end, run_volume
+from napari_genseg.predictors import SegmentationPredictor
 from napari_genseg.preprocessing import Normalization, SliceGrid, window_limits
 from napari_genseg.volume import Volume
 
@@ -38,12 +39,15 @@ def _predictor(model=None, grid=None, **kw):
 
 def test_labels_and_probs_all_slices():
     vol = _volume()
-    res = run_to_end(run_volume(_predictor(want_probs=True), vol, batch_size=3, keep_probs=True))
+    res = run_to_end(run_volume(_predictor(return_probs=True), vol, batch_size=3))
     assert res.z == list(range(10)) and not res.cancelled
     assert res.labels.shape == vol.shape and res.labels.dtype == np.uint8
     assert res.labels[0, 0, 0] == 0 and res.labels[0, 8, 8] == 1 and res.labels[0, 12, 12] == 2
     assert res.probs.shape == (10, 3, 24, 24)
     np.testing.assert_allclose(res.probs.astype(np.float32).sum(1), 1.0, atol=1e-2)
+    assert res.probs[0, 2, 12, 12] > 0.9 and res.probs[0, 0, 0, 0] > 0.9
+    # without return_probs the predictor returns none and the run keeps none
+    assert run_to_end(run_volume(_predictor(), vol, batch_size=3)).probs is None
 
 
 def test_batching_and_range_and_progress():

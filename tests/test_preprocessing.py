@@ -58,7 +58,7 @@ def test_mask_grid_covers_the_image_grids_field_of_view(mode):
 
 def test_arseg_predictor_mask_grid_has_the_image_grids_field_of_view(tmp_path):
     """Spacing mode with mask size != image size (arseg_tiny: 64² image, 32² mask)."""
-    from napari_genseg.engine import make_predictor
+    from napari_genseg.predictors import make_predictor
     from napari_genseg.models import registry
     from napari_genseg.models.checkpoints import load_checkpoint, save_checkpoint
 

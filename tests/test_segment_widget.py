@@ -111,10 +111,10 @@ def test_bad_inputs_notify_and_create_nothing(make_napari_viewer_proxy, qtbot, d
     w._scope.value = "all"
     w._checkpoint.value = str(tmp_path / "missing.safetensors")
     assert w.run() is None and "not found" in errors[-1]
-    w._model.value = "msa2net_paper" if "msa2net_paper" in w._model.choices else w._model.value
+    assert "msa2net_paper" in w._model.choices  # a registered config: its checkpoint must match
+    w._model.value = "msa2net_paper"
     w._checkpoint.value = str(double_checkpoint)
-    if w._model.value == "msa2net_paper":
-        assert w.run() is None and "testdouble checkpoint" in errors[-1]
+    assert w.run() is None and "testdouble checkpoint" in errors[-1]
     assert [l.name for l in viewer.layers] == ["ct"]
 
 

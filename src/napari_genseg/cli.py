@@ -54,7 +54,8 @@ def _resolve(model: str, checkpoint: str | None, device: str):
 
 
 def segment_volume(vol, ckpt, args, desc: str):
-    from .engine import make_predictor, run_volume
+    from .engine import run_volume
+    from .predictors import make_predictor
 
     if getattr(args, "threads", 0):
         import torch

@@ -6,31 +6,28 @@ labels, and probabilities when asked) and *returns* a :class:`VolumeResult` (rea
 ``thread_worker``, the CLI with a progress bar, tests directly. Cancelling = stop iterating (or set
 the ``cancel`` callable): the run ends cleanly between batches and the partial result is returned.
 
-Predictors (SAM's ``SamPredictor`` idea) own the model and everything around it: windowing to the
-model's normalisation, resizing to its grid and the logits back, device and precision.
+The engine knows only the ``Predictor`` protocol (``napari_genseg.predictors.base``): per batch
+``set_image`` (embed once), ``predict``, and ``release`` at the end. Which predictor a checkpoint
+gets is ``napari_genseg.predictors.make_predictor``'s business, never the engine's.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generator, Protocol
+from typing import Any, Callable, Generator
 
 import numpy as np
-import torch
 
-from .device import autocast_context, resolve_device, resolve_precision
-from .preprocessing import Normalization, SliceGrid, as_float_hu
+from .predictors.base import Predictor
 from .volume import Volume
 
 __all__ = [
     "parse_slices",
-    "SegmentationPredictor",
     "Progress",
     "VolumeResult",
     "run_volume",
     "run_to_end",
-    "make_predictor",
 ]
 
 
@@ -70,81 +67,6 @@ def parse_slices(slices, n: int, current: int | None = None) -> list[int]:
     return out
 
 
-# ----------------------------------------------------------------------------- predictors
-class Predictor(Protocol):
-    class_names: list[str]
-    device: torch.device
-
-    def predict(self, slices_hu: np.ndarray, spacing_yx: tuple[float, float]) -> dict[str, np.ndarray]: ...
-
-    def release(self) -> None: ...
-
-
-class SegmentationPredictor:
-    """A segmentation model (forward -> logits) with its input contract.
-
-    predict: (n, H, W) HU -> {"labels": (n, H, W) uint8, "probs": (n, K, H, W) float16}
-    """
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        class_names: list[str],
-        normalization: Normalization,
-        grid: SliceGrid,
-        device="auto",
-        precision: str = "auto",
-        want_probs: bool = False,
-        in_chans: int = 1,
-    ):
-        self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device)
-        self.model = model.eval().to(self.device)
-        self.class_names = list(class_names)
-        self.norm = normalization
-        self.grid = grid
-        self.want_probs = want_probs
-        self.in_chans = in_chans
-
-    @torch.inference_mode()
-    def predict(self, slices_hu: np.ndarray, spacing_yx=(1.0, 1.0)) -> dict[str, np.ndarray]:
-        x = torch.from_numpy(as_float_hu(slices_hu))[:, None].to(self.device)  # (n, 1, H, W)
-        hw = x.shape[-2:]
-        x = self.grid.to_model(x, spacing_yx, pad_value=self.norm.pad_value_hu)
-        x = self.norm(x)
-        if self.in_chans != 1:
-            x = x.expand(-1, self.in_chans, -1, -1)
-        with autocast_context(self.device, self.precision):
-            logits = self.model(x)
-        logits = self.grid.from_model(logits.float(), hw, spacing_yx)  # (n, K, H, W)
-        out = {"labels": logits.argmax(1).to(torch.uint8).cpu().numpy()}
-        if self.want_probs:
-            out["probs"] = torch.softmax(logits, 1).to(torch.float16).cpu().numpy()
-        return out
-
-    def release(self) -> None:
-        self.model.to("cpu")
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-
-def make_predictor(ckpt, device="auto", precision="auto", want_probs=False, grid_mode=None, **kw):
-    """A predictor for a loaded :class:`~napari_genseg.models.checkpoints.Checkpoint`."""
-    from .models import registry
-
-    fam = registry.get_family(ckpt.family)
-    norm = Normalization.from_dict(ckpt.input.get("normalization"))
-    grid = SliceGrid.from_meta(ckpt.input, ckpt.config.img_size, grid_mode)
-    if fam.kind == "arseg":
-        from .arseg_engine import ArSegPredictor
-
-        return ArSegPredictor(ckpt, norm, grid, device=device, precision=precision, **kw)
-    return SegmentationPredictor(
-        ckpt.model, ckpt.class_names, norm, grid, device, precision, want_probs,
-        in_chans=getattr(ckpt.config, "in_chans", 1),
-    )
-
-
 # ----------------------------------------------------------------------------- the run
 @dataclass
 class Progress:
@@ -181,11 +103,14 @@ def run_volume(
     batch_size: int = 4,
     current: int | None = None,
     cancel: Callable[[], bool] | None = None,
-    keep_probs: bool = False,
 ) -> Generator[Progress, None, VolumeResult]:
     """Run ``predictor`` over the chosen slices of ``volume`` in batches.
 
     Yields a Progress per batch; returns the VolumeResult (also when cancelled or closed early).
+    ``"labels"`` fill ``VolumeResult.labels``; ``"probs"`` (when the predictor returns them, e.g.
+    ``SegmentationPredictor(return_probs=True)``) fill ``VolumeResult.probs``; any other output
+    lands in ``VolumeResult.extras[name][z]``. ``predictor.release()`` runs at the end, always.
+    Raises ``ValueError`` for a bad slice selection or batch size.
     """
     if batch_size < 1:
         raise ValueError("batch size must be >= 1")
@@ -203,9 +128,10 @@ def run_volume(
                 cancelled = True
                 break
             batch = zs[start : start + batch_size]
-            out = predictor.predict(volume.data[batch], spacing_yx)
+            predictor.set_image(volume.data[batch], spacing_yx)
+            out = predictor.predict()
             labels[batch] = out["labels"]
-            if keep_probs and "probs" in out:
+            if "probs" in out:
                 if probs is None:
                     probs = np.zeros((volume.shape[0], out["probs"].shape[1], *volume.shape[1:]), np.float16)
                 probs[batch] = out["probs"]

@@ -20,6 +20,7 @@ from napari_genseg.models.arseg import (
     ArSegConfig,
     block_causal_mask,
     import_official,
+    sample_tokens,
 )
 from napari_genseg.models.arseg.maskvq import MaskVQ, phi_assignment
 from napari_genseg.models.arseg.sam_encoder import SamImageEncoder
@@ -246,32 +247,28 @@ def test_sampling_uses_eval_mode_and_restores_it():
     assert torch.equal(ref, got) and m.segmentor.training
 
 
-def test_decode_partial_scales_and_predict():
+def test_decode_partial_scales():
+    """``decode`` of the sampled ids equals decoding the f_hat the sampler built; partial scales
+    decode the cumulative sums f_hat_k."""
     m = _tiny()
     x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(4))
     cls = torch.tensor([0, 1])
-    out = m.predict(x, cls, 3, generator=torch.Generator().manual_seed(0), return_scales=True)
-    ids, probs = out["token_ids"], out["sample_probs"]
-    assert ids.shape == (2, 3, 204) and probs.shape == (2, 3, 32, 32)
-    assert probs.min() >= 0 and probs.max() <= 1
+    ids, f_hat = sample_tokens(m.segmentor, m.vq, m.embed(x), cls, 3, generator=torch.Generator().manual_seed(0))
+    assert ids.shape == (2, 3, 204) and f_hat.shape == (6, 8, 8, 8)
     full = m.decode(ids)
     assert full.shape == (6, 1, 32, 32)
-    torch.testing.assert_close(torch.sigmoid(full).view(2, 3, 32, 32), probs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(full, m.vq.decode_fhat(f_hat), atol=1e-5, rtol=0)
     torch.testing.assert_close(m.decode(ids, upto_scale=8), full)
+    q = m.vq.quantizer
+    parts = q.split(ids.reshape(6, -1))
     for k in range(1, 9):
         part = m.decode(ids, upto_scale=k)
         assert part.shape == (6, 1, 32, 32)
-        torch.testing.assert_close(torch.sigmoid(part).view(2, 3, 32, 32),
-                                   out["scale_probs"][:, :, k - 1], atol=1e-5, rtol=0)
-    # scale 1 is one code per image: its f_hat is constant over the latent
-    f1 = m.vq.quantizer.fhat_from_ids(ids.reshape(6, -1), 1)
-    assert f1.shape == (6, 8, 8, 8)
+        by_hand = sum(q.scale_vectors(si, parts[si]) for si in range(k))
+        torch.testing.assert_close(part, m.vq.decode_fhat(by_hand), atol=1e-5, rtol=0)
+    assert not torch.equal(m.decode(ids, upto_scale=1), full)
     with pytest.raises(ValueError):
         m.decode(ids, upto_scale=9)
-    # predict on a given embedding skips the encoder and reproduces the draws
-    again = m.predict(None, cls, 3, generator=torch.Generator().manual_seed(0),
-                      embedding=out["embedding"])
-    assert torch.equal(again["token_ids"], ids)
 
 
 def test_checkpoint_round_trip(tmp_path):

@@ -38,8 +38,11 @@ class TinySeg(nn.Module):
 
 
 def register() -> None:
+    """Register the family (served by the segmentation predictor) once per process."""
     from napari_genseg.models import registry
+    from napari_genseg.predictors import SegmentationPredictor, register_predictor
 
     if "tinyseg" not in {f.name for f in registry.list_families()}:
         registry.register_family("tinyseg", TinySegConfig, TinySeg, "tinyseg_small", description="test net")
         registry.register_config("tinyseg", "tinyseg_small", TinySegConfig())
+    register_predictor("tinyseg", SegmentationPredictor)

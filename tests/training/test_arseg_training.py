@@ -60,7 +60,7 @@ def test_stage1_learns_to_reconstruct_the_masks(stage1):
 
 
 def test_stage2_learns_on_the_frozen_vq_and_predicts_through_the_engine(stage1, tmp_path):
-    from napari_genseg.engine import make_predictor
+    from napari_genseg.predictors import make_predictor
     from napari_genseg.models.checkpoints import load_checkpoint
     from napari_genseg.phantom import make_phantom
 
@@ -86,7 +86,9 @@ def test_stage2_learns_on_the_frozen_vq_and_predicts_through_the_engine(stage1, 
     # the fp16 checkpoint segments an unseen phantom's liver through the engine
     p = make_phantom(seed=7, shape=(12, 64, 64), spacing=(3.0, 3.5, 3.5))
     ref = np.isin(p.labels[3:9], (1, 6))  # liver incl. its lesions
-    out = make_predictor(ck2, device="cpu", n_samples=8, target_class=1).predict(p.image[3:9], p.spacing[1:])
+    pred = make_predictor(ck2, device="cpu", n_samples=8, target_class=1)
+    pred.set_image(p.image[3:9], p.spacing[1:])
+    out = pred.predict()
     m = out["labels"] == 1
     assert 2 * (m & ref).sum() / (m.sum() + ref.sum()) > 0.4
     votes = out["votes"] / 8

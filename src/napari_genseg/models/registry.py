@@ -43,7 +43,8 @@ class FamilyEntry:
     #: ``state_dict -> (config_overrides, state_dict, notes)``: maps an official checkpoint's keys
     #: onto ours (pure function; no I/O).
     import_official: Callable[[dict], tuple[dict, dict, list[str]]] | None = None
-    #: "segmentation" (forward -> logits) or "arseg" (sampling predictor)
+    #: "segmentation" (forward -> logits) or "arseg" (two-stage training); which predictor serves
+    #: the family is napari_genseg.predictors.PREDICTORS' business, not this field's
     kind: str = "segmentation"
 
 

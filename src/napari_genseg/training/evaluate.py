@@ -1,6 +1,6 @@
 """Evaluate a checkpoint on labelled volumes: per-case and mean Dice / IoU / HD95 (mm) per class.
 
-The model runs through the inference engine (``make_predictor`` + ``run_volume``: the same
+The model runs through the inference engine (``predictors.make_predictor`` + ``run_volume``: the same
 normalisation, grid and logits mapping the plugin uses). Metrics follow ``metrics.evaluate_labels``
 (TransUNet empty-mask conventions). With ``baseline="hu"`` the HU-threshold baseline
 (``baselines.hu_baseline``) is scored on the same cases and slices (it always sees the whole volume,
@@ -27,7 +27,8 @@ METRICS = ("dice", "iou", "hd95_mm")
 
 
 def _model_labels(ckpt, case: D.Case, zs, device, batch_size):
-    from ..engine import make_predictor, run_to_end, run_volume
+    from ..engine import run_to_end, run_volume
+    from ..predictors import make_predictor
 
     pred = make_predictor(ckpt, device=device, precision="fp32")
     res = run_to_end(run_volume(pred, case.volume, slices=zs, batch_size=batch_size))

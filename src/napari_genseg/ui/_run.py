@@ -1,10 +1,25 @@
-"""What both dock widgets share: writing a run's batches into a Labels layer as one undo step."""
+"""What both dock widgets share: loading a model, and writing a run's batches into a Labels layer
+as one undo step."""
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["LayerEdit", "notify_error", "add_class_labels"]
+__all__ = ["LayerEdit", "notify_error", "add_class_labels", "load_model"]
+
+
+def load_model(name: str, checkpoint: str | None):
+    """``models.checkpoints.resolve_model`` for a dock: a family's shipped weights or ``checkpoint``.
+
+    Loads on the CPU (the predictor moves the model to its device). Applies the triton guard first
+    (``_triton``): building MSA²Net imports timm, which would load triton after the canvas.
+    Raises ``CheckpointError`` / ``KeyError`` for a missing or unknown model.
+    """
+    from ..models.checkpoints import resolve_model
+    from ._triton import block_triton_if_unsafe
+
+    block_triton_if_unsafe()
+    return resolve_model(name, checkpoint)
 
 
 def notify_error(msg: str) -> None:

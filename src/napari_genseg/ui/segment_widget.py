@@ -23,10 +23,11 @@ from magicgui.widgets import (
 )
 
 from ..device import PRECISIONS
-from ..engine import make_predictor, parse_slices, run_volume
+from ..engine import parse_slices, run_volume
 from ..models import registry
+from ..predictors import make_predictor
 from ..preprocessing import WINDOW_PRESETS, window_limits
-from ._run import LayerEdit, add_class_labels, notify_error
+from ._run import LayerEdit, add_class_labels, load_model, notify_error
 from .layers import volume_from_layer
 
 __all__ = ["SegmentWidget"]
@@ -125,7 +126,7 @@ class SegmentWidget(Container):
         """Start a run (returns the worker, or None when the input was refused)."""
         from napari.qt.threading import thread_worker
 
-        from ..models.checkpoints import CheckpointError, resolve_model
+        from ..models.checkpoints import CheckpointError
 
         if self.worker is not None:
             return None
@@ -137,7 +138,7 @@ class SegmentWidget(Container):
             vol = volume_from_layer(image.data, image.metadata, image.scale, image.translate)
             spec, current = self._slice_spec(image)
             zs = parse_slices(spec, vol.shape[0], current)
-            ckpt = resolve_model(self._model.value, self._checkpoint_path())
+            ckpt = load_model(self._model.value, self._checkpoint_path())
         except (ValueError, KeyError, CheckpointError) as exc:
             _notify_error(str(exc).strip("'\""))
             return None

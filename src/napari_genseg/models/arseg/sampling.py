@@ -10,7 +10,8 @@ Sampling (Eq. 4), for B images and N samples each:
    with the cache only the new scale's tokens run through the transformer.
 
 ``use_kv_cache=False`` re-runs the whole prefix at every scale (same draws, for testing).
-Consensus, variability maps and resizing to the slice grid belong to the engine.
+Consensus, votes, uncertainty and resizing to the slice grid belong to the predictor
+(``napari_genseg.predictors.arseg``).
 """
 
 from __future__ import annotations
@@ -130,10 +131,11 @@ def _sample(segmentor, vq, embedding, class_ids, n_samples, generator, temperatu
 class ArSeg(nn.Module):
     """AR-Seg: image encoder + multi-scale mask autoencoder + next-scale segmentor.
 
-    Engine API (pure torch, device-agnostic; see each method's Shapes):
-    ``embed`` once per slice -> ``sample`` / ``predict`` for N samples -> ``decode`` any prefix of
-    scales for the coarse-to-fine animation. Training: ``vq.loss`` (stage 1), ``token_loss``
-    (stage 2, frozen VQ), ``vq.encode_tokens`` for the targets.
+    Inference primitives (pure torch, device-agnostic; see each method's Shapes): ``embed`` once
+    per slice -> ``sample`` N token maps -> ``decode`` any prefix of scales (the coarse-to-fine
+    animation); ``napari_genseg.predictors.arseg.ArSegPredictor`` composes them for the engine.
+    Training: ``vq.loss`` (stage 1), ``token_loss`` (stage 2, frozen VQ), ``vq.encode_tokens`` for
+    the targets.
     """
 
     def __init__(self, cfg: ArSegConfig) -> None:
@@ -217,39 +219,6 @@ class ArSeg(nn.Module):
         outs = [self.vq.decode_tokens(ids[s : s + batch_size], upto_scale)
                 for s in range(0, ids.shape[0], batch_size)]
         return torch.cat(outs, 0)
-
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor | None, class_ids: torch.Tensor, n_samples: int = 16,
-                generator: torch.Generator | None = None,
-                temperatures: Sequence[float] | float = DEFAULT_TEMPERATURES,
-                top_k: int | None = 100, use_kv_cache: bool = True,
-                embedding: torch.Tensor | None = None, return_scales: bool = False,
-                batch_size: int = 32) -> dict:
-        """Embed (unless ``embedding`` is given), sample N masks per image, decode them.
-
-        Shapes: x [B, in_chans, img_size, img_size] -> dict with
-        ``token_ids`` (B, N, L) int64, ``sample_probs`` (B, N, S, S) = sigmoid(full-scale logits),
-        ``embedding`` [B, C_e, h, w]; with ``return_scales`` also ``scale_probs`` (B, N, K, S, S),
-        the decoded partial sums after each scale (coarse-to-fine).
-        """
-        if embedding is None:
-            embedding = self.embed(x)
-        ids, f_hat = sample_tokens(self.segmentor, self.vq, embedding, class_ids, n_samples,
-                                   generator, temperatures, top_k, use_kv_cache)
-        b, n, _ = ids.shape
-        s = self.cfg.mask_size
-        logits = torch.cat([self.vq.decode_fhat(f_hat[i : i + batch_size])
-                            for i in range(0, f_hat.shape[0], batch_size)], 0)
-        out = {
-            "token_ids": ids,
-            "sample_probs": torch.sigmoid(logits.float()).view(b, n, s, s),
-            "embedding": embedding,
-        }
-        if return_scales:
-            scales = [torch.sigmoid(self.decode(ids, k, batch_size).float()).view(b, n, 1, s, s)
-                      for k in range(1, self.cfg.num_scales + 1)]
-            out["scale_probs"] = torch.cat(scales, 2)
-        return out
 
     # ---- training -----------------------------------------------------------------------------
     def _as_embedding(self, embedding_or_x: torch.Tensor) -> torch.Tensor:

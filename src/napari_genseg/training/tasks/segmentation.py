@@ -32,7 +32,7 @@ def validate_slices(model: nn.Module, cases: list[D.Case], items, class_names, n
                     grid: SliceGrid, device: torch.device, batch_size: int = 8, in_chans: int = 1) -> dict:
     """Dice/IoU/HD95 (``metrics.evaluate_labels``) per class on the slices ``items`` ((case index,
     [z...]) pairs) through the inference path; -> {"score", "dice", "mean_dice", "per_case"}."""
-    from ...engine import SegmentationPredictor
+    from ...predictors import SegmentationPredictor
     from ...metrics import evaluate_labels
 
     was_training = model.training
@@ -42,8 +42,10 @@ def validate_slices(model: nn.Module, cases: list[D.Case], items, class_names, n
     per_case = {}
     for ci, zs in items:
         c = cases[ci]
-        labs = [pred.predict(c.image[zs[s:s + batch_size]], c.spacing[1:])["labels"]
-                for s in range(0, len(zs), batch_size)]
+        labs = []
+        for s in range(0, len(zs), batch_size):
+            pred.set_image(c.image[zs[s:s + batch_size]], c.spacing[1:])
+            labs.append(pred.predict()["labels"])
         per_case[c.name] = evaluate_labels(np.concatenate(labs), c.labels[zs], c.spacing, classes)
     model.train(was_training)
     mean = {}

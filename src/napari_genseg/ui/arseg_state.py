@@ -1,0 +1,147 @@
+"""What the AR-Seg explorer keeps between runs, and when it must be dropped (no napari, no Qt).
+
+A :class:`RunKey` names everything the votes and tokens depend on: the image (layer and voxels),
+the checkpoint file, the seed, the target class and N. Runs with the same key add slices to one
+:class:`ArSegResults`; a run with any other key starts a new one, so the threshold slider can
+never write one image's (or checkpoint's) consensus into another's layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..predictors.arseg import consensus_from_votes
+from ..predictors.uncertainty import disagreement_percent
+
+__all__ = ["RunKey", "image_signature", "checkpoint_signature", "ArSegResults"]
+
+
+@dataclass(frozen=True)
+class RunKey:
+    """Identity of an explorer run's results (see the module docstring)."""
+
+    image: str
+    checkpoint: str
+    seed: int
+    target_class: int
+    n_samples: int
+
+
+def image_signature(layer_id: str, data: np.ndarray, spacing) -> str:
+    """Layer id + SHA-1 of the voxels, their shape, dtype and spacing (mm): a re-opened or edited
+    image never matches an old signature, even when napari re-uses the layer's name."""
+    data = np.ascontiguousarray(data)
+    h = hashlib.sha1(usedforsecurity=False)
+    h.update(repr((data.shape, data.dtype.str, tuple(float(s) for s in spacing))).encode())
+    h.update(memoryview(data).cast("B"))
+    return f"{layer_id}:{h.hexdigest()}"
+
+
+def checkpoint_signature(ckpt) -> str:
+    """Config name + resolved weights path with its size and modification time (a re-trained file
+    at the same path is another checkpoint)."""
+    if ckpt.path is None:
+        return f"{ckpt.config_name}:<in memory {id(ckpt.model):x}>"
+    p = Path(ckpt.path).resolve()
+    st = p.stat()
+    return f"{ckpt.config_name}:{p}:{st.st_size}:{st.st_mtime_ns}"
+
+
+class ArSegResults:
+    """Votes and tokens of the slices run under one :class:`RunKey`, plus a bounded cache of what
+    was decoded from the tokens: per slice, the votes after scale k (k = 1..K) and the N
+    full-scale sample masks.
+
+    votes: (Z, H, W) uint8, 0 on slices not run; tokens: {z: (N, L) int16}.
+    """
+
+    def __init__(self, key: RunKey, shape: tuple[int, int, int], num_scales: int, cache_slices: int = 32):
+        self.key = key
+        self.n = key.n_samples
+        self.target_class = key.target_class
+        self.shape = tuple(shape)
+        self.num_scales = int(num_scales)
+        self.votes = np.zeros(shape, np.uint8)
+        self.tokens: dict[int, np.ndarray] = {}
+        # z -> {"scales": {k: (H, W) uint8 votes after scale k}, "masks": packed (N, H, W) bits}
+        self._decoded: OrderedDict[int, dict] = OrderedDict()
+        self._cache_slices = cache_slices
+
+    @property
+    def slices(self) -> list[int]:
+        """The slices run so far, sorted."""
+        return sorted(self.tokens)
+
+    def add(self, zs, votes: np.ndarray, tokens: np.ndarray) -> None:
+        """Store a batch: zs (b,), votes (b, H, W) uint8, tokens (b, N, L) int16."""
+        zs = [int(z) for z in zs]
+        self.votes[zs] = votes
+        for z, t in zip(zs, tokens):
+            self.tokens[z] = t
+            self._decoded.pop(z, None)
+
+    def consensus(self, zs, threshold: float) -> np.ndarray:
+        """(len(zs), H, W) uint8: the target class id where votes / N > threshold, else 0."""
+        return self.consensus_of(self.votes[list(zs)], threshold)
+
+    def consensus_of(self, votes: np.ndarray, threshold: float) -> np.ndarray:
+        """Votes of any scale (..., H, W) -> the target class id where votes / N > threshold."""
+        return (consensus_from_votes(votes, self.n, threshold) * self.target_class).astype(np.uint8)
+
+    def disagreement(self, zs, threshold: float) -> np.ndarray:
+        """(len(zs), H, W) uint8: % of the N samples that disagree with the consensus at
+        ``threshold`` (``uncertainty.disagreement_percent``), rounded to whole percent."""
+        v = self.votes[list(zs)]
+        pct = disagreement_percent(v, self.n, consensus_from_votes(v, self.n, threshold))
+        return np.round(pct).astype(np.uint8)
+
+    # ---- decoded slices
+    def _entry(self, z: int, create: bool = False) -> dict | None:
+        e = self._decoded.get(z)
+        if e is None and create:
+            e = self._decoded[z] = {"scales": {}, "masks": None}
+            while len(self._decoded) > self._cache_slices:
+                self._decoded.popitem(last=False)
+        if e is not None:
+            self._decoded.move_to_end(z)
+        return e
+
+    def scale_votes(self, z: int, k: int) -> np.ndarray | None:
+        """(H, W) uint8: how many of the N masks decoded after scale k mark each pixel, if decoded."""
+        e = self._entry(z)
+        return None if e is None else e["scales"].get(int(k))
+
+    def sample_masks(self, z: int) -> np.ndarray | None:
+        """(N, H, W) bool: the full-scale sample masks of slice z, if decoded."""
+        e = self._entry(z)
+        if e is None or e["masks"] is None:
+            return None
+        return np.unpackbits(e["masks"], axis=0, count=self.n).astype(bool)
+
+    def sample_mask(self, z: int, k: int) -> np.ndarray | None:
+        """(H, W) bool: full-scale mask of sample k (0-based) of slice z, if decoded."""
+        e = self._entry(z)
+        if e is None or e["masks"] is None:
+            return None
+        return ((e["masks"][k // 8] >> (7 - k % 8)) & 1).astype(bool)  # packbits: big-endian bits
+
+    def missing_scales(self, z: int) -> list[int]:
+        """The scales 1..K of slice z not decoded yet."""
+        e = self._entry(z)
+        done = set() if e is None else set(e["scales"])
+        return [k for k in range(1, self.num_scales + 1) if k not in done]
+
+    def store_scale(self, z: int, k: int, masks: np.ndarray) -> None:
+        """Keep the N masks (N, H, W) bool decoded after scale k of slice z (their votes; at the
+        last scale the masks themselves). Least recently used slices beyond ``cache_slices`` go."""
+        if z not in self.tokens:
+            return
+        e = self._entry(z, create=True)
+        e["scales"][int(k)] = masks.sum(0, dtype=np.uint8)
+        if int(k) == self.num_scales:
+            e["masks"] = np.packbits(masks, axis=0)
