@@ -1,8 +1,15 @@
-"""Shared fixtures: the ../shared/data folder, and a test double model (tests only)."""
+"""Shared fixtures: the ../shared/data folder, a CT case that exists without it (real CT or the
+phantom), and a test double model (tests only).
+
+``GENSEG_SHARED_DIR`` points the fixtures at another shared folder; a missing one makes them
+behave as on a clone without ``../shared`` (``GENSEG_SHARED_DIR=/nonexistent pytest tests/test_cli.py``
+runs the CLI tests on the phantom).
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -12,15 +19,64 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from _doubles import ThresholdConfig, ThresholdNet, register_double  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-DATA = SHARED / "data" / "real"
+
+
+def shared_dir() -> Path:
+    """``GENSEG_SHARED_DIR`` or ``../shared`` beside the checkout (read at each call)."""
+    return Path(os.environ.get("GENSEG_SHARED_DIR") or REPO.parent / "shared")
+
+
+def real_data_dir() -> Path:
+    return shared_dir() / "data" / "real"
+
+
+@dataclass(frozen=True)
+class CtCase:
+    """A CT NIfTI with reference labels on the same voxels (both as stored, (x, y, z))."""
+
+    path: Path
+    labels: Path
+    liver_ids: tuple[int, ...]  # label ids that make up the liver
+    source: str  # "real" (../shared) or "phantom"
+
+
+def write_phantom_case(folder: Path) -> CtCase:
+    """The phantom (seed 0) as NIfTI CT + labels in ``folder`` (liver = liver + its lesions)."""
+    import nibabel as nib
+    import numpy as np
+
+    from napari_genseg.phantom import LESION, LIVER, make_phantom
+
+    ph = make_phantom(seed=0)
+    folder.mkdir(parents=True, exist_ok=True)
+    ct, lab = folder / "phantom_ct.nii.gz", folder / "phantom_labels.nii.gz"
+    nib.save(nib.Nifti1Image(np.transpose(ph.image, (2, 1, 0)), ph.affine), str(ct))
+    nib.save(nib.Nifti1Image(np.transpose(ph.labels, (2, 1, 0)), ph.affine), str(lab))
+    return CtCase(ct, lab, (LIVER, LESION), "phantom")
+
+
+def find_ct_case(scratch: Path) -> CtCase:
+    """The shared real abdomen CT with its labels when present, else the phantom written to
+    ``scratch``."""
+    real = real_data_dir() / "ct-abdomen"
+    ct, lab = real / "ct_abdomen_small.nii.gz", real / "ct_abdomen_small_labels.nii.gz"
+    if ct.is_file() and lab.is_file():
+        return CtCase(ct, lab, (5,), "real")  # TotalSegmentator id 5 = liver
+    return write_phantom_case(scratch)
+
+
+@pytest.fixture(scope="session")
+def ct_case(tmp_path_factory) -> CtCase:
+    """A labelled CT every clone has: the real CT from ../shared, or the phantom without it."""
+    return find_ct_case(tmp_path_factory.mktemp("ct_case"))
 
 
 @pytest.fixture
 def shared_data() -> Path:
-    if not DATA.is_dir():
-        pytest.skip(f"shared data not found at {DATA} (clone the project beside ../shared)")
-    return DATA
+    data = real_data_dir()
+    if not data.is_dir():
+        pytest.skip(f"shared data not found at {data} (clone the project beside ../shared)")
+    return data
 
 
 @pytest.fixture
@@ -43,6 +99,27 @@ def double_checkpoint(tmp_path) -> Path:
         ["background", "soft", "dense"],
         {"normalization": {"kind": "hu_window", "low": -200.0, "high": 200.0}, "grid": "resize"},
         provenance={"test": True},
+    )
+
+
+@pytest.fixture
+def exact_double_checkpoint(ct_case, tmp_path) -> Path:
+    """The test double on a grid that holds ``ct_case``'s slices without resampling (its own
+    in-plane spacing, a square grid as large as the larger side): every mask voxel is then the
+    double's HU band of that very voxel (< -100 HU: 0, -100..100: 1, > 100: 2)."""
+    import nibabel as nib
+
+    from napari_genseg.models.checkpoints import save_checkpoint
+
+    register_double()
+    img = nib.load(str(ct_case.path))
+    sx, sy = (float(v) for v in img.header.get_zooms()[:2])
+    cfg = ThresholdConfig(img_size=int(max(img.shape[:2])))
+    return save_checkpoint(
+        tmp_path / "exact_double.safetensors", ThresholdNet(cfg), "testdouble", "testdouble_small", cfg,
+        ["background", "soft", "dense"],
+        {"normalization": {"kind": "hu_window", "low": -200.0, "high": 200.0}, "grid": "spacing",
+         "spacing_mm": [sy, sx]},
     )
 
 
