@@ -266,7 +266,7 @@ class ArSegExplorer(Container):
 
         self.worker = work()
         self.worker.yielded.connect(self._on_progress)
-        self.worker.errored.connect(lambda exc: (notify_error(f"AR-Seg failed: {exc}"),
+        self.worker.errored.connect(lambda exc: (notify_error(exc, "AR-Seg failed"),
                                                  setattr(self._status, "value", f"failed: {exc}")))
         self.worker.finished.connect(self._on_finished)
         self._run.enabled, self._cancel.enabled = False, True
