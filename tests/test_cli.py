@@ -183,7 +183,7 @@ def test_models_lists_configs_params_classes_and_checkpoints(capsys):
 
 def test_ct_case_is_the_phantom_without_shared(tmp_path, monkeypatch):
     """A clone without ../shared still has a labelled CT for the CLI tests."""
-    from conftest import find_ct_case
+    from _ct_cases import find_ct_case
 
     monkeypatch.setenv("GENSEG_SHARED_DIR", str(tmp_path / "missing"))
     case = find_ct_case(tmp_path / "scratch")
