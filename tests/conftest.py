@@ -1,4 +1,10 @@
-"""Shared fixtures: the ../shared/data folder, and a test double model (tests only)."""
+"""Shared fixtures: the ../shared/data folder, a CT case that exists without it (real CT or the
+phantom), and a test double model (tests only).
+
+``GENSEG_SHARED_DIR`` points the fixtures at another shared folder; a missing one makes them
+behave as on a clone without ``../shared`` (``GENSEG_SHARED_DIR=/nonexistent pytest tests/test_cli.py``
+runs the CLI tests on the phantom).
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,14 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from _ct_cases import CtCase, find_ct_case, real_data_dir  # noqa: E402
 from _doubles import ThresholdConfig, ThresholdNet, register_double  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-DATA = SHARED / "data" / "real"
+
+@pytest.fixture(scope="session")
+def ct_case(tmp_path_factory) -> CtCase:
+    """A labelled CT every clone has: the real CT from ../shared, or the phantom without it."""
+    return find_ct_case(tmp_path_factory.mktemp("ct_case"))
 
 
 def pytest_runtest_teardown(item):
@@ -27,9 +36,10 @@ def pytest_runtest_teardown(item):
 
 @pytest.fixture
 def shared_data() -> Path:
-    if not DATA.is_dir():
-        pytest.skip(f"shared data not found at {DATA} (clone the project beside ../shared)")
-    return DATA
+    data = real_data_dir()
+    if not data.is_dir():
+        pytest.skip(f"shared data not found at {data} (clone the project beside ../shared)")
+    return data
 
 
 @pytest.fixture
@@ -52,6 +62,27 @@ def double_checkpoint(tmp_path) -> Path:
         ["background", "soft", "dense"],
         {"normalization": {"kind": "hu_window", "low": -200.0, "high": 200.0}, "grid": "resize"},
         provenance={"test": True},
+    )
+
+
+@pytest.fixture
+def exact_double_checkpoint(ct_case, tmp_path) -> Path:
+    """The test double on a grid that holds ``ct_case``'s slices without resampling (its own
+    in-plane spacing, a square grid as large as the larger side): every mask voxel is then the
+    double's HU band of that very voxel (< -100 HU: 0, -100..100: 1, > 100: 2)."""
+    import nibabel as nib
+
+    from napari_genseg.models.checkpoints import save_checkpoint
+
+    register_double()
+    img = nib.load(str(ct_case.path))
+    sx, sy = (float(v) for v in img.header.get_zooms()[:2])
+    cfg = ThresholdConfig(img_size=int(max(img.shape[:2])))
+    return save_checkpoint(
+        tmp_path / "exact_double.safetensors", ThresholdNet(cfg), "testdouble", "testdouble_small", cfg,
+        ["background", "soft", "dense"],
+        {"normalization": {"kind": "hu_window", "low": -200.0, "high": 200.0}, "grid": "spacing",
+         "spacing_mm": [sy, sx]},
     )
 
 

@@ -1,6 +1,11 @@
-"""genseg CLI: segment (single case, cohort, resumable), info, bad input exit codes."""
+"""genseg CLI: segment (single case, cohort, resumable), info, bad input exit codes.
+
+Every test runs without ../shared: ``ct_case`` is then the phantom written to NIfTI.
+"""
 
 from __future__ import annotations
+
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -8,60 +13,110 @@ import pytest
 
 from napari_genseg.cli import main
 
+_RUN = ["--device", "cpu", "--threads", "1", "--quiet"]
 
-def test_info_prints_geometry(abdomen_ct, capsys):
-    assert main(["info", str(abdomen_ct)]) == 0
+
+def _stored(path) -> np.ndarray:
+    return np.asarray(nib.load(str(path)).dataobj)
+
+
+def _double_bands(ct_path):
+    """What the exact test double must write for every voxel of ``ct_path`` (as stored), and
+    where that is decided (not on the two band edges, -100 and 100 HU, where two classes tie)."""
+    hu = nib.load(str(ct_path)).get_fdata()
+    want = np.where(hu < -100, 0, np.where(hu < 100, 1, 2))
+    return want, (hu != -100) & (hu != 100)
+
+
+def _assert_double_mask(mask_path, ct_path, slices=None):
+    want, decided = _double_bands(ct_path)
+    got = _stored(mask_path)
+    assert got.shape == want.shape
+    if slices is not None:  # only these slices (stored z) were run; the rest stays background
+        rest = np.ones(want.shape[2], bool)
+        rest[slices] = False
+        assert not got[..., rest].any()
+        want, decided, got = want[..., slices], decided[..., slices], got[..., slices]
+    assert {1, 2} <= set(np.unique(want[decided]).tolist())  # the case has both bands to find
+    np.testing.assert_array_equal(got[decided], want[decided])
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
+
+
+def test_info_prints_geometry(ct_case, capsys):
+    assert main(["info", str(ct_case.path)]) == 0
     out = capsys.readouterr().out
-    assert "(30, 101, 122)" in out and "(3.0, 3.0, 3.0)" in out and "RAS" in out and "-1100.0 .. 1207.0" in out
+    img = nib.load(str(ct_case.path))
+    hu = img.get_fdata()
+    zooms = tuple(round(float(v), 4) for v in img.header.get_zooms()[::-1])
+    assert f"{tuple(img.shape[::-1])} (z, y, x)" in out and f"{zooms} mm" in out
+    assert f"stored {''.join(nib.aff2axcodes(img.affine))}" in out
+    assert f"{hu.min():.1f} .. {hu.max():.1f}" in out
 
 
-def test_segment_single_case_writes_mask_on_source_geometry(abdomen_ct, double_checkpoint, tmp_path, capsys):
+def test_segment_single_case_writes_every_voxel_on_source_geometry(ct_case, exact_double_checkpoint, tmp_path, capsys):
     out = tmp_path / "mask.nii.gz"
-    rc = main(["segment", str(abdomen_ct), "--model", "testdouble", "--checkpoint", str(double_checkpoint),
-               "--out", str(out), "--device", "cpu", "--batch-size", "8", "--quiet"])
+    rc = main(["segment", str(ct_case.path), "--model", "testdouble", "--checkpoint", str(exact_double_checkpoint),
+               "--out", str(out), "--batch-size", "8", *_RUN])
     assert rc == 0
-    src, m = nib.load(str(abdomen_ct)), nib.load(str(out))
-    np.testing.assert_array_equal(m.affine, src.affine)
-    assert m.shape == src.shape and set(np.unique(np.asarray(m.dataobj))) <= {0, 1, 2}
+    np.testing.assert_array_equal(nib.load(str(out)).affine, nib.load(str(ct_case.path)).affine)
+    _assert_double_mask(out, ct_case.path)
     assert "slices/s" in capsys.readouterr().err
 
 
-def test_segment_cohort_is_resumable(abdomen_ct, double_checkpoint, tmp_path, capsys):
-    import shutil
+def test_segment_default_model_finds_the_liver(ct_case, tmp_path):
+    """The shipped msa2net demo weights (the default --model) on the middle slices: liver Dice
+    against the reference labels (measured 0.97 on both the real CT and the phantom)."""
+    n = nib.load(str(ct_case.path)).shape[2]
+    a, b = n // 2 - 3, n // 2 + 3
+    out = tmp_path / "mask.nii.gz"
+    assert main(["segment", str(ct_case.path), "--out", str(out), "--slices", f"{a}:{b}", *_RUN]) == 0
+    got, ref = _stored(out), _stored(ct_case.labels)
+    liver = np.isin(ref[..., a:b], ct_case.liver_ids)
+    assert _dice(got[..., a:b] == 1, liver) > 0.8
+    assert not got[..., :a].any() and not got[..., b:].any()
 
+
+def test_segment_cohort_is_resumable(ct_case, exact_double_checkpoint, tmp_path, capsys):
     cases = tmp_path / "cases"
     cases.mkdir()
     for n in ("a", "b"):
-        shutil.copy(abdomen_ct, cases / f"{n}.nii.gz")
+        shutil.copy(ct_case.path, cases / f"{n}.nii.gz")
     out = tmp_path / "masks"
-    args = ["segment", str(cases), "--model", "testdouble", "--checkpoint", str(double_checkpoint),
-            "--out", str(out), "--device", "cpu", "--slices", "0:2", "--quiet"]
+    args = ["segment", str(cases), "--model", "testdouble", "--checkpoint", str(exact_double_checkpoint),
+            "--out", str(out), "--slices", "0:2", *_RUN]
     assert main(args) == 0
     assert sorted(p.name for p in out.iterdir()) == ["a_mask.nii.gz", "b_mask.nii.gz"]
+    for p in out.iterdir():
+        _assert_double_mask(p, ct_case.path, slices=[0, 1])
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     capsys.readouterr()
     assert main(args) == 0
     assert capsys.readouterr().err.count("skip") == 2
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
 @pytest.mark.parametrize("extra,msg", [
     (["--slices", "5:5"], "empty slice range"),
+    (["--slices", "0:100000"], "outside the volume"),
     (["--checkpoint", "/nonexistent.safetensors"], "not found"),
+    (["--device", "gpu7"], "unknown device"),
 ])
-def test_segment_bad_input_exits_2(abdomen_ct, double_checkpoint, tmp_path, capsys, extra, msg):
-    args = ["segment", str(abdomen_ct), "--model", "testdouble", "--out", str(tmp_path / "m.nii.gz"), "--quiet"]
+def test_segment_bad_input_exits_2(ct_case, double_checkpoint, tmp_path, capsys, extra, msg):
+    args = ["segment", str(ct_case.path), "--model", "testdouble", "--out", str(tmp_path / "m.nii.gz"), "--quiet"]
     if "--checkpoint" not in extra:
         args += ["--checkpoint", str(double_checkpoint)]
     assert main(args + extra) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("genseg: error:") and msg in err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("genseg: error:") and msg in err[0]
     assert not (tmp_path / "m.nii.gz").exists()
 
 
-def test_segment_refuses_to_overwrite_source(abdomen_ct, double_checkpoint, tmp_path, capsys):
-    import shutil
-
+def test_segment_refuses_to_overwrite_source(ct_case, double_checkpoint, tmp_path, capsys):
     src = tmp_path / "ct.nii.gz"
-    shutil.copy(abdomen_ct, src)
+    shutil.copy(ct_case.path, src)
     before = src.read_bytes()
     rc = main(["segment", str(src), "--model", "testdouble", "--checkpoint", str(double_checkpoint),
                "--out", str(src), "--quiet"])
@@ -74,48 +129,44 @@ def test_bad_volume_and_wrong_model_checkpoint(tmp_path, double_checkpoint, caps
     nib.save(nib.Nifti1Image(np.zeros((4, 4), np.int16), np.eye(4)), str(flat))
     assert main(["info", str(flat)]) == 2
     assert "not a 3-D CT volume" in capsys.readouterr().err
-    from napari_genseg.models import registry
-
-    other = [f.name for f in registry.list_families() if f.name != "testdouble"]
-    if other:
-        vol = tmp_path / "v.nii.gz"
-        nib.save(nib.Nifti1Image(np.zeros((8, 8, 3), np.int16), np.eye(4)), str(vol))
-        rc = main(["segment", str(vol), "--model", other[0], "--checkpoint", str(double_checkpoint),
-                   "--out", str(tmp_path / "o.nii.gz"), "--quiet"])
-        assert rc == 2 and "testdouble checkpoint, not" in capsys.readouterr().err
+    vol = tmp_path / "v.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 3), np.int16), np.eye(4)), str(vol))
+    rc = main(["segment", str(vol), "--model", "msa2net", "--checkpoint", str(double_checkpoint),
+               "--out", str(tmp_path / "o.nii.gz"), "--quiet"])
+    assert rc == 2 and "testdouble checkpoint, not msa2net" in capsys.readouterr().err
+    assert not (tmp_path / "o.nii.gz").exists()
 
 
-def test_truncated_checkpoint_is_reported(double_checkpoint, abdomen_ct, tmp_path, capsys):
+def test_truncated_checkpoint_is_reported(double_checkpoint, ct_case, tmp_path, capsys):
     data = double_checkpoint.read_bytes()
     double_checkpoint.write_bytes(data[: len(data) // 2])
-    rc = main(["segment", str(abdomen_ct), "--model", "testdouble", "--checkpoint", str(double_checkpoint),
+    rc = main(["segment", str(ct_case.path), "--model", "testdouble", "--checkpoint", str(double_checkpoint),
                "--out", str(tmp_path / "m.nii.gz"), "--quiet"])
     assert rc == 2 and "cannot read weights" in capsys.readouterr().err
 
 
-def test_cohort_cases_split_across_torchrun_ranks(abdomen_ct, double_checkpoint, tmp_path, monkeypatch):
-    import shutil
-
+def test_cohort_cases_split_across_torchrun_ranks(ct_case, exact_double_checkpoint, tmp_path, monkeypatch):
     cases = tmp_path / "cases"
     cases.mkdir()
     for n in ("a", "b", "c"):
-        shutil.copy(abdomen_ct, cases / f"{n}.nii.gz")
+        shutil.copy(ct_case.path, cases / f"{n}.nii.gz")
     lst = tmp_path / "list.txt"
     lst.write_text("\n".join(str(p) for p in sorted(cases.iterdir())))
     out = tmp_path / "masks"
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["segment", str(lst), "--model", "testdouble", "--checkpoint", str(double_checkpoint),
-                 "--out", str(out), "--slices", "0:1", "--quiet"]) == 0
+    assert main(["segment", str(lst), "--model", "testdouble", "--checkpoint", str(exact_double_checkpoint),
+                 "--out", str(out), "--slices", "0:1", *_RUN]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["b_mask.nii.gz"]  # rank 1 of 2 takes every 2nd case
+    _assert_double_mask(out / "b_mask.nii.gz", ct_case.path, slices=[0])
 
 
-def test_threads_option_sets_torch_threads(abdomen_ct, double_checkpoint, tmp_path):
+def test_threads_option_sets_torch_threads(ct_case, double_checkpoint, tmp_path):
     import torch
 
     before = torch.get_num_threads()
     try:
-        assert main(["segment", str(abdomen_ct), "--model", "testdouble", "--checkpoint", str(double_checkpoint),
+        assert main(["segment", str(ct_case.path), "--model", "testdouble", "--checkpoint", str(double_checkpoint),
                      "--out", str(tmp_path / "m.nii.gz"), "--slices", "0:1", "--threads", "1", "--quiet"]) == 0
         assert torch.get_num_threads() == 1
     finally:
@@ -128,3 +179,13 @@ def test_models_lists_configs_params_classes_and_checkpoints(capsys):
     assert "msa2net_paper [paper]     112.77 M" in out and "msa2net_released [paper]  93.66 M" in out
     assert "arseg_paper [paper]       101.45 M" in out
     assert "background, liver, spleen" in out and "msa2net_demo.safetensors" in out
+
+
+def test_ct_case_is_the_phantom_without_shared(tmp_path, monkeypatch):
+    """A clone without ../shared still has a labelled CT for the CLI tests."""
+    from _ct_cases import find_ct_case
+
+    monkeypatch.setenv("GENSEG_SHARED_DIR", str(tmp_path / "missing"))
+    case = find_ct_case(tmp_path / "scratch")
+    assert case.source == "phantom" and case.path.is_file() and case.labels.is_file()
+    assert np.isin(_stored(case.labels), case.liver_ids).sum() > 1000

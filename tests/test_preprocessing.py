@@ -73,3 +73,22 @@ def test_arseg_predictor_mask_grid_has_the_image_grids_field_of_view(tmp_path):
     fov_img = pred.grid.size * np.array(pred.grid.target_spacing)
     fov_mask = pred.mask_grid.size * np.array(pred.mask_grid.target_spacing)
     np.testing.assert_allclose(fov_mask, fov_img)
+
+
+def test_spacing_crop_and_its_inverse_keep_marker_voxels():
+    """A slice larger than the model grid at the grid's own spacing is centre-cropped: a marker
+    inside the crop lands on the expected model pixel and maps back onto exactly its own voxel;
+    a marker outside the crop is cut off and comes back as background."""
+    g = SliceGrid(32, "spacing", (1.0, 1.0))
+    hw = (100, 60)  # crop offsets: rows (100 - 32) // 2 = 34, columns (60 - 32) // 2 = 14
+    x = torch.zeros(1, 1, *hw)
+    x[0, 0, 40, 20] = 1.0  # inside the crop -> model pixel (6, 6)
+    x[0, 0, 5, 30] = 1.0  # above the crop
+    on = g.to_model(x, (1.0, 1.0), pad_value=0.0)
+    assert on.shape == (1, 1, 32, 32)
+    assert torch.nonzero(on[0, 0]).tolist() == [[6, 6]]
+    # a two-class logit map that calls exactly the model pixels holding the marker foreground
+    logits = torch.cat([1.0 - 2.0 * on, 2.0 * on - 1.0], 1) * 10.0
+    back = g.from_model(logits, hw, (1.0, 1.0)).argmax(1)[0]
+    assert back.shape == hw
+    assert torch.nonzero(back).tolist() == [[40, 20]]

@@ -96,26 +96,76 @@ def test_gui_stays_responsive_while_running(make_napari_viewer_proxy, qtbot, slo
     assert len(ticks) > 20
 
 
-def test_bad_inputs_notify_and_create_nothing(make_napari_viewer_proxy, qtbot, double_checkpoint, tmp_path, monkeypatch):
-    from napari_genseg.ui import segment_widget as sw
+@pytest.fixture
+def notes(monkeypatch):
+    """Every napari notification dispatched during the test."""
+    from napari.utils.notifications import notification_manager
 
-    errors = []
-    monkeypatch.setattr(sw, "_notify_error", errors.append)
+    got = []
+    monkeypatch.setattr(notification_manager, "dispatch", got.append)
+    return got
+
+
+def test_bad_inputs_notify_one_line_and_create_nothing(make_napari_viewer_proxy, qtbot, double_checkpoint, tmp_path, notes):
+    from napari.utils.notifications import ErrorNotification
+
     viewer = make_napari_viewer_proxy()
     w = _widget(viewer, double_checkpoint)
-    assert w.run() is None and "image layer" in errors[-1]
+    assert w.run() is None and "image layer" in notes[-1].message
     _image(viewer)
     w._scope.value = "range"
     w._start.value, w._stop.value = 5, 3
-    assert w.run() is None and "empty slice range" in errors[-1]
+    assert w.run() is None and "empty slice range" in notes[-1].message
     w._scope.value = "all"
     w._checkpoint.value = str(tmp_path / "missing.safetensors")
-    assert w.run() is None and "not found" in errors[-1]
+    assert w.run() is None and "not found" in notes[-1].message
     assert "msa2net_paper" in w._model.choices  # a registered config: its checkpoint must match
     w._model.value = "msa2net_paper"
     w._checkpoint.value = str(double_checkpoint)
-    assert w.run() is None and "testdouble checkpoint" in errors[-1]
+    assert w.run() is None and "testdouble checkpoint" in notes[-1].message
     assert [l.name for l in viewer.layers] == ["ct"]
+    assert len(notes) == 4 and not any(isinstance(n, ErrorNotification) for n in notes)
+    assert all("\n" not in n.message for n in notes)
+
+
+def test_a_bug_in_the_worker_shows_its_traceback(make_napari_viewer_proxy, qtbot, double_checkpoint, notes, monkeypatch):
+    from _doubles import ThresholdNet
+    from napari.utils.notifications import ErrorNotification
+
+    def broken(self, x):
+        raise ValueError("shape bug deep in the model")
+
+    monkeypatch.setattr(ThresholdNet, "forward", broken)
+    viewer = make_napari_viewer_proxy()
+    _image(viewer)
+    w = _widget(viewer, double_checkpoint)
+    assert w.run() is not None
+    _wait_done(qtbot, w)
+    [err] = [n for n in notes if isinstance(n, ErrorNotification)]
+    assert isinstance(err.exception, ValueError) and "Segmentation failed" in err.message
+    assert "broken" in err.as_text()  # the traceback reaches the frame that raised
+    assert w._run.enabled and "failed" in w._status.value
+
+
+def test_a_partial_checkpoint_warns_in_the_dock(make_napari_viewer_proxy, qtbot, tmp_path, notes):
+    from _doubles import ThresholdConfig, ThresholdNet, register_double
+    from napari.utils.notifications import NotificationSeverity
+
+    from napari_genseg.models.checkpoints import save_checkpoint
+
+    register_double()
+    cfg = ThresholdConfig()
+    ck = save_checkpoint(tmp_path / "partial.safetensors", ThresholdNet(cfg), "testdouble", "testdouble_small", cfg,
+                         ["background", "soft", "dense"],
+                         {"normalization": {"kind": "hu_window", "low": -200.0, "high": 200.0}, "grid": "resize"},
+                         untrained=["gain"])
+    viewer = make_napari_viewer_proxy()
+    _image(viewer)
+    w = _widget(viewer, ck)
+    assert w.run() is not None
+    _wait_done(qtbot, w)
+    warned = [n for n in notes if n.severity == NotificationSeverity.WARNING]
+    assert len(warned) == 1 and "--allow-partial" in warned[0].message and "gain" in warned[0].message
 
 
 def test_window_preset_sets_contrast_only(make_napari_viewer_proxy, double_checkpoint):

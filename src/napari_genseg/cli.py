@@ -1,6 +1,10 @@
 """``genseg`` command line: segment, info, models, import, demo (train/evaluate in training/).
 
-Bad input exits with status 2 and a one-line reason on stderr.
+Errors: a mistake in what the user gave (a missing or unreadable file, an output that would
+overwrite the input, an unwritable folder, a bad option, an unusable checkpoint) is raised as
+:class:`~napari_genseg.errors.InputError` where the input is checked and ends the command with
+"genseg: error: <one line>" and exit status 2. Anything else is a bug and keeps its traceback.
+Files and folders are checked before torch is imported or a model is loaded.
 """
 
 from __future__ import annotations
@@ -11,28 +15,24 @@ import sys
 import warnings
 from pathlib import Path
 
+from .errors import InputError
+
 __all__ = ["main"]
 
 
-class UserError(Exception):
-    """Exit 2 with this one-line message."""
-
-
 def _fail(msg: str) -> None:
-    raise UserError(msg)
+    raise InputError(msg)
 
 
 # ----------------------------------------------------------------------------- helpers
 def _load(case, series: str | None = None):
-    """Read one case (a Case from discovery, or a path that must hold one case)."""
-    from .io import VolumeReadError, load_volume
+    """Read one case (a Case from discovery, or a path that must hold one case); the reader's
+    warnings go to stderr. Raises VolumeReadError (an InputError) for an unreadable input."""
+    from .io import load_volume
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        try:
-            vol = case.load(series) if hasattr(case, "load") else load_volume(case, series_uid=series)
-        except VolumeReadError as exc:
-            _fail(str(exc))
+        vol = case.load(series) if hasattr(case, "load") else load_volume(case, series_uid=series)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     return vol
@@ -44,29 +44,71 @@ def _progress(total: int, desc: str, quiet: bool = False):
     return tqdm(total=total, desc=desc, unit="slice", disable=quiet, file=sys.stderr, dynamic_ncols=True)
 
 
-def _resolve(model: str, checkpoint: str | None, device: str):
-    from .models.checkpoints import CheckpointError, resolve_model
+def _resolve(model: str, checkpoint: str | None):
+    """Load the model (a family's shipped checkpoint or ``checkpoint``); its warnings (e.g. a
+    partial import's untrained modules) go to stderr."""
+    from .models.checkpoints import resolve_model
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ckpt = resolve_model(model, checkpoint, device="cpu")
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    return ckpt
+
+
+def _slices(spec, vol) -> list[int]:
+    """``--slices`` checked against the volume (InputError for an empty or out-of-range choice)."""
+    from .engine import parse_slices
 
     try:
-        return resolve_model(model, checkpoint, device="cpu")
-    except (CheckpointError, KeyError) as exc:
-        _fail(str(exc).strip("'\""))
+        return parse_slices(spec, vol.shape[0])
+    except ValueError as exc:  # parse_slices only parses and range-checks the option
+        raise InputError(f"--slices {spec}: {exc}") from None
+
+
+def _check_device(name: str) -> None:
+    """A malformed ``--device`` fails here, before the model loads (its fallback warning is
+    printed later, where the predictor is made)."""
+    from .device import resolve_device
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        resolve_device(name)
+
+
+def _check_inputs_exist(cases: list[Path]) -> None:
+    missing = [c for c in cases if not c.exists()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        _fail(f"no such file or folder: {missing[0]}{more}")
+
+
+def _check_outputs(targets: list[Path], sources: list[Path]) -> None:
+    """Every output folder can be written and no output is one of the inputs."""
+    from .io.atomic import check_writable_folder, same_file
+
+    for folder in dict.fromkeys(t.parent for t in targets):
+        check_writable_folder(folder)
+    for t in targets:
+        for src in sources:
+            if same_file(t, src):
+                _fail(f"refusing to overwrite the source image {t}: choose another --out")
 
 
 def segment_volume(vol, ckpt, args, desc: str):
+    """Run ``ckpt`` over ``vol`` with the run options of ``args``; a progress bar on stderr."""
     from .engine import run_volume
     from .predictors import make_predictor
 
+    zs = _slices(args.slices, vol)
     if getattr(args, "threads", 0):
         import torch
 
         torch.set_num_threads(int(args.threads))
     pred = make_predictor(ckpt, device=args.device, precision=args.precision, grid_mode=args.grid)
-    try:
-        gen = run_volume(pred, vol, slices=args.slices, batch_size=args.batch_size)
-    except ValueError as exc:
-        _fail(str(exc))
-    bar = _progress(len(range(vol.shape[0])) if args.slices in (None, "all") else 0, desc, args.quiet)
+    gen = run_volume(pred, vol, slices=zs, batch_size=args.batch_size)
+    bar = _progress(len(zs), desc, args.quiet)
     try:
         while True:
             try:
@@ -76,8 +118,6 @@ def segment_volume(vol, ckpt, args, desc: str):
                 break
             bar.total = p.total
             bar.update(len(p.z))
-    except ValueError as exc:
-        _fail(str(exc))
     finally:
         bar.close()
     return res
@@ -119,33 +159,37 @@ def _cases(inputs: list[str]):
 
 
 def cmd_segment(args) -> int:
-    from .io import MaskWriteError, write_mask
+    from .io import write_mask
 
     found = _cases(args.input)
     cases = found.cases
     single = len(cases) == 1 and not Path(args.out).is_dir() and str(args.out).endswith((".nii", ".nii.gz"))
     if args.series and len(cases) > 1:
         _fail(f"--series picks a series of one case; the inputs hold {len(cases)} cases")
-    ckpt = _resolve(args.model, args.checkpoint, args.device)
+    out_dir = Path(args.out)
+    if not single and out_dir.suffix in (".nii", ".gz"):
+        _fail("several cases need --out to be a folder")
     rank, world = _dist_rank_world()
+    mine = cases if single else cases[rank::world]
+    targets = [out_dir] if single else [out_dir / f"{c.name}_mask.nii.gz" for c in mine]
+    # files and folders first: no torch import, no model load for a typo
+    _check_inputs_exist([c.path for c in mine])
+    _check_outputs(targets, [c.path for c in cases])
     if single:
         vol = _load(cases[0], args.series)
+        _slices(args.slices, vol)
+        _check_device(args.device)
+        ckpt = _resolve(args.model, args.checkpoint)
         res = segment_volume(vol, ckpt, args, cases[0].name)
-        try:
-            write_mask(args.out, res.labels, like=vol)
-        except MaskWriteError as exc:
-            _fail(str(exc))
+        write_mask(args.out, res.labels, like=vol)
         print(f"wrote {args.out} ({len(res.z)} slices, {res.slices_per_second:.2f} slices/s, "
               f"classes {', '.join(ckpt.class_names)})", file=sys.stderr)
         return 0
-    out_dir = Path(args.out)
-    if out_dir.suffix in (".nii", ".gz"):
-        _fail("several cases need --out to be a folder")
+    _check_device(args.device)
+    ckpt = _resolve(args.model, args.checkpoint)
     out_dir.mkdir(parents=True, exist_ok=True)
-    mine = cases[rank::world]
     failed = 0
-    for case in mine:
-        target = out_dir / f"{case.name}_mask.nii.gz"
+    for case, target in zip(mine, targets):
         if target.exists() and not args.overwrite:
             print(f"skip {case.name}: {target.name} exists", file=sys.stderr)
             continue
@@ -154,7 +198,7 @@ def cmd_segment(args) -> int:
             res = segment_volume(vol, ckpt, args, case.name)
             write_mask(target, res.labels, like=vol)
             print(f"wrote {target}", file=sys.stderr)
-        except UserError as exc:
+        except InputError as exc:  # one bad case does not stop a cohort; a bug does
             failed += 1
             print(f"error: {case.name} ({case.path}): {exc}", file=sys.stderr)
     if failed:
@@ -192,22 +236,57 @@ def cmd_models(args) -> int:
 
 
 def cmd_import(args) -> int:
-    from .models.checkpoints import CheckpointError, import_official_checkpoint
+    from .io.atomic import check_writable_folder, same_file
+
+    src, out = Path(args.checkpoint), Path(args.out)
+    if not src.is_file():
+        _fail(f"checkpoint not found: {src}")
+    if same_file(out, src) or same_file(out.with_suffix(".json"), src):
+        _fail(f"--out {out} would overwrite the official checkpoint")
+    check_writable_folder(out.parent)
+
+    from .models.checkpoints import PartialImportError, import_official_checkpoint
 
     try:
-        path, report = import_official_checkpoint(args.family, args.checkpoint, args.out,
-                                                  class_names=args.classes)
-    except (CheckpointError, KeyError) as exc:
-        _fail(str(exc))
+        path, report = import_official_checkpoint(args.family, src, out, class_names=args.classes,
+                                                  allow_partial=args.allow_partial)
+    except PartialImportError as exc:
+        print(exc.report)
+        raise
     print(report)
     print(f"wrote {path}")
-    return 0 if report.ok or args.allow_partial else 1
+    if not report.ok:
+        untrained = _peek_untrained(path)
+        print(f"warning: {path.name} is partial: {', '.join(untrained) or 'no module'} kept random weights "
+              f"(recorded in {path.with_suffix('.json').name}; loading it warns)", file=sys.stderr)
+    return 0
+
+
+def _peek_untrained(path: Path) -> list[str]:
+    import json
+
+    return list(json.loads(path.with_suffix(".json").read_text()).get("untrained", []))
 
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
     return run_demo(args)
+
+
+def _count(minimum: int):
+    """argparse type: an integer >= ``minimum`` (argparse reports others with exit status 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"{v} is below {minimum}")
+        return v
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,11 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
         p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                        help="auto = fp32 on cpu, bf16/fp16 autocast on GPU; bf16 is ~2x faster on AVX-512 CPUs")
-        p.add_argument("--batch-size", type=int, default=4)
+        p.add_argument("--batch-size", type=_count(1), default=4)
         p.add_argument("--slices", default=None, help="all (default), 'a:b' (b exclusive) or 'a-b' (inclusive)")
         p.add_argument("--grid", default=None, choices=["resize", "spacing"],
                        help="slice to model grid: the checkpoint's choice by default")
-        p.add_argument("--threads", type=int, default=0,
+        p.add_argument("--threads", type=_count(0), default=0,
                        help="torch CPU threads (0 = torch's default); 1 is much faster next to other busy processes")
         p.add_argument("--quiet", action="store_true")
 
@@ -249,7 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True)
     p.add_argument("--classes", nargs="*", default=None, help="class names (default: class0..N)")
-    p.add_argument("--allow-partial", action="store_true", help="exit 0 even with missing/unexpected keys")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="write the checkpoint even when keys are missing, unexpected or of another shape; "
+                        "the modules left untrained are recorded in its JSON and loading it warns")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("demo", help="the main job: sample CT + default model, in napari or --headless")
@@ -276,12 +357,17 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except UserError as exc:
-        print(f"genseg: error: {exc}", file=sys.stderr)
+    except InputError as exc:
+        print(f"genseg: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("genseg: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 if __name__ == "__main__":

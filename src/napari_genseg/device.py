@@ -16,12 +16,18 @@ import warnings
 
 import torch
 
-__all__ = ["PRECISIONS", "resolve_device", "resolve_precision", "autocast_context", "warn_once"]
+from .errors import InputError
+
+__all__ = ["DeviceError", "PRECISIONS", "resolve_device", "resolve_precision", "autocast_context", "warn_once"]
 
 #: precision choices of the CLI, the dock widgets and training configs
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 _WARNED: set[str] = set()
+
+
+class DeviceError(InputError, ValueError):
+    """A device or precision name that is not one of the known forms (a user's option)."""
 
 
 def warn_once(message: str, category: type[Warning] = UserWarning, stacklevel: int = 3) -> None:
@@ -36,7 +42,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``"auto"`` -> cuda > mps > cpu; ``"cuda"``, ``"cuda:1"``, ``"mps"``, ``"cpu"`` as asked.
 
     An explicit device that is not available falls back to the CPU with a ``UserWarning``.
-    Raises ``RuntimeError`` (from torch) for a malformed device string.
+    Raises :class:`DeviceError` for a malformed device string.
     """
     if isinstance(device, torch.device):
         return device
@@ -54,16 +60,20 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device == "mps" and not mps_ok:
         warnings.warn("mps requested but not available; using cpu", stacklevel=2)
         return torch.device("cpu")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise DeviceError(f"unknown device {device!r} (auto, cpu, cuda, cuda:N, mps)") from None
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """The precision that runs on ``device`` for the requested one (see the module docstring).
 
-    Returns "fp32", "bf16" or "fp16". Raises ``ValueError`` for a name outside ``PRECISIONS``.
+    Returns "fp32", "bf16" or "fp16". Raises :class:`DeviceError` (a ValueError) for a name outside
+    ``PRECISIONS``.
     """
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        raise DeviceError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if precision == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"

@@ -26,6 +26,7 @@ from napari_genseg.models.arseg.maskvq import MaskVQ, phi_assignment
 from napari_genseg.models.arseg.sam_encoder import SamImageEncoder
 from napari_genseg.models.arseg.segmentor import SvdAdapter
 from napari_genseg.models.checkpoints import load_state_dict_report
+from napari_genseg.models.key_mapping import strip_prefixes
 
 from fidelity_utils import FIDELITY_DIR as FIDELITY  # noqa: E402
 
@@ -480,7 +481,7 @@ def test_fidelity_sam_vit_b():
     assert set(mapped) == set(full)  # ArSeg keeps the image_encoder.* keys as they are
     assert ov["img_size"] == 1024 and ov["sam_global_attn_indexes"] == (2, 5, 8, 11)
     assert ov["sam_window_size"] == 14 and ov["sam_heads"] == 12 and ov["embed_dim"] == 256
-    sd = {k[len("image_encoder."):]: v for k, v in full.items()}
+    sd = strip_prefixes(full, ("image_encoder.",))
     enc = SamImageEncoder().eval()
     report = load_state_dict_report(enc, sd)
     assert report.ok and len(report.loaded) == len(sd) == 177, str(report)

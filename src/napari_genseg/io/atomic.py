@@ -1,4 +1,7 @@
-"""Atomic file output: write to a temporary file beside the target, then rename over it."""
+"""Atomic file output: write to a temporary file beside the target, then rename over it.
+
+``check_writable_folder`` tells before any work whether such a write can land in a folder.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,9 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "same_file", "default_mode"]
+from ..errors import InputError
+
+__all__ = ["atomic_path", "same_file", "default_mode", "check_writable_folder"]
 
 
 def default_mode() -> int:
@@ -56,3 +61,17 @@ def same_file(a: str | os.PathLike | None, b: str | os.PathLike | None) -> bool:
     except OSError:
         pass
     return a.resolve() == b.resolve()
+
+
+def check_writable_folder(folder: str | os.PathLike) -> None:
+    """Raise :class:`~napari_genseg.errors.InputError` unless files can be created in ``folder``:
+    it exists as a writable folder, or its nearest existing ancestor is one (``atomic_path``
+    creates the missing folders). Checks only; creates nothing."""
+    folder = Path(folder).absolute()
+    anc = folder
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise InputError(f"cannot write into {folder}: {anc} is a file, not a folder")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write into {folder}: no write permission for {anc}")

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..volume import DISPLAY_AXCODES, Volume
-from .atomic import atomic_path, same_file
+from .atomic import atomic_path, check_writable_folder, same_file
 from .shear import DisplayGrid, display_grid, labels_to_source, measure_shear, resample_to_display
 
 __all__ = [
@@ -214,7 +214,9 @@ def write_mask(
 ) -> Path:
     """Write a (z, y, x) label array as NIfTI on the geometry of ``like`` (its source voxels,
     affine and header), or, for a layer painted without reader metadata, on the display grid
-    given by ``spacing``/``origin``. Atomic; refuses to overwrite the source image."""
+    given by ``spacing``/``origin``. Atomic; refuses to overwrite the source image. Raises
+    :class:`MaskWriteError` for a non-NIfTI name, the source image's path, a folder that cannot
+    be written, or labels that are not a non-negative integer volume of the image's shape."""
     import nibabel as nib
     import nibabel.orientations as no
 
@@ -223,6 +225,10 @@ def write_mask(
         raise MaskWriteError(f"{path.name}: mask output must end with .nii or .nii.gz")
     if like is not None and same_file(path, like.source_path):
         raise MaskWriteError(f"refusing to overwrite the source image {path}")
+    try:
+        check_writable_folder(path.parent)
+    except InputError as exc:
+        raise MaskWriteError(str(exc)) from None
     labels = np.asarray(labels)
     if labels.ndim != 3:
         raise MaskWriteError(f"labels must be 3-D (z, y, x); got shape {labels.shape}")

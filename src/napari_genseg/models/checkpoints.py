@@ -7,15 +7,25 @@ Own format: ``NAME.safetensors`` (weights) beside ``NAME.json`` (what to rebuild
      "class_names": ["background", "liver", "spleen"],
      "input": {"normalization": {"kind": "hu_window", "low": -125, "high": 275},
                "grid": "spacing" | "resize", "spacing_mm": [1.5, 1.5] | null},
-     "provenance": {...}}
+     "provenance": {...},
+     "untrained": ["segmentor", ...]}          # only in files written by `genseg import --allow-partial`
 
-Foreign ``.pth`` files are read only through ``torch.load(weights_only=True)``.
+Foreign ``.pth`` files are read only through ``torch.load(weights_only=True)``; their keys go
+through the family's importer under the one key policy of :mod:`.key_mapping`. ``genseg import``
+writes a checkpoint only when the load report is clean; with ``--allow-partial`` it writes it and
+records the modules that kept random weights under ``"untrained"``, and every later load of that
+file warns (:class:`UntrainedWeightsWarning`).
+
+Shipped demo checkpoints (``msa2net_demo``, ``arseg_demo``) live in the repository's ``models/``;
+the wheel carries copies in ``napari_genseg/models/shipped/`` (put there by ``setup.py``'s build
+step), so a plain ``pip install`` has them (:func:`shipped_checkpoints_dir`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,17 +35,21 @@ import torch.nn as nn
 
 from ..errors import InputError
 from . import registry
+from .key_mapping import strip_prefixes
 
 FORMAT = "napari-genseg-checkpoint"
 VERSION = 1
 
 __all__ = [
     "CheckpointError",
+    "PartialImportError",
+    "UntrainedWeightsWarning",
     "LoadReport",
     "Checkpoint",
     "strip_prefixes",
     "read_torch_state_dict",
     "load_state_dict_report",
+    "untrained_modules",
     "save_checkpoint",
     "load_checkpoint",
     "resolve_model",
@@ -47,8 +61,25 @@ class CheckpointError(InputError, ValueError):
     """A checkpoint that cannot be used, with a one-line reason."""
 
 
+class PartialImportError(CheckpointError):
+    """An official checkpoint that does not fully fit the model (missing, unexpected or
+    shape-mismatched keys): nothing was written. ``report`` holds the full :class:`LoadReport`."""
+
+    def __init__(self, message: str, report: "LoadReport"):
+        super().__init__(message)
+        self.report = report
+
+
+class UntrainedWeightsWarning(UserWarning):
+    """A checkpoint written by ``genseg import --allow-partial``: some modules have random weights."""
+
+
 @dataclass
 class LoadReport:
+    """What a load did with each key: loaded, remapped (official -> ours), missing (model keys the
+    file lacks: they keep their initial, random values), unexpected (file keys the model lacks),
+    shape_mismatch ((key, model shape, file shape)), plus the importer's notes."""
+
     loaded: list[str] = field(default_factory=list)
     remapped: dict[str, str] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
@@ -59,6 +90,17 @@ class LoadReport:
     @property
     def ok(self) -> bool:
         return not (self.missing or self.unexpected or self.shape_mismatch)
+
+    def first_problem(self) -> str:
+        """The first missing / unexpected / shape-mismatched key, as a short phrase ("" if none)."""
+        if self.missing:
+            return f"missing {self.missing[0]}"
+        if self.unexpected:
+            return f"unexpected {self.unexpected[0]}"
+        if self.shape_mismatch:
+            k, want, got = self.shape_mismatch[0]
+            return f"{k}: model {tuple(want)}, checkpoint {tuple(got)}"
+        return ""
 
     def summary(self) -> str:
         return (
@@ -79,22 +121,10 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def strip_prefixes(sd: dict, prefixes=("module.", "_orig_mod.")) -> dict:
-    out = {}
-    for k, v in sd.items():
-        changed = True
-        while changed:
-            changed = False
-            for p in prefixes:
-                if k.startswith(p):
-                    k = k[len(p):]
-                    changed = True
-        out[k] = v
-    return out
-
-
 def read_torch_state_dict(path: str | os.PathLike, allow_namespace: bool = False) -> dict:
-    """Read a foreign ``.pth`` safely (``weights_only=True``) and unwrap common containers."""
+    """Read a foreign ``.pth`` safely (``weights_only=True``), unwrap common containers
+    (``model``, ``state_dict``, ``model_state_dict``, ``net``) and strip wrapper prefixes
+    (``module.``, ``_orig_mod.``). Raises :class:`CheckpointError` for anything else."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -114,11 +144,17 @@ def read_torch_state_dict(path: str | os.PathLike, allow_namespace: bool = False
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path.name} does not hold a state dict of tensors")
-    return strip_prefixes(obj)
+    try:
+        return strip_prefixes(obj)
+    except ValueError as exc:  # two keys collapse onto one name
+        raise CheckpointError(f"{path.name}: {exc}") from None
 
 
 def load_state_dict_report(model: nn.Module, sd: dict, strict: bool = False) -> LoadReport:
-    """Copy every key whose name and shape match; report the rest. Raises if ``strict`` and not ok."""
+    """Copy every key whose name and shape match; report the rest.
+
+    Raises :class:`CheckpointError` (one line: the counts and the first offending key) when
+    ``strict`` and the report is not clean; nothing is loaded then."""
     own = model.state_dict()
     report = LoadReport()
     to_load = {}
@@ -132,9 +168,32 @@ def load_state_dict_report(model: nn.Module, sd: dict, strict: bool = False) -> 
             report.loaded.append(k)
     report.missing = [k for k in own if k not in sd]
     if strict and not report.ok:
-        raise CheckpointError(f"checkpoint does not fit the model: {report.summary()}\n{report}")
+        raise CheckpointError(f"checkpoint does not fit the model: {report.summary()} ({report.first_problem()})")
     model.load_state_dict(to_load, strict=False)
     return report
+
+
+def untrained_modules(model: nn.Module, keys) -> list[str]:
+    """The smallest description of which parts of ``model`` the state-dict ``keys`` cover:
+    the top-most modules all of whose entries are in ``keys``, plus single keys of modules
+    that are only partly covered. Sorted. Used to record which modules kept random weights.
+
+    Example: every ``segmentor.*`` key and ``vq.post_quant_conv.bias`` -> ``["segmentor",
+    "vq.post_quant_conv.bias"]``."""
+    keys = set(keys)
+    own = list(model.state_dict())
+    per_module: dict[str, list[str]] = {}
+    for k in own:
+        parts = k.split(".")
+        for i in range(1, len(parts)):
+            per_module.setdefault(".".join(parts[:i]), []).append(k)
+    fully = {m for m, ks in per_module.items() if all(k in keys for k in ks)}
+    out = set()
+    for k in keys:
+        parts = k.split(".")
+        top = next((".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) in fully), None)
+        out.add(top or k)
+    return sorted(out)
 
 
 @dataclass
@@ -150,6 +209,8 @@ class Checkpoint:
     provenance: dict
     path: Path | None
     report: LoadReport
+    #: modules left with random weights (``genseg import --allow-partial``); empty for a full checkpoint
+    untrained: list[str] = field(default_factory=list)
 
     @property
     def meta(self) -> dict:
@@ -160,6 +221,7 @@ class Checkpoint:
             "input": self.input,
             "provenance": self.provenance,
             "path": str(self.path) if self.path else None,
+            "untrained": list(self.untrained),
         }
 
 
@@ -180,8 +242,10 @@ def save_checkpoint(
     input: dict,
     provenance: dict | None = None,
     half: bool = False,
+    untrained: list[str] | None = None,
 ) -> Path:
-    """Write ``path`` (.safetensors) and its ``.json`` sidecar atomically."""
+    """Write ``path`` (.safetensors) and its ``.json`` sidecar atomically. ``untrained`` names
+    modules that kept random weights (recorded under ``"untrained"``; loading then warns)."""
     from safetensors.torch import save as st_save
 
     path = Path(path)
@@ -203,6 +267,8 @@ def save_checkpoint(
         "input": input,
         "provenance": provenance or {},
     }
+    if untrained:
+        meta["untrained"] = list(untrained)
     _atomic_write_bytes(path, st_save(sd, metadata={"format": FORMAT}))
     _atomic_write_bytes(path.with_suffix(".json"), json.dumps(meta, indent=2).encode())
     return path
@@ -224,7 +290,11 @@ def _read_meta(path: Path) -> dict:
 def load_checkpoint(
     path: str | os.PathLike, expect_model: str | None = None, device: str | torch.device = "cpu"
 ) -> Checkpoint:
-    """Rebuild the model from the JSON config and load its weights (strict shapes)."""
+    """Rebuild the model from the JSON config and load its weights (strict names and shapes).
+
+    Raises :class:`CheckpointError` for a missing or unreadable file, a foreign config, a family
+    other than ``expect_model`` or weights that do not fit. A file written by ``genseg import
+    --allow-partial`` loads with an :class:`UntrainedWeightsWarning` naming its untrained modules."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -251,6 +321,14 @@ def load_checkpoint(
     sd = {k: (v.to(own[k].dtype) if k in own else v) for k, v in sd.items()}
     report = load_state_dict_report(model, sd, strict=True)
     model.eval().to(device)
+    untrained = [str(m) for m in meta.get("untrained") or []]
+    if untrained:
+        warnings.warn(
+            f"{path.name} was imported with --allow-partial: {', '.join(untrained[:6])}"
+            f"{' ...' if len(untrained) > 6 else ''} kept random weights; its masks are not meaningful "
+            f"until those modules are trained",
+            UntrainedWeightsWarning, stacklevel=2,
+        )
     return Checkpoint(
         model=model,
         family=family,
@@ -261,15 +339,23 @@ def load_checkpoint(
         provenance=meta.get("provenance", {}),
         path=path,
         report=report,
+        untrained=untrained,
     )
 
 
+#: where the wheel carries the demo checkpoints (copied from the repository's models/ at build time)
+PACKAGED_DIR = Path(__file__).resolve().parent / "shipped"
+
+
 def shipped_checkpoints_dir() -> Path:
-    """Where demo checkpoints live: the repository's ``models/`` (or ``GENSEG_MODELS_DIR``)."""
+    """Where the demo checkpoints are read from, first match wins: ``GENSEG_MODELS_DIR``; the
+    installed package's ``napari_genseg/models/shipped/`` (a wheel install); the repository's
+    ``models/`` (a checkout or editable install: src/napari_genseg/models -> repo root)."""
     env = os.environ.get("GENSEG_MODELS_DIR")
     if env:
         return Path(env)
-    # src/napari_genseg/models/checkpoints.py -> repo root
+    if PACKAGED_DIR.is_dir():
+        return PACKAGED_DIR
     return Path(__file__).resolve().parents[3] / "models"
 
 
@@ -323,9 +409,15 @@ def import_official_checkpoint(
     out: str | os.PathLike,
     class_names: list[str] | None = None,
     input: dict | None = None,
+    allow_partial: bool = False,
 ) -> tuple[Path, LoadReport]:
     """Read an official ``.pth`` (weights_only), map its keys with the family's importer, build
-    the matching configuration, load with a report and save in the project format."""
+    the matching configuration, load with a report and save in the project format.
+
+    Writes only when the report is clean; otherwise raises :class:`PartialImportError` (with the
+    report) and writes nothing. With ``allow_partial`` it writes anyway and records the modules
+    that kept random weights under ``"untrained"`` in the JSON (see :func:`untrained_modules`).
+    Raises :class:`CheckpointError` for an unreadable or foreign file or wrong class names."""
     import dataclasses
 
     fam = registry.get_family(family)
@@ -334,22 +426,34 @@ def import_official_checkpoint(
     sd = read_torch_state_dict(src, allow_namespace=(family == "marseg"))
     try:
         overrides, mapped, notes = fam.import_official(sd)
-    except (ValueError, KeyError) as exc:
+    except CheckpointError as exc:
         raise CheckpointError(f"{Path(src).name}: {exc}") from exc
     input = input or OFFICIAL_INPUTS.get(family)
     entry = registry.get_entry(family)
-    cfg = dataclasses.replace(entry.config, **overrides)
-    model = fam.build(cfg)
-    report = load_state_dict_report(model, mapped)
-    report.notes += list(notes)
+    try:  # the config read off the file's tensor shapes is validated in __post_init__
+        cfg = dataclasses.replace(entry.config, **overrides)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{Path(src).name}: its tensor shapes describe no valid {family} model: {exc}") from exc
     n = getattr(cfg, "num_classes", 0)
     names = list(class_names) if class_names else [f"class{i}" for i in range(n)]
     if n and len(names) != n:
         raise CheckpointError(f"{len(names)} class names given for a {n}-class checkpoint")
+    model = fam.build(cfg)
+    report = load_state_dict_report(model, mapped)
+    report.notes += list(notes)
+    untrained: list[str] = []
+    if not report.ok:
+        if not allow_partial:
+            raise PartialImportError(
+                f"{Path(src).name} does not fully fit {family} ({report.summary()}); nothing written "
+                f"(--allow-partial writes it with the untrained modules recorded)", report)
+        untrained = untrained_modules(model, report.missing + [k for k, _, _ in report.shape_mismatch])
     path = save_checkpoint(
         out, model, family, f"{entry.name}_imported", cfg, names,
         input or {"normalization": {"kind": "hu_window", "low": -125.0, "high": 275.0}, "grid": "resize"},
-        provenance={"imported_from": str(Path(src).name), "report": report.summary(), "notes": notes},
+        provenance={"imported_from": str(Path(src).name), "report": report.summary(), "notes": notes,
+                    "unexpected_ignored": report.unexpected[:50]},
+        untrained=untrained,
     )
     return path, report
 

@@ -17,7 +17,10 @@ from typing import Any, Callable
 
 import torch.nn as nn
 
+from ..errors import InputError
+
 __all__ = [
+    "UnknownModelError",
     "ModelEntry",
     "FamilyEntry",
     "register_family",
@@ -31,6 +34,15 @@ __all__ = [
     "config_from_dict",
     "count_parameters",
 ]
+
+
+class UnknownModelError(InputError, KeyError):
+    """A model, family or config name that is not registered (a user's option: ``--model``, the
+    dock's model box, a checkpoint JSON's ``model``). A ``KeyError`` whose ``str`` is the plain
+    one-line message (no quotes)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 @dataclass(frozen=True)
@@ -127,24 +139,26 @@ def list_configs(family: str | None = None) -> list[ModelEntry]:
 
 
 def get_family(name: str) -> FamilyEntry:
+    """The registered family ``name``; raises :class:`UnknownModelError` (a KeyError) otherwise."""
     _ensure_loaded()
     try:
         return _FAMILIES[name]
     except KeyError:
-        raise KeyError(
+        raise UnknownModelError(
             f"unknown model {name!r}; known: {', '.join(sorted(_FAMILIES)) or '(none)'}"
         ) from None
 
 
 def get_entry(name: str) -> ModelEntry:
-    """A config name, or a family name (its default config)."""
+    """A config name, or a family name (its default config); raises :class:`UnknownModelError`
+    (a KeyError) for anything else."""
     _ensure_loaded()
     if name in _CONFIGS:
         return _CONFIGS[name]
     if name in _FAMILIES:
         return _CONFIGS[_FAMILIES[name].default_config]
     known = sorted(set(_CONFIGS) | set(_FAMILIES))
-    raise KeyError(f"unknown model or config {name!r}; known: {', '.join(known) or '(none)'}")
+    raise UnknownModelError(f"unknown model or config {name!r}; known: {', '.join(known) or '(none)'}")
 
 
 def config_to_dict(cfg: Any) -> dict:

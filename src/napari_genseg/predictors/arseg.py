@@ -22,7 +22,7 @@ import torch
 
 from ..device import autocast_context, resolve_device, resolve_precision
 from ..preprocessing import Normalization, SliceGrid
-from .base import input_contract, model_input
+from .base import PredictorOptionError, input_contract, model_input
 
 __all__ = ["ArSegPredictor", "consensus_from_votes"]
 
@@ -57,12 +57,12 @@ class ArSegPredictor:
         temperatures=None,
     ):
         if not 1 <= n_samples <= 64:
-            raise ValueError("number of samples must be between 1 and 64")
+            raise PredictorOptionError("number of samples must be between 1 and 64")
         if not 0.0 < threshold < 1.0:
-            raise ValueError("consensus threshold must be between 0 and 1")
+            raise PredictorOptionError("consensus threshold must be between 0 and 1")
         names = list(class_names) or ["background", "foreground"]
         if not 1 <= target_class < max(len(names), 2):
-            raise ValueError(f"target class {target_class} is not one of {names[1:]}")
+            raise PredictorOptionError(f"target class {target_class} is not one of {names[1:]}")
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.model = model.eval().to(self.device)

@@ -24,9 +24,14 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from ..errors import InputError
 from ..preprocessing import Normalization, SliceGrid, as_float_hu
 
-__all__ = ["Predictor", "input_contract", "model_input"]
+__all__ = ["Predictor", "PredictorOptionError", "input_contract", "model_input"]
+
+
+class PredictorOptionError(InputError, ValueError):
+    """A predictor option the user chose that cannot be used (e.g. N samples out of range)."""
 
 
 @runtime_checkable

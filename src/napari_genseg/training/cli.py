@@ -16,7 +16,10 @@ import json
 import sys
 from pathlib import Path
 
-__all__ = ["add_training_commands", "config_from_args"]
+from ..errors import InputError
+from .config import TrainOptionError
+
+__all__ = ["add_training_commands", "config_from_args", "TrainOptionError"]
 
 # flag dest -> config field (flags left at None do not override the config file)
 _FLAGS = {
@@ -35,17 +38,27 @@ _FLAGS = {
 def _read_config_file(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"config file not found: {p}")
+        raise TrainOptionError(f"config file not found: {p}")
     text = p.read_text()
     if p.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
-        d = yaml.safe_load(text) or {}
+        try:
+            d = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise TrainOptionError(f"{p.name} is not valid YAML: {_first_line(exc)}") from None
     else:
-        d = json.loads(text)
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise TrainOptionError(f"{p.name} is not valid JSON: {exc}") from None
     if not isinstance(d, dict):
-        raise ValueError(f"{p.name}: expected a mapping of options")
+        raise TrainOptionError(f"{p.name}: expected a mapping of options")
     return d
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def config_from_args(args):
@@ -60,13 +73,13 @@ def config_from_args(args):
     for item in getattr(args, "class_repeat", None) or []:
         name, _, n = item.rpartition("=")
         if not name:
-            raise ValueError(f"--class-repeat {item!r} is not NAME=N")
+            raise TrainOptionError(f"--class-repeat {item!r} is not NAME=N")
         d["class_repeat"] = {**d.get("class_repeat", {}), name: int(n)}
     if args.repeat:
         rep = dict(d.get("repeat", {}))
         for item in args.repeat:
             if "=" not in item:
-                raise ValueError(f"--repeat {item!r} is not SPEC=N")
+                raise TrainOptionError(f"--repeat {item!r} is not SPEC=N")
             a, b = item.rsplit("=", 1)
             rep[a] = int(b)
         d["repeat"] = rep
@@ -80,37 +93,27 @@ def config_from_args(args):
 
 
 def cmd_train(args) -> int:
-    from ..cli import UserError
+    from .data import check_data_specs
     from .loop import train
 
-    try:
+    try:  # only parses the config file and flags: its ValueError/TypeError are the user's options
         cfg = config_from_args(args)
-    except (ValueError, FileNotFoundError, TypeError) as exc:
-        raise UserError(str(exc)) from None
-    try:
-        summary = train(cfg)
-    except (ValueError, KeyError, FileNotFoundError) as exc:
-        raise UserError(str(exc).strip("'\"")) from None
+    except InputError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise TrainOptionError(_first_line(exc)) from None
+    check_data_specs(cfg.data, cfg.label_map)
+    summary = train(cfg)
     if summary.get("rank", 0) == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "rank"}, indent=2, default=str))
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from ..cli import UserError
     from .evaluate import evaluate, format_table, write_csv, write_json
 
-    try:
-        res = evaluate(args.checkpoint, args.data, label_map=args.label_map, baseline=args.baseline,
-                       slices=args.slices, device=args.device, batch_size=args.batch_size)
-    except (ValueError, KeyError, FileNotFoundError) as exc:
-        raise UserError(str(exc).strip("'\"")) from None
-    except Exception as exc:
-        from ..models.checkpoints import CheckpointError
-
-        if isinstance(exc, CheckpointError):
-            raise UserError(str(exc)) from None
-        raise
+    res = evaluate(args.checkpoint, args.data, label_map=args.label_map, baseline=args.baseline,
+                   slices=args.slices, device=args.device, batch_size=args.batch_size)
     print(format_table(res))
     if args.csv:
         print(f"wrote {write_csv(res, args.csv)}", file=sys.stderr)

@@ -12,10 +12,16 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import InputError
+
 __all__ = ["TrainConfig", "train_state_path", "DEFAULT_CLASSES"]
 
 #: class names of the default segmentation run (label ids 0..2)
 DEFAULT_CLASSES = ("background", "liver", "spleen")
+
+
+class TrainOptionError(InputError, ValueError):
+    """A training option (flag, config file entry or value) that cannot be used (one line)."""
 
 
 @dataclass
@@ -78,7 +84,7 @@ class TrainConfig:
         d = {k.replace("-", "_"): v for k, v in d.items()}
         unknown = set(d) - names
         if unknown:
-            raise ValueError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+            raise TrainOptionError(f"unknown training option(s): {', '.join(sorted(unknown))}")
         if isinstance(d.get("data"), str):
             d["data"] = [d["data"]]
         if isinstance(d.get("classes"), str):

@@ -19,6 +19,10 @@ Slices (``SliceDataset``) are brought onto the model grid with the same ``SliceG
 uses at inference, then augmented on that grid in torch: intensity (HU scale/shift, noise, gamma),
 scale, rotation, elastic, and optional anterior-posterior flip. A left-right flip is never done:
 the liver is on the patient's right and a model must learn that.
+
+A data spec, label map or hold-out block that cannot be used raises :class:`DataSpecError` (an
+``InputError``: one line, exit 2 in the CLI); :func:`check_data_specs` checks specs and their
+files before any model is built.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError
 from ..preprocessing import Normalization, SliceGrid, as_float_hu
 from ..volume import Volume
 from .config import DEFAULT_CLASSES
@@ -55,6 +60,10 @@ __all__ = [
 ]
 
 # ----------------------------------------------------------------------------- cases
+class DataSpecError(InputError, ValueError):
+    """A data spec, label map or hold-out choice that cannot be used (one-line message)."""
+
+
 @dataclass
 class Case:
     """One labelled volume: the CT as the project's ``Volume`` and its labels on the same voxels.
@@ -106,10 +115,11 @@ def parse_label_map(spec) -> dict[int, int] | None:
     for part in str(spec).replace(" ", "").split(","):
         if not part:
             continue
-        if ":" not in part:
-            raise ValueError(f"label map entry {part!r} is not SRC:DST")
-        a, b = part.split(":", 1)
-        out[int(a)] = int(b)
+        a, _, b = part.partition(":")
+        try:
+            out[int(a)] = int(b)
+        except ValueError:
+            raise DataSpecError(f"label map entry {part!r} is not SRC:DST (integers)") from None
     return out
 
 
@@ -122,7 +132,7 @@ def apply_label_map(labels: np.ndarray, mapping: dict[int, int] | None, num_clas
     lut = np.zeros(int(max(labels.max(initial=0), max(mapping, default=0))) + 1, np.uint8)
     for src, dst in mapping.items():
         if not 0 <= dst < num_classes:
-            raise ValueError(f"label map target {dst} outside 0..{num_classes - 1}")
+            raise DataSpecError(f"label map target {dst} outside 0..{num_classes - 1}")
         if src >= 0:
             lut[src] = dst
     return lut[np.clip(labels, 0, None).astype(np.int64)]
@@ -187,8 +197,8 @@ def nifti_cases(pairs, label_map=None, class_names=DEFAULT_CLASSES, source: str 
     for img_p, lbl_p in pairs:
         img, lbl = _load(img_p), _load(lbl_p)
         if not _same_grid(img, lbl):
-            raise ValueError(f"{Path(lbl_p).name}: label grid (shape {lbl.shape}, spacing {lbl.spacing}, origin "
-                             f"{lbl.origin}) differs from the image's ({img.shape}, {img.spacing}, {img.origin})")
+            raise DataSpecError(f"{Path(lbl_p).name}: label grid (shape {lbl.shape}, spacing {lbl.spacing}, origin "
+                                f"{lbl.origin}) differs from the image's ({img.shape}, {img.spacing}, {img.origin})")
         name = re.sub(r"\.nii(\.gz)?$", "", Path(img_p).name)
         out.append(Case(
             name=name, volume=img, labels=apply_label_map(lbl.data, label_map, k),
@@ -219,17 +229,21 @@ def msd_pairs(root) -> list[tuple[str, str]]:
         if q.is_file():
             pairs.append((str(p), str(q)))
     if not pairs:
-        raise ValueError(f"{root}: no imagesTr/labelsTr pairs found")
+        raise DataSpecError(f"{root}: no imagesTr/labelsTr pairs found")
     return pairs
 
 
 def parse_data_spec(spec: str) -> tuple[str, dict]:
-    """-> (kind, args). Kinds: phantom, msd, pairs."""
+    """-> (kind, args). Kinds: phantom, msd, pairs. Raises :class:`DataSpecError` for a spec of
+    no known form (files are not opened; see :func:`check_data_specs`)."""
     spec = spec.strip()
     if spec.startswith("phantom:"):
         rest = spec.split(":", 1)[1]
         n, _, s = rest.partition("@")
-        return "phantom", {"n": int(n), "seed0": int(s) if s else 0}
+        try:
+            return "phantom", {"n": int(n), "seed0": int(s) if s else 0}
+        except ValueError:
+            raise DataSpecError(f"data spec {spec!r} is not phantom:N[@SEED]") from None
     if spec.startswith("msd:"):
         return "msd", {"root": spec.split(":", 1)[1]}
     if spec.startswith("pairs:"):
@@ -239,13 +253,29 @@ def parse_data_spec(spec: str) -> tuple[str, dict]:
                 continue
             parts = chunk.split(",")
             if len(parts) != 2:
-                raise ValueError(f"pairs entry {chunk!r} is not IMG,LBL")
+                raise DataSpecError(f"pairs entry {chunk!r} is not IMG,LBL")
             pairs.append((parts[0].strip(), parts[1].strip()))
         return "pairs", {"pairs": pairs}
     p = Path(spec)
     if p.is_dir():
         return "msd", {"root": spec}
-    raise ValueError(f"unknown data spec {spec!r} (phantom:N[@SEED] | msd:DIR | pairs:IMG,LBL[;IMG,LBL])")
+    raise DataSpecError(f"unknown data spec {spec!r} (phantom:N[@SEED] | msd:DIR | pairs:IMG,LBL[;IMG,LBL])")
+
+
+def check_data_specs(specs, label_map=None) -> None:
+    """Check data specs and a label map before any model is built: every spec parses, every
+    ``pairs:`` file and ``msd:`` folder exists. Reads no volume. Raises :class:`DataSpecError`."""
+    if isinstance(specs, str):
+        specs = [specs]
+    if not specs:
+        raise DataSpecError("no training data given (--data phantom:N | msd:DIR | pairs:IMG,LBL)")
+    parse_label_map(label_map)
+    for spec in specs:
+        kind, a = parse_data_spec(spec)
+        paths = [Path(a["root"])] if kind == "msd" else [Path(p) for pair in a.get("pairs", []) for p in pair]
+        for p in paths:
+            if not p.exists():
+                raise DataSpecError(f"{spec}: no such file or folder: {p}")
 
 
 def load_sources(specs, label_map=None, class_names=DEFAULT_CLASSES, phantom_shape=(40, 160, 160),
@@ -312,16 +342,19 @@ def slice_block_holdout(n: int, block="auto", gap: int = 2, size: int = 8) -> tu
     else:
         s = str(block)
         if ":" not in s:
-            raise ValueError(f"hold-out block {block!r} is not 'a:b'")
+            raise DataSpecError(f"hold-out block {block!r} is not 'a:b'")
         x, y = s.split(":", 1)
-        a, b = int(x or 0), int(y) if y else n
+        try:
+            a, b = int(x or 0), int(y) if y else n
+        except ValueError:
+            raise DataSpecError(f"hold-out block {block!r} is not 'a:b' (integers)") from None
     if not 0 <= a < b <= n:
-        raise ValueError(f"hold-out block {a}:{b} outside 0..{n}")
+        raise DataSpecError(f"hold-out block {a}:{b} outside 0..{n}")
     val = list(range(a, b))
     lo, hi = max(0, a - gap), min(n, b + gap)
     train = [z for z in range(n) if z < lo or z >= hi]
     if not train:
-        raise ValueError("the hold-out block and its gaps leave no training slice")
+        raise DataSpecError("the hold-out block and its gaps leave no training slice")
     return train, val
 
 

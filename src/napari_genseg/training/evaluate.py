@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import InputError
 from . import data as D
 
 __all__ = ["evaluate", "format_table", "write_csv", "write_json"]
@@ -38,11 +39,17 @@ def _model_labels(ckpt, case: D.Case, zs, device, batch_size):
 def evaluate(checkpoint, data, label_map=None, baseline: str | None = None, slices=None, device="cpu",
              batch_size: int = 8, both_empty_dice: float = 0.0, phantom_shape=(40, 160, 160),
              phantom_spacing=(3.0, 2.2, 2.2)) -> dict:
-    """-> {"checkpoint", "classes", "slices", "rows": [...], "mean": {method: {class: {metric}}}}."""
+    """-> {"checkpoint", "classes", "slices", "rows": [...], "mean": {method: {class: {metric}}}}.
+
+    Data specs, label map and baseline are checked before the checkpoint is loaded; an unusable
+    one raises an :class:`~napari_genseg.errors.InputError` (so does a bad checkpoint or a slice
+    choice outside a case)."""
     from ..engine import parse_slices
     from ..metrics import evaluate_labels
     from ..models.checkpoints import load_checkpoint
 
+    D.check_data_specs(data, label_map)
+    _baselines(baseline)
     ckpt = load_checkpoint(checkpoint, device="cpu") if not hasattr(checkpoint, "model") else checkpoint
     class_names = list(ckpt.class_names)
     classes = {i: n for i, n in enumerate(class_names) if i}
@@ -51,7 +58,10 @@ def evaluate(checkpoint, data, label_map=None, baseline: str | None = None, slic
     rows = []
     timing = {}
     for c in cases:
-        zs = parse_slices(slices, c.n_slices)
+        try:
+            zs = parse_slices(slices, c.n_slices)
+        except ValueError as exc:  # the --slices option against this case's slice count
+            raise InputError(f"{c.name}: slices {slices}: {exc}") from None
         ref = c.labels[zs]
         t0 = time.perf_counter()
         pl = _model_labels(ckpt, c, zs, device, batch_size)[zs]
@@ -105,7 +115,7 @@ def _baselines(baseline: str | None) -> list[str]:
     if not baseline:
         return []
     if baseline not in BASELINES:
-        raise ValueError(f"unknown baseline {baseline!r} ({', '.join(BASELINES)})")
+        raise InputError(f"unknown baseline {baseline!r} ({', '.join(BASELINES)})")
     return ["hu", "hu-auto"] if baseline == "both" else [baseline]
 
 

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .config import TrainConfig, train_state_path
+from .config import TrainConfig, TrainOptionError, train_state_path
+from .data import DataSpecError
 from .distributed import Dist, training_device
 from .optim import StepGuard, lr_lambda, make_optimizer, set_budget_lr
 from .provenance import git_commit, run_provenance, scalar_metrics
@@ -93,7 +94,7 @@ def _task_config(cfg: TrainConfig | dict):
         cfg = config_from_dict(cfg)
     task_cls = task_for(cfg.model)
     if type(cfg) is not task_cls.config_cls:
-        raise ValueError(f"{cfg.model} is trained with {task_cls.config_cls.__name__} options, "
+        raise TrainOptionError(f"{cfg.model} is trained with {task_cls.config_cls.__name__} options, "
                          f"not {type(cfg).__name__}")
     return cfg, task_cls
 
@@ -144,7 +145,7 @@ def train(cfg: TrainConfig | dict, on_step: Callable[[int, float], None] | None 
         num_workers=cfg.workers, generator=torch.Generator().manual_seed(cfg.seed))
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(ds)} training items are fewer than the {dist_.world} ranks")
+        raise DataSpecError(f"{len(ds)} training items are fewer than the {dist_.world} ranks")
     budget_s = cfg.time_budget_minutes * 60.0 if cfg.time_budget_minutes else None
     if budget_s:
         total = int(cfg.steps) if cfg.steps else _UNLIMITED

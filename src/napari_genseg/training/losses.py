@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import TrainOptionError
+
 __all__ = ["one_hot", "boundary_count", "boundary_dou_loss", "BoundaryDoULoss", "soft_dice_loss", "DiceCELoss", "make_loss"]
 
 SMOOTH = 1e-5
@@ -97,4 +99,4 @@ def make_loss(name: str) -> nn.Module:
         return DiceCELoss()
     if name == "ce":
         return nn.CrossEntropyLoss()
-    raise ValueError(f"unknown loss {name!r} (bdou, dice_ce, ce)")
+    raise TrainOptionError(f"unknown loss {name!r} (bdou, dice_ce, ce)")

@@ -18,6 +18,8 @@ from typing import Callable
 
 import torch
 
+from .config import TrainOptionError
+
 __all__ = ["make_optimizer", "decay", "lr_lambda", "set_budget_lr", "StepGuard"]
 
 
@@ -25,7 +27,7 @@ def make_optimizer(cfg, params, world: int) -> tuple[torch.optim.Optimizer, str,
     """-> (optimizer over ``params``, schedule name, hyper-parameters for the provenance).
 
     ``cfg`` is a ``TrainConfig`` (recipe, lr, weight_decay, schedule, batch_size); the effective
-    batch is ``batch_size × world``. Raises ``ValueError`` for an unknown recipe.
+    batch is ``batch_size × world``. Raises ``TrainOptionError`` (an InputError) for an unknown recipe.
     """
     bs = cfg.batch_size * world
     if cfg.recipe == "paper":
@@ -39,7 +41,7 @@ def make_optimizer(cfg, params, world: int) -> tuple[torch.optim.Optimizer, str,
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
         sched = cfg.schedule or "cosine"
     else:
-        raise ValueError(f"unknown recipe {cfg.recipe!r} (paper, adamw)")
+        raise TrainOptionError(f"unknown recipe {cfg.recipe!r} (paper, adamw)")
     decay(sched, 0.0)  # validates the name before any work
     return opt, sched, {"lr": lr, "weight_decay": wd, "effective_batch": bs}
 
@@ -53,7 +55,7 @@ def decay(kind: str, t: float, power: float = 0.9) -> float:
         return (1.0 - t) ** power
     if kind == "constant":
         return 1.0
-    raise ValueError(f"unknown schedule {kind!r} (cosine, poly, constant)")
+    raise TrainOptionError(f"unknown schedule {kind!r} (cosine, poly, constant)")
 
 
 def lr_lambda(kind: str, total: int, warmup: int, power: float = 0.9) -> Callable[[int], float]:

@@ -1,11 +1,13 @@
-"""What both dock widgets share: loading a model, and writing a run's batches into a Labels layer
-as one undo step."""
+"""What both dock widgets share: loading a model, writing a run's batches into a Labels layer as
+one undo step, and telling the user what went wrong (their input, or a bug)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["LayerEdit", "notify_error", "add_class_labels", "load_model"]
+from ..errors import InputError
+
+__all__ = ["LayerEdit", "notify_error", "notify_warnings", "add_class_labels", "load_model"]
 
 
 def load_model(name: str, checkpoint: str | None):
@@ -13,7 +15,8 @@ def load_model(name: str, checkpoint: str | None):
 
     Loads on the CPU (the predictor moves the model to its device). Applies the triton guard first
     (``_triton``): building MSA²Net imports timm, which would load triton after the canvas.
-    Raises ``CheckpointError`` / ``KeyError`` for a missing or unknown model.
+    Raises ``CheckpointError`` (an InputError) for a missing or unusable checkpoint, and
+    ``UnknownModelError`` (an InputError) for an unknown model name.
     """
     from ..models.checkpoints import resolve_model
     from ._triton import block_triton_if_unsafe
@@ -22,10 +25,37 @@ def load_model(name: str, checkpoint: str | None):
     return resolve_model(name, checkpoint)
 
 
-def notify_error(msg: str) -> None:
-    from napari.utils.notifications import show_error
+def notify_error(error: str | BaseException, context: str = "") -> None:
+    """Tell the user about a failure in a napari notification.
 
-    show_error(msg)
+    * a message (str) or an :class:`~napari_genseg.errors.InputError`: one line, no traceback
+      (what the user gave cannot be used; the message says what to change);
+    * any other exception is a bug: the notification names it and its details expander
+      ("View Traceback") holds the traceback (napari's ``ErrorNotification``).
+
+    ``context`` (e.g. "Segmentation failed") prefixes the line. Call on the main thread (worker
+    ``errored`` signals arrive there).
+    """
+    from napari.utils.notifications import ErrorNotification, notification_manager, show_error
+
+    prefix = f"{context}: " if context else ""
+    if isinstance(error, str):
+        show_error(prefix + error)
+    elif isinstance(error, InputError):
+        show_error(prefix + (str(error).strip().splitlines() or [type(error).__name__])[0])
+    else:
+        note = ErrorNotification(error)
+        note.message = f"{prefix}{type(error).__name__}: {error} (a bug: see the traceback)"
+        notification_manager.dispatch(note)
+
+
+def notify_warnings(caught) -> None:
+    """Show warnings recorded with ``warnings.catch_warnings(record=True)`` as notifications
+    (e.g. a checkpoint whose modules kept random weights)."""
+    from napari.utils.notifications import show_warning
+
+    for w in caught:
+        show_warning(str(w.message))
 
 
 def add_class_labels(viewer, image, name: str, class_names: list[str], **kwargs):

@@ -39,6 +39,7 @@ from magicgui.widgets import (
 )
 
 from ..device import PRECISIONS
+from ..errors import InputError
 from ..engine import parse_slices, run_volume
 from ..models import registry
 from ..predictors import ArSegPredictor, make_predictor, predictor_class
@@ -258,15 +259,13 @@ class ArSegExplorer(Container):
         """Start a run (returns the worker, or None when the input was refused)."""
         from napari.qt.threading import thread_worker
 
-        from ..models.checkpoints import CheckpointError
-
         if self.worker is not None:
             return None
         image = self._image.value
         if image is None:
             notify_error("Choose an image layer first.")
             return None
-        try:
+        try:  # the dock's own options: these only parse and range-check
             vol = volume_from_layer(image.data, image.metadata, image.scale, image.translate)
             if self._scope.value == "range":
                 if self._stop.value < self._start.value:
@@ -275,14 +274,18 @@ class ArSegExplorer(Container):
             else:
                 spec, cur = self._scope.value, self.current_slice()
             zs = parse_slices(spec, vol.shape[0], cur)
+        except ValueError as exc:
+            notify_error(str(exc))
+            return None
+        try:  # the checkpoint and the predictor's options: InputError; anything else is a bug
             ckpt = load_model(self._model.value or "arseg", self._checkpoint_path())
             if not issubclass(predictor_class(ckpt.family), ArSegPredictor):
-                raise ValueError(f"{ckpt.family} is not an AR-Seg checkpoint; use the Segment CT dock")
+                raise InputError(f"{ckpt.family} is not an AR-Seg checkpoint; use the Segment CT dock")
             pred = make_predictor(ckpt, device=self._device.value, precision=self._precision.value,
                                   n_samples=int(self._samples.value), seed=int(self._seed.value),
                                   target_class=int(self._target.value or 1))
-        except (ValueError, KeyError, CheckpointError) as exc:
-            notify_error(str(exc).strip("'\""))
+        except InputError as exc:
+            notify_error(exc)
             return None
         key = RunKey(image_signature(image.unique_id, vol.data, vol.spacing), checkpoint_signature(ckpt),
                      pred.seed, pred.target_class, pred.n)
@@ -303,13 +306,14 @@ class ArSegExplorer(Container):
         self._edit = LayerEdit(self._layers["consensus"]).begin()
         batch = int(self._batch.value)
 
-        @thread_worker(start_thread=False)
+        # errors reach notify_error; without ignore_errors napari would also re-raise them
+        @thread_worker(start_thread=False, ignore_errors=True)
         def work():
             return (yield from run_volume(pred, vol, zs, batch_size=batch))
 
         self.worker = work()
         self.worker.yielded.connect(self._on_progress)
-        self.worker.errored.connect(lambda exc: (notify_error(f"AR-Seg failed: {exc}"),
+        self.worker.errored.connect(lambda exc: (notify_error(exc, "AR-Seg failed"),
                                                  setattr(self._status, "value", f"failed: {exc}")))
         self.worker.finished.connect(self._on_finished)
         self._run.enabled, self._cancel.enabled = False, True
@@ -436,7 +440,7 @@ class ArSegExplorer(Container):
         z, k = jobs[0]
         tokens, hw, spacing = res.tokens[z], vol.shape[1:], vol.spacing[1:]
 
-        @thread_worker(start_thread=False)
+        @thread_worker(start_thread=False, ignore_errors=True)
         def decode():
             return res, z, k, pred.decode_samples(tokens, hw, spacing, upto_scale=k)
 
@@ -452,7 +456,7 @@ class ArSegExplorer(Container):
 
     def _on_decode_error(self, job, exc):
         self._decode_failed = job
-        notify_error(f"decoding slice {job[1]} (scale {job[2]}) failed: {exc}")
+        notify_error(exc, f"Decoding slice {job[1]} (scale {job[2]}) failed")
 
     def _on_decoder_finished(self):
         self._decoder = None

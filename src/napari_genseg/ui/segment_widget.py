@@ -24,17 +24,14 @@ from magicgui.widgets import (
 
 from ..device import PRECISIONS
 from ..engine import parse_slices, run_volume
+from ..errors import InputError
 from ..models import registry
 from ..predictors import make_predictor
 from ..preprocessing import WINDOW_PRESETS, window_limits
-from ._run import LayerEdit, add_class_labels, load_model, notify_error
+from ._run import LayerEdit, add_class_labels, load_model, notify_error, notify_warnings
 from .layers import volume_from_layer
 
 __all__ = ["SegmentWidget"]
-
-
-def _notify_error(msg: str) -> None:
-    notify_error(msg)
 
 
 class SegmentWidget(Container):
@@ -123,30 +120,42 @@ class SegmentWidget(Container):
         return add_class_labels(self.viewer, image, f"{image.name} [{family}]", class_names)
 
     def run(self, *_):
-        """Start a run (returns the worker, or None when the input was refused)."""
-        from napari.qt.threading import thread_worker
+        """Start a run (returns the worker, or None when the input was refused).
 
-        from ..models.checkpoints import CheckpointError
+        Refused input (no image, a 2-D layer, an empty slice range, an unusable checkpoint) is one
+        notification line; a checkpoint's warnings (e.g. untrained modules) are notifications too.
+        """
+        import warnings
+
+        from napari.qt.threading import thread_worker
 
         if self.worker is not None:
             return None
         image = self._image.value
         if image is None:
-            _notify_error("Choose an image layer first (open a CT: File > Open).")
+            notify_error("Choose an image layer first (open a CT: File > Open).")
             return None
-        try:
+        try:  # the dock's own options: these only parse and range-check
             vol = volume_from_layer(image.data, image.metadata, image.scale, image.translate)
             spec, current = self._slice_spec(image)
             zs = parse_slices(spec, vol.shape[0], current)
-            ckpt = load_model(self._model.value, self._checkpoint_path())
-        except (ValueError, KeyError, CheckpointError) as exc:
-            _notify_error(str(exc).strip("'\""))
+        except ValueError as exc:
+            notify_error(str(exc))
             return None
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                ckpt = load_model(self._model.value, self._checkpoint_path())
+        except InputError as exc:
+            notify_error(exc)
+            return None
+        notify_warnings(caught)
         self._target = self.target_layer(image, ckpt.family, ckpt.class_names)
         self._edit = LayerEdit(self._target).begin()
         device, precision, batch = self._device.value, self._precision.value, int(self._batch.value)
 
-        @thread_worker(start_thread=False)
+        # errors reach _on_error (notify_error); without ignore_errors napari would also re-raise them
+        @thread_worker(start_thread=False, ignore_errors=True)
         def work():
             pred = make_predictor(ckpt, device=device, precision=precision)
             return (yield from run_volume(pred, vol, zs, batch_size=batch))
@@ -171,7 +180,7 @@ class SegmentWidget(Container):
 
     def _on_error(self, exc):
         self._status.value = f"failed: {exc}"
-        _notify_error(f"Segmentation failed: {exc}")
+        notify_error(exc, "Segmentation failed")
 
     def _on_finished(self):
         if self._edit is not None:

@@ -17,6 +17,12 @@ Key table (official -> ours):
     quantize.ema_vocab_hit_SV                                  -> dropped (training statistic)
     image_encoder.* (SAM/MedSAM), cond_stage_model.*            -> image_encoder.* (unchanged)
     transformer.*                                              -> dropped (see notes)
+    prompt_encoder.*, mask_decoder.* (SAM/MedSAM)              -> dropped (not part of AR-Seg)
+    anything else                                              -> kept unchanged (unexpected)
+
+Unknown keys follow the one policy of :mod:`napari_genseg.models.key_mapping`: they are kept as
+they are, so the load report lists them as unexpected and ``genseg import`` does not write the
+checkpoint without ``--allow-partial``.
 
 The official segmentor transformer is not imported: it has no class conditioning (the paper's AdaLN),
 a different adapter (256 tokens, per-sample SVD) and an off-by-one attention mask, so its weights do
@@ -29,6 +35,8 @@ import re
 
 import torch
 
+from ..key_mapping import KeyMap, strip_prefixes
+
 __all__ = ["import_official", "OFFICIAL_VQ_PREFIXES"]
 
 OFFICIAL_VQ_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "quantize.")
@@ -38,17 +46,12 @@ _PHI_SHARED = re.compile(r"^quantize\.quant_resi\.qresi\.(weight|bias)$")
 _PHI_NON_SHARED = re.compile(r"^quantize\.quant_resi\.(\d+)\.(weight|bias)$")
 
 
-def _strip(sd: dict) -> dict:
-    out = {}
-    for k, v in sd.items():
-        while k.startswith(("module.", "_orig_mod.")):
-            k = k.split(".", 1)[1]
-        out[k] = v
-    return out
+#: official quantiser entries that are training statistics, not weights
+_QUANT_STATS = ("quantize.ema_vocab_hit_SV",)
 
 
 def _map_vq_key(k: str) -> str | None:
-    """Official autoencoder key (no prefix) -> our key, or None to drop."""
+    """Official autoencoder key (no prefix) -> our key, or None when not recognised."""
     if k == "quantize.embedding.weight":
         return "vq.quantizer.codebook.weight"
     m = _PHI.match(k) or _PHI_NON_SHARED.match(k)
@@ -57,8 +60,6 @@ def _map_vq_key(k: str) -> str | None:
     m = _PHI_SHARED.match(k)
     if m:
         return f"vq.quantizer.phi.0.{m.group(1)}"
-    if k.startswith("quantize."):
-        return None
     if k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")):
         return "vq." + k
     return None
@@ -142,52 +143,39 @@ def import_official(state_dict: dict) -> tuple[dict, dict, list[str]]:
     """Map an official AR-Seg / MaskVQ / SAM / MedSAM state dict onto :class:`ArSeg` keys.
 
     Returns (config overrides, our state dict, notes). Pure: no I/O, tensors are not copied.
+    Wrapper prefixes are stripped first; unrecognised keys stay in the returned dict unchanged
+    (see the module docstring). Raises ``ValueError`` when two keys collapse onto one name.
     """
-    sd = _strip(dict(state_dict))
-    out: dict[str, torch.Tensor] = {}
+    sd = strip_prefixes(state_dict)
+    km = KeyMap()
     notes: list[str] = []
-    dropped: dict[str, int] = {}
-
-    def drop(group: str) -> None:
-        dropped[group] = dropped.get(group, 0) + 1
-
     for k, v in sd.items():
         if k.startswith("first_stage_model."):
             k = k[len("first_stage_model."):]
         elif k.startswith("cond_stage_model."):
-            out["image_encoder." + k[len("cond_stage_model."):]] = v
+            km.put("image_encoder." + k[len("cond_stage_model."):], v)
             continue
-        if k.startswith("image_encoder."):
-            out[k] = v
-            continue
-        if k.startswith(("prompt_encoder.", "mask_decoder.")):
-            drop("SAM prompt encoder / mask decoder")
-            continue
-        if k.startswith("transformer."):
-            drop("official segmentor transformer")
-            continue
-        if k.startswith(("vq.", "segmentor.")):  # already in our layout
-            out[k] = v
-            continue
-        if k.startswith(OFFICIAL_VQ_PREFIXES):
-            new = _map_vq_key(k)
-            if new is None:
-                drop("quantiser training statistics")
-            else:
-                out[new] = v
-            continue
-        drop("unrecognised")
-        if dropped["unrecognised"] <= 5:
-            notes.append(f"unrecognised key dropped: {k}")
+        if k.startswith(("image_encoder.", "vq.", "segmentor.")):  # SAM/MedSAM, or already our layout
+            km.put(k, v)
+        elif k.startswith(("prompt_encoder.", "mask_decoder.")):
+            km.drop("SAM prompt encoder / mask decoder")
+        elif k.startswith("transformer."):
+            km.drop("official segmentor transformer")
+        elif k in _QUANT_STATS:
+            km.drop("quantiser training statistics")
+        elif k.startswith(OFFICIAL_VQ_PREFIXES) and _map_vq_key(k) is not None:
+            km.put(_map_vq_key(k), v)
+        else:
+            km.keep_unknown(k, v)
+    out = km.out
 
     overrides: dict = {}
     if any(k.startswith("vq.") for k in out):
         overrides.update(_vq_overrides(out, notes))
     if any(k.startswith("image_encoder.") for k in out):
         overrides.update(_sam_overrides(out, notes))
-    for group, count in dropped.items():
-        notes.append(f"dropped {count} key(s): {group}")
-    if dropped.get("official segmentor transformer"):
+    notes += km.notes()
+    if km.dropped.get("official segmentor transformer"):
         notes.append("the official segmentor has no AdaLN class conditioning, a 256-token adapter "
                      "and an off-by-one causal mask: train stage 2 (token_loss) instead")
     missing = [p for p in ("image_encoder.", "vq.", "segmentor.") if not any(k.startswith(p) for k in out)]

@@ -1,17 +1,24 @@
 """Official MSA²Net checkpoint import (the checkpoint filter).
 
 Official code: https://github.com/xmindflow/MSA-2Net (MIT). Its checkpoints are raw
-``torch.save(model.state_dict())`` files (``module.``-prefixed when trained with DataParallel; the
-caller strips that). Our module names equal the official ones, so the key table below is empty by
-design: ``backbone.backbone.*`` are timm's MaxViT keys, ``backbone.conv.*`` is the official
-backbone's unused 1->3 channel conv, ``decoder_{3,2,1,0}.*`` the decoder stages.
+``torch.save(model.state_dict())`` files (``module.``-prefixed when trained with DataParallel;
+stripped first by :func:`~napari_genseg.models.key_mapping.strip_prefixes`). Our module names
+equal the official ones, so the key table below is empty by design: ``backbone.backbone.*`` are
+timm's MaxViT keys, ``backbone.conv.*`` is the official backbone's unused 1->3 channel conv,
+``decoder_{3,2,1,0}.*`` the decoder stages.
 
 Which variant a checkpoint holds is told by sentinel keys: ``decoder_2.tran_layer1.*`` = the
 paper's DAE-Former decoder_2; ``decoder_2.layer_lka_1.*`` = the released code (whose duplicated
 ``MyDecoderLayerDAEFormer.__init__`` builds LKA blocks everywhere and skips MASAG in decoder_2).
+
+Unknown keys follow the one policy of :mod:`napari_genseg.models.key_mapping`: kept unchanged, so
+the load report lists them as unexpected (this importer drops nothing).
 """
 
 from __future__ import annotations
+
+from ..checkpoints import CheckpointError
+from ..key_mapping import strip_prefixes
 
 __all__ = ["OFFICIAL_KEY_PREFIXES", "import_official", "export_official", "detect_variant"]
 
@@ -36,11 +43,14 @@ def _rename(key: str, table: dict[str, str]) -> str:
 
 
 def detect_variant(state_dict: dict) -> str:
-    """``"paper"`` or ``"released"`` from the sentinel keys; ValueError when neither or both."""
+    """``"paper"`` or ``"released"`` from the sentinel keys.
+
+    Raises :class:`~napari_genseg.models.checkpoints.CheckpointError` (a ValueError) when neither
+    or both are present."""
     found = [v for v, prefix in _SENTINELS.items() if any(k.startswith(prefix) for k in state_dict)]
     if len(found) != 1:
         what = "both" if found else "neither"
-        raise ValueError(
+        raise CheckpointError(
             f"not an official MSA2Net state dict: {what} of the sentinel keys "
             f"{_SENTINELS['paper']}* (paper) / {_SENTINELS['released']}* (released) present"
         )
@@ -51,14 +61,17 @@ def import_official(state_dict: dict) -> tuple[dict, dict, list[str]]:
     """Map an official MSA²Net state dict onto this package's model (pure function, no I/O).
 
     Returns ``(config_overrides, state_dict, notes)``: build ``Msa2NetConfig(**overrides)`` (or
-    replace the fields of a registered config), then load the returned state dict. Keys are only
-    renamed, never dropped: anything unknown stays and shows up as *unexpected* in the load report.
+    replace the fields of a registered config), then load the returned state dict. Wrapper prefixes
+    (``module.``, ``_orig_mod.``) are stripped first; keys are only renamed, never dropped: anything
+    unknown stays and shows up as *unexpected* in the load report. Raises ``CheckpointError`` for a
+    state dict that is not an official MSA²Net one.
     """
+    state_dict = strip_prefixes(state_dict)
     variant = detect_variant(state_dict)
     notes = [f"variant {variant!r} (sentinel keys {_SENTINELS[variant]}*)"]
     last = state_dict.get("decoder_0.last_layer.weight")
     if last is None or getattr(last, "ndim", 0) != 4:
-        raise ValueError("not an official MSA2Net state dict: no decoder_0.last_layer.weight [K, C, 1, 1]")
+        raise CheckpointError("not an official MSA2Net state dict: no decoder_0.last_layer.weight [K, C, 1, 1]")
     num_classes = int(last.shape[0])
     notes.append(f"num_classes={num_classes} (decoder_0.last_layer.weight)")
 

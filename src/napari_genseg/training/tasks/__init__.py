@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..config import TrainConfig
+from ..config import TrainConfig, TrainOptionError
+
 from .arseg import ArSegTask, ArSegTrainConfig
 from .base import ModelSpec, RunContext, Task, TaskData
 from .segmentation import SegmentationTask
@@ -33,16 +34,16 @@ register_task("arseg", ArSegTask)
 
 
 def task_for(model: str) -> type[Task]:
-    """The task that trains the registered config ``model``. Raises ``ValueError`` for an unknown
+    """The task that trains the registered config ``model``. Raises ``TrainOptionError`` for an unknown
     config name or a family without a training task."""
     from ...models import registry
 
     try:
         kind = registry.get_family(registry.get_entry(model).family).kind
     except KeyError as exc:
-        raise ValueError(str(exc).strip("'\"")) from None
+        raise TrainOptionError(str(exc).strip("'\"")) from None
     if kind not in TASKS:
-        raise ValueError(f"{model}: {kind} models have no training task")
+        raise TrainOptionError(f"{model}: {kind} models have no training task")
     return TASKS[kind]
 
 
@@ -58,5 +59,5 @@ def config_from_dict(d: dict) -> TrainConfig:
     owners = sorted({t.title for t in TASKS.values() if foreign and set(foreign) <= {
         f.name for f in dataclasses.fields(t.config_cls)}})
     if foreign and owners:
-        raise ValueError(f"{', '.join(foreign)}: not an option for {model}; it is for {' / '.join(owners)} models")
+        raise TrainOptionError(f"{', '.join(foreign)}: not an option for {model}; it is for {' / '.join(owners)} models")
     return cls.from_dict(d)

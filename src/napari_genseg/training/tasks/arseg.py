@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from ...preprocessing import Normalization, SliceGrid
 from .. import data as D
-from ..config import TrainConfig
+from ..config import TrainConfig, TrainOptionError
+
 from .base import ModelSpec, SliceTask, TaskData, build_registered_model
 
 __all__ = ["ArSegTrainConfig", "ArSegTask", "ArSegItems", "target_masks", "ARSEG_CLASSES"]
@@ -183,16 +184,16 @@ class ArSegTask(SliceTask):
         super().__init__(cfg, run)
         self.stage = int(cfg.stage)
         if self.stage not in (1, 2):
-            raise ValueError("stage must be 1 or 2")
+            raise TrainOptionError("stage must be 1 or 2")
         if len(self.class_names) < 2:
-            raise ValueError("need a background and at least one target class")
+            raise TrainOptionError("need a background and at least one target class")
         self.init_meta = None
 
     def build_model(self) -> ModelSpec:
         # AdaLN ids count foreground classes: num_classes = K - 1
         self.spec = build_registered_model(self.cfg, len(self.class_names) - 1)
         if self.spec.entry.family != "arseg":
-            raise ValueError(f"{self.cfg.model} is not an AR-Seg config")
+            raise TrainOptionError(f"{self.cfg.model} is not an AR-Seg config")
         mcfg = self.spec.config
         self.mask_size = int(mcfg.mask_size)
         self.set_input(mcfg.img_size)
@@ -207,7 +208,7 @@ class ArSegTask(SliceTask):
                         class_repeat=cfg.class_repeat, **common)
         self.val = ArSegItems(cases, split.val, augment=None, **common) if split.val else None
         if len(ds) == 0:
-            raise ValueError("no training items (no slice contains a target class)")
+            raise D.DataSpecError("no training items (no slice contains a target class)")
         self.n_train = len(ds)
         return TaskData(cases, split, ds, f"{len(ds)} train items, {0 if self.val is None else len(self.val)} val items")
 
@@ -291,7 +292,7 @@ class ArSegTask(SliceTask):
 
     def load_state_dict(self, state: dict) -> None:
         if int(state.get("stage", self.stage)) != self.stage:
-            raise ValueError(f"{self.cfg.resume} is a stage-{state.get('stage')} run, not stage {self.stage}")
+            raise TrainOptionError(f"{self.cfg.resume} is a stage-{state.get('stage')} run, not stage {self.stage}")
         if state.get("init_meta_json"):
             self.init_meta = json.loads(state["init_meta_json"])
 

@@ -82,7 +82,7 @@ class SegmentationTask(SliceTask):
         ds = D.SliceDataset(cases, split.train, self.grid, self.norm, D.Augment.from_options(cfg.augment), repeats,
                             seed=cfg.seed)
         if len(ds) == 0:
-            raise ValueError("no training slices")
+            raise D.DataSpecError("no training slices")
         self.cases, self.split = cases, split
         n_train = sum(len(z) for _, z in split.train)
         n_val = sum(len(z) for _, z in split.val)
