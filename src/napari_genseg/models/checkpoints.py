@@ -7,7 +7,12 @@ Own format: ``NAME.safetensors`` (weights) beside ``NAME.json`` (what to rebuild
      "class_names": ["background", "liver", "spleen"],
      "input": {"normalization": {"kind": "hu_window", "low": -125, "high": 275},
                "grid": "spacing" | "resize", "spacing_mm": [1.5, 1.5] | null},
+     "body_region": "abdomen" | "thorax" | "head" | null,
      "provenance": {...}}
+
+``body_region`` is the anatomy the weights were trained on (the input check warns when a volume
+does not show it); ``save_checkpoint`` derives it from the class names unless given, and files
+without the key get the same derivation when loaded.
 
 Foreign ``.pth`` files are read only through ``torch.load(weights_only=True)``.
 """
@@ -150,6 +155,7 @@ class Checkpoint:
     provenance: dict
     path: Path | None
     report: LoadReport
+    body_region: str | None = None
 
     @property
     def meta(self) -> dict:
@@ -158,6 +164,7 @@ class Checkpoint:
             "config_name": self.config_name,
             "class_names": self.class_names,
             "input": self.input,
+            "body_region": self.body_region,
             "provenance": self.provenance,
             "path": str(self.path) if self.path else None,
         }
@@ -180,8 +187,12 @@ def save_checkpoint(
     input: dict,
     provenance: dict | None = None,
     half: bool = False,
+    body_region: str | None = None,
 ) -> Path:
-    """Write ``path`` (.safetensors) and its ``.json`` sidecar atomically."""
+    """Write ``path`` (.safetensors) and its ``.json`` sidecar atomically. ``body_region``: the
+    anatomy trained on (default: derived from ``class_names``, e.g. liver/spleen -> "abdomen")."""
+    from ..checks.body_region import region_for_classes
+
     from safetensors.torch import save as st_save
 
     path = Path(path)
@@ -201,6 +212,7 @@ def save_checkpoint(
         "config": registry.config_to_dict(config),
         "class_names": list(class_names),
         "input": input,
+        "body_region": body_region if body_region is not None else region_for_classes(class_names),
         "provenance": provenance or {},
     }
     _atomic_write_bytes(path, st_save(sd, metadata={"format": FORMAT}))
@@ -251,6 +263,8 @@ def load_checkpoint(
     sd = {k: (v.to(own[k].dtype) if k in own else v) for k, v in sd.items()}
     report = load_state_dict_report(model, sd, strict=True)
     model.eval().to(device)
+    from ..checks.body_region import region_for_classes
+
     return Checkpoint(
         model=model,
         family=family,
@@ -261,6 +275,7 @@ def load_checkpoint(
         provenance=meta.get("provenance", {}),
         path=path,
         report=report,
+        body_region=meta.get("body_region", region_for_classes(meta.get("class_names", []))),
     )
 
 
