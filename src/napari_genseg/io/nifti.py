@@ -125,12 +125,16 @@ def read_nifti(path: str | os.PathLike) -> Volume:
     except Exception as exc:  # truncated gzip, short file
         raise VolumeReadError(f"cannot read the voxels of {path.name} (truncated?): {exc}") from exc
     raw = raw.reshape(shape)
-    slope, inter = hdr.get_slope_inter()
-    if raw.dtype.kind == "f" or (slope not in (None, 1.0)) or (inter not in (None, 0.0)):
+    # a loaded header reports no scaling; the array proxy holds scl_slope / scl_inter
+    slope = float(getattr(img.dataobj, "slope", 1.0))
+    inter = float(getattr(img.dataobj, "inter", 0.0))
+    if raw.dtype.kind == "f" or slope != 1.0 or inter != 0.0:
         data = raw.astype(np.float32, copy=False)
     else:
         data = raw
     meta = {"format": "nifti", "dtype": str(dtype)}
+    if slope != 1.0 or inter != 0.0:
+        meta["scl_slope"], meta["scl_inter"] = slope, inter
     if data.dtype.kind == "f":
         nan = ~np.isfinite(data)
         n_nan = int(nan.sum())
