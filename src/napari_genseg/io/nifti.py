@@ -234,12 +234,19 @@ def write_mask(
     like: Volume | None = None,
     spacing=None,
     origin=None,
+    record: dict | None = None,
 ) -> Path:
     """Write a (z, y, x) label array as NIfTI on the geometry of ``like`` (its source voxels,
     affine and header), or, for a layer painted without reader metadata, on the display grid
-    given by ``spacing``/``origin``. Atomic; refuses to overwrite the source image."""
+    given by ``spacing``/``origin``. Atomic; refuses to overwrite the source image.
+
+    Every mask gets its JSON sidecar beside it (``io/sidecar.py``: ``x.nii.gz`` -> ``x.json``)
+    with the package version, the input's geometry and ``record`` (model, inference settings,
+    input checks, warnings, post-processing: see ``run_record.py``)."""
     import nibabel as nib
     import nibabel.orientations as no
+
+    from .sidecar import write_output_sidecar
 
     path = Path(path)
     if not is_nifti_path(path):
@@ -287,4 +294,5 @@ def write_mask(
     img.header["descrip"] = b"napari-genseg mask"
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
+    write_output_sidecar(path, like if like is not None else vol, record)
     return path
