@@ -37,7 +37,8 @@ def test_segment_cohort_is_resumable(abdomen_ct, double_checkpoint, tmp_path, ca
     args = ["segment", str(cases), "--model", "testdouble", "--checkpoint", str(double_checkpoint),
             "--out", str(out), "--device", "cpu", "--slices", "0:2", "--quiet"]
     assert main(args) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["a_mask.nii.gz", "b_mask.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["a_mask.json", "a_mask.nii.gz", "b_mask.json",
+                                                     "b_mask.nii.gz", "genseg_run.json"]
     capsys.readouterr()
     assert main(args) == 0
     assert capsys.readouterr().err.count("skip") == 2
@@ -107,7 +108,8 @@ def test_cohort_cases_split_across_torchrun_ranks(abdomen_ct, double_checkpoint,
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["segment", str(lst), "--model", "testdouble", "--checkpoint", str(double_checkpoint),
                  "--out", str(out), "--slices", "0:1", "--quiet"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["b_mask.nii.gz"]  # rank 1 of 2 takes every 2nd case
+    # rank 1 of 2 takes every 2nd case and writes its own run record
+    assert sorted(p.name for p in out.iterdir()) == ["b_mask.json", "b_mask.nii.gz", "genseg_run.rank1.json"]
 
 
 def test_threads_option_sets_torch_threads(abdomen_ct, double_checkpoint, tmp_path):
