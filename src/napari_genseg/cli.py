@@ -90,10 +90,9 @@ def _resolve(model: str, checkpoint: str | None, device: str):
 def segment_volume(vol, ckpt, args, desc: str):
     from .engine import make_predictor, run_volume
 
-    if getattr(args, "threads", 0):
-        import torch
+    from .threads import configure_threads
 
-        torch.set_num_threads(int(args.threads))
+    configure_threads(getattr(args, "threads", None))
     pred = make_predictor(ckpt, device=args.device, precision=args.precision, grid_mode=args.grid)
     try:
         gen = run_volume(pred, vol, slices=args.slices, batch_size=args.batch_size)
@@ -183,6 +182,9 @@ def cmd_segment(args) -> int:
     cases = _cases(args.input)
     single = len(cases) == 1 and not Path(args.out).is_dir() and str(args.out).endswith((".nii", ".nii.gz"))
     ckpt = _resolve(args.model, args.checkpoint, args.device)
+    from .threads import configure_threads
+
+    args.threads = configure_threads(args.threads)  # once per run: every case uses the same count
     rank, world = _dist_rank_world()
     if single:
         vol = _load(str(cases[0]), args.series)
@@ -294,6 +296,16 @@ def cmd_demo(args) -> int:
     return run_demo(args)
 
 
+def _threads_arg(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"--threads must be a whole number >= 0, not {value!r}")
+    return n
+
+
 def _hu_offset_arg(value: str):
     from .checks import parse_hu_offset
     from .errors import InputError
@@ -316,8 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--slices", default=None, help="all (default), 'a:b' (b exclusive) or 'a-b' (inclusive)")
         p.add_argument("--grid", default=None, choices=["resize", "spacing"],
                        help="slice to model grid: the checkpoint's choice by default")
-        p.add_argument("--threads", type=int, default=0,
-                       help="torch CPU threads (0 = torch's default); 1 is much faster next to other busy processes")
+        p.add_argument("--threads", type=_threads_arg, default=None,
+                       help="torch CPU threads; default: the CPUs not busy with other work (README "
+                            "'Threads'); 0 = torch's own default (all cores)")
         p.add_argument("--hu-offset", type=_hu_offset_arg, default=None,
                        help="HU added to every voxel before the checks and the model (e.g. -1024 for "
                             "stored values without the rescale offset), or 'auto' = the suggested one")
@@ -369,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from .threads import prefer_passive_wait
+
+    prefer_passive_wait()  # before torch loads its OpenMP runtime (README "Threads")
     ap = build_parser()
     args = ap.parse_args(argv)
     try:
