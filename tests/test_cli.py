@@ -88,14 +88,15 @@ def test_segment_cohort_is_resumable(ct_case, exact_double_checkpoint, tmp_path,
     args = ["segment", str(cases), "--model", "testdouble", "--checkpoint", str(exact_double_checkpoint),
             "--out", str(out), "--slices", "0:2", *_RUN]
     assert main(args) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["a_mask.nii.gz", "b_mask.nii.gz"]
-    for p in out.iterdir():
-        _assert_double_mask(p, ct_case.path, slices=[0, 1])
-    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert sorted(p.name for p in out.iterdir()) == ["a_mask.json", "a_mask.nii.gz", "b_mask.json",
+                                                     "b_mask.nii.gz", "genseg_run.json"]
+    for n in ("a", "b"):
+        _assert_double_mask(out / f"{n}_mask.nii.gz", ct_case.path, slices=[0, 1])
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*_mask.*")}
     capsys.readouterr()
     assert main(args) == 0
     assert capsys.readouterr().err.count("skip") == 2
-    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*_mask.*")} == before  # masks and sidecars kept
 
 
 @pytest.mark.parametrize("extra,msg", [
@@ -157,7 +158,8 @@ def test_cohort_cases_split_across_torchrun_ranks(ct_case, exact_double_checkpoi
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["segment", str(lst), "--model", "testdouble", "--checkpoint", str(exact_double_checkpoint),
                  "--out", str(out), "--slices", "0:1", *_RUN]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["b_mask.nii.gz"]  # rank 1 of 2 takes every 2nd case
+    # rank 1 of 2 takes every 2nd case and writes its own run record
+    assert sorted(p.name for p in out.iterdir()) == ["b_mask.json", "b_mask.nii.gz", "genseg_run.rank1.json"]
     _assert_double_mask(out / "b_mask.nii.gz", ct_case.path, slices=[0])
 
 

@@ -98,7 +98,11 @@ def test_cohort_goes_on_after_a_bad_case_but_not_after_a_bug(ct_case, double_che
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "b.nii.gz" in err and "1 of 3 cases failed" in err
-    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == ["a_mask.nii.gz", "c_mask.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "masks").glob("*.nii.gz")) == ["a_mask.nii.gz", "c_mask.nii.gz"]
+    import json
+
+    run = json.loads((tmp_path / "masks" / "genseg_run.json").read_text())
+    assert [c["status"] for c in run["cases"]] == ["written", "failed", "written"]
     from _doubles import ThresholdNet
 
     def broken(self, x):

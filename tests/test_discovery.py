@@ -69,7 +69,7 @@ def test_cohort_folder_of_patients_studies_and_nifti(tmp_path, double_checkpoint
     shutil.copy(abdomen_ct, cohort / "ct.nii.gz")
     out = tmp_path / "masks"
     assert _segment(double_checkpoint, str(cohort), "--out", str(out), "--slices", "0:1") == 0
-    assert sorted(p.name for p in out.iterdir()) == ["ct_mask.nii.gz", "pat1_mask.nii.gz", "pat2_mask.nii.gz"]
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["ct_mask.nii.gz", "pat1_mask.nii.gz", "pat2_mask.nii.gz"]
     found = discover(cohort)
     assert found.cohort and sorted(c.name for c in found.cases) == ["ct", "pat1", "pat2"]
     # two studies filed in one folder are two cases too

@@ -210,7 +210,7 @@ def test_writer_refuses_source_and_is_atomic(abdomen_ct, tmp_path, monkeypatch):
     with pytest.raises(OSError):
         write_mask(out, np.zeros(vol.shape, np.uint8), like=vol)
     assert out.read_bytes() == good  # the old file survives a failed write
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz", "mask.nii.gz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz", "mask.json", "mask.nii.gz"]
 
 
 def test_labels_dtype_and_no_metadata_geometry(tmp_path):

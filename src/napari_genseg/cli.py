@@ -33,9 +33,44 @@ def _load(case, series: str | None = None):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         vol = case.load(series) if hasattr(case, "load") else load_volume(case, series_uid=series)
+    notes = vol.meta.setdefault("warnings", [])
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
+        if str(w.message) not in notes:
+            notes.append(str(w.message))
     return vol
+
+
+def _checked(vol, ckpt, args):
+    """Input checks before the model runs (HU distribution, body region; ``checks/``): warnings
+    on stderr, ``--hu-offset`` applied. Returns (volume the model sees, InputCheckReport)."""
+    from .checks import apply_hu_offset, check_input
+
+    report = check_input(vol, ckpt.body_region)
+    want = getattr(args, "hu_offset", None)
+    offset = (report.suggested_offset or 0.0) if want == "auto" else (want or 0.0)
+    if want == "auto":
+        print(f"note: --hu-offset auto: {'added %+g HU to every voxel' % offset if offset else 'no offset needed'}",
+              file=sys.stderr)
+    if offset:
+        vol = apply_hu_offset(vol, offset)
+        report = check_input(vol, ckpt.body_region, applied_offset=offset)
+    for w in report.warnings:
+        if report.suggested_offset is not None and w == report.hu.message:
+            w += f": rerun with --hu-offset {report.suggested_offset:g} (or --hu-offset auto)"
+        print(f"warning: {w}", file=sys.stderr)
+    return vol, report
+
+
+def _record(vol, ckpt, args, res, report, postprocessing=None) -> dict:
+    """What goes into a mask's JSON sidecar besides the input geometry (``run_record.py``)."""
+    from .run_record import inference_record, model_record
+
+    return {"model": model_record(ckpt),
+            "inference": inference_record(ckpt, args.device, args.precision, args.grid, args.batch_size,
+                                          res.z, elapsed_s=res.elapsed),
+            "input_checks": report.to_dict(), "postprocessing": postprocessing,
+            "warnings": [*vol.meta.get("warnings", []), *report.warnings]}
 
 
 def _progress(total: int, desc: str, quiet: bool = False):
@@ -101,11 +136,11 @@ def segment_volume(vol, ckpt, args, desc: str):
     from .engine import run_volume
     from .predictors import make_predictor
 
-    zs = _slices(args.slices, vol)
-    if getattr(args, "threads", 0):
-        import torch
+    from .threads import configure_threads
 
-        torch.set_num_threads(int(args.threads))
+    zs = _slices(args.slices, vol)
+
+    configure_threads(getattr(args, "threads", None))
     pred = make_predictor(ckpt, device=args.device, precision=args.precision, grid_mode=args.grid)
     gen = run_volume(pred, vol, slices=zs, batch_size=args.batch_size)
     bar = _progress(len(zs), desc, args.quiet)
@@ -137,9 +172,26 @@ def cmd_info(args) -> int:
     if vol.meta.get("oblique"):
         print(f"oblique:     yes ({vol.meta['obliquity_deg']} deg; shown on the closest axes)")
     print(f"origin:      {tuple(round(o, 3) for o in vol.origin)} mm (S, P, L of voxel 0)")
-    print(f"HU range:    {float(np.min(d)):.1f} .. {float(np.max(d)):.1f} (dtype {d.dtype})")
+    from .checks import check_input, slice_regions
+
+    chk = check_input(vol)
+    label = "HU range:   " if chk.hu.ok else "value range:"
+    print(f"{label} {float(np.min(d)):.1f} .. {float(np.max(d)):.1f} (dtype {d.dtype})")
     if vol.meta.get("format") == "dicom":
         print(f"series:      {vol.meta.get('series_description')!r} {vol.meta.get('n_slices')} slices")
+    if chk.hu.ok:
+        air = f"air peak {chk.hu.air_peak_hu:.0f}" if chk.hu.air_peak_hu is not None else "no air"
+        print(f"intensity:   CT in HU ({air}, soft tissue peak {chk.hu.tissue_peak_hu:.0f})")
+    else:
+        print(f"intensity:   NOT HU: {chk.hu.message.split(': ', 1)[1]}")
+        if chk.suggested_offset is not None:
+            print(f"             suggested: --hu-offset {chk.suggested_offset:g}")
+    shift = 0.0 if chk.hu.ok else chk.suggested_offset
+    if shift is not None:
+        per = list(slice_regions(d, vol.spacing, shift).values())
+        counts = {r: per.count(r) for r in ("abdomen", "thorax", "head/neck", "limbs", None) if per.count(r)}
+        text = ", ".join(f"{k or 'no body'} {v}" for k, v in counts.items())
+        print(f"body region: {text} of {len(per)} slices checked" + (f" (with {shift:+g} HU)" if shift else ""))
     for w in vol.meta.get("warnings", []):
         print(f"warning:     {w}")
     return 0
@@ -160,6 +212,7 @@ def _cases(inputs: list[str]):
 
 def cmd_segment(args) -> int:
     from .io import write_mask
+    from .threads import configure_threads
 
     found = _cases(args.input)
     cases = found.cases
@@ -180,31 +233,61 @@ def cmd_segment(args) -> int:
         _slices(args.slices, vol)
         _check_device(args.device)
         ckpt = _resolve(args.model, args.checkpoint)
+        args.threads = configure_threads(args.threads)
+        vol, report = _checked(vol, ckpt, args)
         res = segment_volume(vol, ckpt, args, cases[0].name)
-        write_mask(args.out, res.labels, like=vol)
+        write_mask(args.out, res.labels, like=vol, record=_record(vol, ckpt, args, res, report))
         print(f"wrote {args.out} ({len(res.z)} slices, {res.slices_per_second:.2f} slices/s, "
               f"classes {', '.join(ckpt.class_names)})", file=sys.stderr)
         return 0
     _check_device(args.device)
     ckpt = _resolve(args.model, args.checkpoint)
+    args.threads = configure_threads(args.threads)  # once per run: every case uses the same count
     out_dir.mkdir(parents=True, exist_ok=True)
     failed = 0
+    cohort = _cohort_record(out_dir, ckpt, args, rank, world)
     for case, target in zip(mine, targets):
+        entry = {"input": str(case.path), "mask": target.name}
+        cohort["cases"].append(entry)
         if target.exists() and not args.overwrite:
             print(f"skip {case.name}: {target.name} exists", file=sys.stderr)
+            entry["status"] = "skipped: mask exists"
             continue
         try:
             vol = _load(case, args.series)
+            vol, report = _checked(vol, ckpt, args)
             res = segment_volume(vol, ckpt, args, case.name)
-            write_mask(target, res.labels, like=vol)
+            write_mask(target, res.labels, like=vol, record=_record(vol, ckpt, args, res, report))
+            entry.update(status="written", warnings=[*vol.meta.get("warnings", []), *report.warnings])
             print(f"wrote {target}", file=sys.stderr)
         except InputError as exc:  # one bad case does not stop a cohort; a bug does
             failed += 1
+            entry.update(status="failed", error=str(exc))
             print(f"error: {case.name} ({case.path}): {exc}", file=sys.stderr)
+        finally:
+            _write_cohort(cohort, out_dir, rank)
+    _write_cohort(cohort, out_dir, rank)
     if failed:
         print(f"{failed} of {len(mine)} cases failed", file=sys.stderr)
         return 1
     return 0
+
+
+def _cohort_record(out_dir, ckpt, args, rank, world) -> dict:
+    from .io.sidecar import output_record
+    from .run_record import inference_record, model_record
+
+    return output_record(out_dir, model=model_record(ckpt),
+                         inference=inference_record(ckpt, args.device, args.precision, args.grid,
+                                                    args.batch_size, None),
+                         extra={"kind": "cohort", "rank": rank, "world_size": world,
+                                "hu_offset": args.hu_offset, "cases": []})
+
+
+def _write_cohort(record, out_dir, rank) -> None:
+    from .io.sidecar import cohort_sidecar_path, write_sidecar
+
+    write_sidecar(cohort_sidecar_path(out_dir, rank), record)
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -289,6 +372,16 @@ def _count(minimum: int):
     return parse
 
 
+def _hu_offset_arg(value: str):
+    """argparse type of ``--hu-offset``: a number of HU or "auto" (``checks.parse_hu_offset``)."""
+    from .checks import parse_hu_offset
+
+    try:
+        return parse_hu_offset(value)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="genseg", description="napari-genseg: CT segmentation with MSA²Net, MARSeg, AR-Seg")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -301,8 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--slices", default=None, help="all (default), 'a:b' (b exclusive) or 'a-b' (inclusive)")
         p.add_argument("--grid", default=None, choices=["resize", "spacing"],
                        help="slice to model grid: the checkpoint's choice by default")
-        p.add_argument("--threads", type=_count(0), default=0,
-                       help="torch CPU threads (0 = torch's default); 1 is much faster next to other busy processes")
+        p.add_argument("--threads", type=_count(0), default=None,
+                       help="torch CPU threads; default: the CPUs not busy with other work (README "
+                            "'Threads'); 0 = torch's own default (all cores)")
+        p.add_argument("--hu-offset", type=_hu_offset_arg, default=None,
+                       help="HU added to every voxel before the checks and the model (e.g. -1024 for "
+                            "stored values without the rescale offset), or 'auto' = the suggested one")
         p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("segment", help="segment a CT (NIfTI or DICOM folder), a folder of cases or a list file")
@@ -353,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from .threads import prefer_passive_wait
+
+    prefer_passive_wait()  # before torch loads its OpenMP runtime (README "Threads")
     ap = build_parser()
     args = ap.parse_args(argv)
     try:

@@ -105,9 +105,12 @@ def test_nifti_labels_must_share_the_image_grid(tmp_path):
     (case,) = D.nifti_cases([(tmp_path / "ct.nii.gz", tmp_path / "lab_flipped.nii.gz")])
     assert np.argwhere(case.labels == 1).tolist() == np.argwhere(case.image == 500).tolist()
     assert case.volume.source_path.endswith("ct.nii.gz")
-    # a label file 10 mm off is refused instead of training on misplaced labels
+    # a label file 6 mm (two slices) off is resampled onto the image's voxels with a warning: the
+    # marker lands where it is in the world, not at its stored index
     moved = aff.copy()
-    moved[2, 3] += 10.0
+    moved[2, 3] += 6.0
     nib.save(nib.Nifti1Image(lab, moved), tmp_path / "lab_moved.nii.gz")
-    with pytest.raises(ValueError, match="label grid"):
-        D.nifti_cases([(tmp_path / "ct.nii.gz", tmp_path / "lab_moved.nii.gz")])
+    with pytest.warns(UserWarning, match="6.0 mm"):
+        (case,) = D.nifti_cases([(tmp_path / "ct.nii.gz", tmp_path / "lab_moved.nii.gz")])
+    (marker,) = np.argwhere(case.image == 500).tolist()
+    assert np.argwhere(case.labels == 1).tolist() == [[marker[0] + 2, marker[1], marker[2]]]

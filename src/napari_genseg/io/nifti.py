@@ -8,8 +8,10 @@ mask undoes that reorientation and writes it with the source's affine and header
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -135,19 +137,77 @@ def _resampled_volume(data_ijk, affine_ras, shear, header, source_path, meta, or
     )
 
 
+@contextmanager
+def _quiet_nibabel_log():
+    """Raise nibabel's header-fix logger to ERROR for the block (its own LoggingOutputSuppressor
+    loses the handler and still reaches logging's last-resort handler)."""
+    from nibabel.imageglobals import logger
+
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _raw_header(path: Path):
+    """The NIfTI-1/2 header as stored (nibabel's load fixes zero/negative pixdim silently)."""
+    import nibabel as nib
+    from nibabel.openers import ImageOpener
+
+    for klass in (nib.Nifti1Header, nib.Nifti2Header):
+        try:
+            with ImageOpener(str(path)) as f:
+                hdr = klass.from_fileobj(f, check=False)
+        except Exception:
+            continue
+        if int(hdr["sizeof_hdr"]) == klass.sizeof_hdr:
+            return hdr
+    return None
+
+
+def _invalid_pixdim(path: Path) -> str | None:
+    """One line when the voxel size comes from pixdim (no sform, NIfTI-1 standard section on
+    qform/sform "method 1/2") and pixdim[1..3] holds zero, negative or non-finite values;
+    None otherwise (a valid sform gives the spacing whatever pixdim says)."""
+    hdr = _raw_header(path)
+    if hdr is None or int(hdr["sform_code"]) > 0:
+        return None
+    ndim = max(1, min(3, int(hdr["dim"][0])))
+    pix = np.asarray(hdr["pixdim"][1 : 1 + ndim], dtype=np.float64)
+    bad = [i for i, v in enumerate(pix) if not np.isfinite(v) or v <= 0]
+    if not bad:
+        return None
+    axes = ", ".join("ijk"[i] for i in bad)
+    vals = ", ".join(f"{pix[i]:g}" for i in bad)
+    if any(pix[i] == 0 or not np.isfinite(pix[i]) for i in bad):
+        return (f"pixdim along {axes} is {vals} and there is no sform: voxel spacing unknown, "
+                f"shown as 1 mm there (mm volumes and distances are not real)")
+    return (f"pixdim along {axes} is {vals} (negative: invalid NIfTI) and there is no sform: "
+            f"voxel spacing and direction uncertain, |pixdim| used")
+
+
 def read_nifti(path: str | os.PathLike) -> Volume:
     """Read a 3-D CT NIfTI (HU) into a display-convention Volume.
 
     Raises VolumeReadError with a one-line reason for unreadable, truncated, non-3-D, RGB or
     all-NaN inputs. NaN voxels are replaced by -1024 HU with a warning (the file is untouched).
+    A header whose voxel size comes from pixdim (no sform) with zero or negative pixdim[1..3] is
+    read with one warning and ``meta["spacing_unknown"] = True`` (kept in the layer metadata).
     """
     import nibabel as nib
 
     path = Path(path)
     if not path.is_file():
         raise VolumeReadError(f"no such file: {path}")
+    bad_pixdim = _invalid_pixdim(path)
     try:
-        img = nib.load(str(path))
+        if bad_pixdim:
+            with _quiet_nibabel_log():  # our one-line warning below replaces nibabel's log line
+                img = nib.load(str(path))
+        else:
+            img = nib.load(str(path))
     except Exception as exc:
         raise VolumeReadError(f"cannot read {path.name} as NIfTI: {exc}") from exc
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
@@ -169,12 +229,16 @@ def read_nifti(path: str | os.PathLike) -> Volume:
     except Exception as exc:  # truncated gzip, short file
         raise VolumeReadError(f"cannot read the voxels of {path.name} (truncated?): {exc}") from exc
     raw = raw.reshape(shape)
-    slope, inter = hdr.get_slope_inter()
-    if raw.dtype.kind == "f" or (slope not in (None, 1.0)) or (inter not in (None, 0.0)):
+    # a loaded header reports no scaling; the array proxy holds scl_slope / scl_inter
+    slope = float(getattr(img.dataobj, "slope", 1.0))
+    inter = float(getattr(img.dataobj, "inter", 0.0))
+    if raw.dtype.kind == "f" or slope != 1.0 or inter != 0.0:
         data = raw.astype(np.float32, copy=False)
     else:
         data = raw
     meta = {"format": "nifti", "dtype": str(dtype)}
+    if slope != 1.0 or inter != 0.0:
+        meta["scl_slope"], meta["scl_inter"] = slope, inter
     if data.dtype.kind == "f":
         nan = ~np.isfinite(data)
         n_nan = int(nan.sum())
@@ -190,6 +254,11 @@ def read_nifti(path: str | os.PathLike) -> Volume:
     affine = img.affine
     if affine is None or not np.all(np.isfinite(affine)):
         raise VolumeReadError(f"{path.name} has no valid affine")
+    if bad_pixdim:
+        msg = f"{path.name}: {bad_pixdim}"
+        warnings.warn(msg, stacklevel=2)
+        meta["spacing_unknown"] = True
+        meta.setdefault("warnings", []).append(msg)
     # a sheared (resampled) grid is sampled by nearest neighbour when the file holds labels
     order = 0 if dtype.kind in "ub" else 1
     return volume_from_array(data, affine, header=hdr.copy(), source_path=str(path), meta=meta, order=order)
@@ -211,14 +280,21 @@ def write_mask(
     like: Volume | None = None,
     spacing=None,
     origin=None,
+    record: dict | None = None,
 ) -> Path:
     """Write a (z, y, x) label array as NIfTI on the geometry of ``like`` (its source voxels,
     affine and header), or, for a layer painted without reader metadata, on the display grid
     given by ``spacing``/``origin``. Atomic; refuses to overwrite the source image. Raises
     :class:`MaskWriteError` for a non-NIfTI name, the source image's path, a folder that cannot
-    be written, or labels that are not a non-negative integer volume of the image's shape."""
+    be written, or labels that are not a non-negative integer volume of the image's shape.
+
+    Every mask gets its JSON sidecar beside it (``io/sidecar.py``: ``x.nii.gz`` -> ``x.json``)
+    with the package version, the input's geometry and ``record`` (model, inference settings,
+    input checks, warnings, post-processing: see ``run_record.py``)."""
     import nibabel as nib
     import nibabel.orientations as no
+
+    from .sidecar import write_output_sidecar
 
     path = Path(path)
     if not is_nifti_path(path):
@@ -274,4 +350,5 @@ def write_mask(
     img.header["descrip"] = b"napari-genseg mask"
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
+    write_output_sidecar(path, like if like is not None else vol, record)
     return path

@@ -7,8 +7,13 @@ Own format: ``NAME.safetensors`` (weights) beside ``NAME.json`` (what to rebuild
      "class_names": ["background", "liver", "spleen"],
      "input": {"normalization": {"kind": "hu_window", "low": -125, "high": 275},
                "grid": "spacing" | "resize", "spacing_mm": [1.5, 1.5] | null},
+     "body_region": "abdomen" | "thorax" | "head" | null,
      "provenance": {...},
      "untrained": ["segmentor", ...]}          # only in files written by `genseg import --allow-partial`
+
+``body_region`` is the anatomy the weights were trained on (the input check warns when a volume
+does not show it); ``save_checkpoint`` derives it from the class names unless given, and files
+without the key get the same derivation when loaded.
 
 Foreign ``.pth`` files are read only through ``torch.load(weights_only=True)``; their keys go
 through the family's importer under the one key policy of :mod:`.key_mapping`. ``genseg import``
@@ -211,6 +216,8 @@ class Checkpoint:
     report: LoadReport
     #: modules left with random weights (``genseg import --allow-partial``); empty for a full checkpoint
     untrained: list[str] = field(default_factory=list)
+    #: the anatomy the weights were trained on ("abdomen", "thorax", "head"; None = unknown)
+    body_region: str | None = None
 
     @property
     def meta(self) -> dict:
@@ -219,6 +226,7 @@ class Checkpoint:
             "config_name": self.config_name,
             "class_names": self.class_names,
             "input": self.input,
+            "body_region": self.body_region,
             "provenance": self.provenance,
             "path": str(self.path) if self.path else None,
             "untrained": list(self.untrained),
@@ -243,9 +251,14 @@ def save_checkpoint(
     provenance: dict | None = None,
     half: bool = False,
     untrained: list[str] | None = None,
+    body_region: str | None = None,
 ) -> Path:
     """Write ``path`` (.safetensors) and its ``.json`` sidecar atomically. ``untrained`` names
-    modules that kept random weights (recorded under ``"untrained"``; loading then warns)."""
+    modules that kept random weights (recorded under ``"untrained"``; loading then warns).
+    ``body_region``: the anatomy trained on (default: derived from ``class_names``, e.g.
+    liver/spleen -> "abdomen")."""
+    from ..checks.body_region import region_for_classes
+
     from safetensors.torch import save as st_save
 
     path = Path(path)
@@ -265,6 +278,7 @@ def save_checkpoint(
         "config": registry.config_to_dict(config),
         "class_names": list(class_names),
         "input": input,
+        "body_region": body_region if body_region is not None else region_for_classes(class_names),
         "provenance": provenance or {},
     }
     if untrained:
@@ -329,6 +343,8 @@ def load_checkpoint(
             f"until those modules are trained",
             UntrainedWeightsWarning, stacklevel=2,
         )
+    from ..checks.body_region import region_for_classes
+
     return Checkpoint(
         model=model,
         family=family,
@@ -340,6 +356,7 @@ def load_checkpoint(
         path=path,
         report=report,
         untrained=untrained,
+        body_region=meta.get("body_region", region_for_classes(meta.get("class_names", []))),
     )
 
 

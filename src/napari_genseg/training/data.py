@@ -124,7 +124,13 @@ def parse_label_map(spec) -> dict[int, int] | None:
 
 
 def apply_label_map(labels: np.ndarray, mapping: dict[int, int] | None, num_classes: int) -> np.ndarray:
+    """Source label ids -> class ids (uint8). Float ids are checked like label files (rounded
+    within 1e-3, else VolumeReadError), never truncated."""
+    from ..io.labels import integer_label_ids
+
     labels = np.asarray(labels)
+    if labels.dtype.kind not in "iu":
+        labels = integer_label_ids(labels)
     if mapping is None:
         out = labels.astype(np.int64)
         out[(out < 0) | (out >= num_classes)] = 0
@@ -183,27 +189,27 @@ def _load(path):
     return load_volume(path)
 
 
-def _same_grid(a: Volume, b: Volume, tol_mm: float = 1e-3) -> bool:
-    """Same voxel grid in the world: shape, spacing and origin (within ``tol_mm``)."""
-    return (a.shape == b.shape and np.allclose(a.spacing, b.spacing, atol=tol_mm)
-            and np.allclose(a.origin, b.origin, atol=tol_mm))
-
-
 def nifti_cases(pairs, label_map=None, class_names=DEFAULT_CLASSES, source: str | None = None) -> list[Case]:
-    """Image/label file pairs as cases. Raises ``ValueError`` when a label file's voxel grid (shape,
-    spacing, origin after reorientation to the display axes) is not its image's."""
+    """Image/label pairs -> Cases. Labels go through ``io.labels.labels_for_image`` (integer ids,
+    same world grid as the image or resampled onto it with a warning); its warnings are issued as
+    ``UserWarning`` and kept in ``Case.meta["label_warnings"]``. Raises VolumeReadError (an
+    InputError) for non-integer ids or a label file that does not overlap its image."""
+    import warnings
+
+    from ..io.labels import labels_for_image
+
     out = []
     k = len(class_names)
     for img_p, lbl_p in pairs:
-        img, lbl = _load(img_p), _load(lbl_p)
-        if not _same_grid(img, lbl):
-            raise DataSpecError(f"{Path(lbl_p).name}: label grid (shape {lbl.shape}, spacing {lbl.spacing}, origin "
-                                f"{lbl.origin}) differs from the image's ({img.shape}, {img.spacing}, {img.origin})")
+        img = _load(img_p)
+        lbl, notes = labels_for_image(img, lbl_p)
+        for n in notes:
+            warnings.warn(n, stacklevel=2)
         name = re.sub(r"\.nii(\.gz)?$", "", Path(img_p).name)
         out.append(Case(
-            name=name, volume=img, labels=apply_label_map(lbl.data, label_map, k),
+            name=name, volume=img, labels=apply_label_map(lbl, label_map, k),
             source=source or f"pairs:{img_p},{lbl_p}", kind="nifti",
-            meta={"image": str(img_p), "label": str(lbl_p)},
+            meta={"image": str(img_p), "label": str(lbl_p), "label_warnings": notes},
         ))
     return out
 

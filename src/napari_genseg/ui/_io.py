@@ -39,10 +39,16 @@ def _read(path):
 
 
 def write_labels(path: str, data, meta: dict) -> list[str]:
-    """npe2 single-layer writer: Labels -> NIfTI on the source geometry."""
+    """npe2 single-layer writer: Labels -> NIfTI on the source geometry, plus its JSON sidecar
+    (the model run recorded in the layer's metadata by the Segment dock, when there was one)."""
+    from ..run_record import RUN_KEY
+
     vol = volume_from_layer(np.asarray(data), meta.get("metadata"), meta.get("scale"), meta.get("translate"))
     like = vol if vol.source_affine is not None else None
-    out = write_mask(path, vol.data, like=like, spacing=vol.spacing, origin=vol.origin)
+    run = dict((meta.get("metadata") or {}).get(RUN_KEY) or {})
+    run["written_by"] = ("napari writer: the model's result as it is in the layer now (edits made in napari "
+                         "included)" if run else "napari writer: no model run is recorded for this layer")
+    out = write_mask(path, vol.data, like=like, spacing=vol.spacing, origin=vol.origin, record=run)
     return [os.fspath(out)]
 
 

@@ -14,6 +14,7 @@ from magicgui.widgets import (
     ComboBox,
     Container,
     FileEdit,
+    FloatSpinBox,
     Label,
     ProgressBar,
     PushButton,
@@ -28,6 +29,8 @@ from ..errors import InputError
 from ..models import registry
 from ..predictors import make_predictor
 from ..preprocessing import WINDOW_PRESETS, window_limits
+from ..run_record import RUN_KEY, inference_record, model_record
+from ._checks import checked_volume
 from ._run import LayerEdit, add_class_labels, load_model, notify_error, notify_warnings
 from .layers import volume_from_layer
 
@@ -59,6 +62,9 @@ class SegmentWidget(Container):
                                    tooltip="auto: fp32 on CPU, bf16/fp16 autocast on GPU; bf16 is faster on AVX-512 CPUs")
         self._batch = SpinBox(label="batch size", min=1, max=128, value=4)
         self._window = ComboBox(label="window", choices=list(WINDOW_PRESETS), value="abdomen")
+        self._hu_offset = FloatSpinBox(label="HU offset", min=-4096, max=4096, step=1, value=0,
+                                       tooltip="added to every voxel before the model (e.g. -1024 when the "
+                                               "input check says the values are stored without the offset)")
         self._scope = RadioButtons(label="slices", choices=["all", "current", "range"], value="all",
                                    orientation="horizontal")
         self._start = SpinBox(label="from slice", min=0, max=100000, value=0, visible=False)
@@ -68,7 +74,7 @@ class SegmentWidget(Container):
         self._progress = ProgressBar(label="progress", min=0, max=100, value=0)
         self._status = Label(value="")
         self.extend([self._image, self._model, self._checkpoint, self._device, self._precision,
-                     self._batch, self._window, self._scope, self._start, self._stop, self._run,
+                     self._batch, self._window, self._hu_offset, self._scope, self._start, self._stop, self._run,
                      self._cancel, self._progress, self._status])
         self._run.changed.connect(self.run)
         self._cancel.changed.connect(self.cancel)
@@ -150,9 +156,16 @@ class SegmentWidget(Container):
             notify_error(exc)
             return None
         notify_warnings(caught)
+        vol, report = checked_volume(vol, ckpt, float(self._hu_offset.value))
         self._target = self.target_layer(image, ckpt.family, ckpt.class_names)
         self._edit = LayerEdit(self._target).begin()
         device, precision, batch = self._device.value, self._precision.value, int(self._batch.value)
+        self._target.metadata[RUN_KEY] = {
+            "model": model_record(ckpt),
+            "inference": inference_record(ckpt, device, precision, None, batch, zs),
+            "input_checks": report.to_dict(),
+            "warnings": [*vol.meta.get("warnings", []), *report.warnings],
+        }
 
         # errors reach _on_error (notify_error); without ignore_errors napari would also re-raise them
         @thread_worker(start_thread=False, ignore_errors=True)
