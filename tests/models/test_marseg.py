@@ -117,7 +117,7 @@ def test_config_validation(bad):
 
 def test_registry_entries():
     fam = registry.get_family("marseg")
-    assert fam.kind == "segmentation" and fam.import_official is import_official
+    assert fam.kind == "marseg" and fam.import_official is import_official
     assert fam.default_config == "marseg_paper"
     assert {e.name for e in registry.list_configs("marseg")} == {"marseg_paper", "marseg_demo", "marseg_tiny"}
     paper = registry.get_entry("marseg_paper")

@@ -55,7 +55,8 @@ class FamilyEntry:
     #: ``state_dict -> (config_overrides, state_dict, notes)``: maps an official checkpoint's keys
     #: onto ours (pure function; no I/O).
     import_official: Callable[[dict], tuple[dict, dict, list[str]]] | None = None
-    #: "segmentation" (forward -> logits) or "arseg" (two-stage training); which predictor serves
+    #: "segmentation" (forward -> logits), "arseg" (two-stage training) or "marseg" (stages 0-2):
+    #: the training task (``training.tasks.TASKS``); which predictor serves
     #: the family is napari_genseg.predictors.PREDICTORS' business, not this field's
     kind: str = "segmentation"
 

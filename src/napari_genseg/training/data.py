@@ -8,6 +8,9 @@ Sources (``parse_data_spec``):
 * ``msd:DIR``: a Medical Segmentation Decathlon folder (``dataset.json`` with a ``training`` list,
   ``imagesTr/``, ``labelsTr/``); without ``dataset.json`` image/label files are paired by name.
 * ``pairs:IMG,LBL[;IMG,LBL...]``: explicit NIfTI (or DICOM-folder) image/label pairs.
+* ``image:IMG[!A:B[,C:D...]]``: one volume without labels (kind ``image``; only for tasks that
+  need no labels, e.g. MARSeg stages 0-1), without its slices A..B-1 (and C..D-1 ...): e.g. the
+  part of a longer scan that is also a labelled file whose hold-out must stay unseen.
 
 NIfTI labels are mapped with a label map (``"5:1,1:2"`` = source id 5 -> class 1, 1 -> 2, every
 other id -> background); without one the ids are kept (ids >= K become background).
@@ -52,6 +55,7 @@ __all__ = [
     "phantom_cases",
     "nifti_cases",
     "msd_pairs",
+    "image_cases",
     "Split",
     "make_split",
     "slice_block_holdout",
@@ -80,7 +84,7 @@ class Case:
     volume: Volume
     labels: np.ndarray
     source: str  # the data spec it came from
-    kind: str = "nifti"  # "nifti" | "phantom"
+    kind: str = "nifti"  # "nifti" | "phantom" | "image" (unlabelled: labels are all 0)
     meta: dict = field(default_factory=dict)
     annotations: dict = field(default_factory=dict)
 
@@ -221,6 +225,23 @@ def nifti_cases(pairs, label_map=None, class_names=DEFAULT_CLASSES, source: str 
     return out
 
 
+def image_cases(path, exclude=(), class_names=DEFAULT_CLASSES, source: str | None = None) -> list[Case]:
+    """One unlabelled volume as a Case of kind ``image`` (labels all 0, ``meta["unlabelled"]``);
+    ``exclude``: (a, b) slice blocks (b exclusive) recorded as ``meta["exclude"]``, which
+    ``make_split`` leaves out of training and validation. Raises DataSpecError for a block outside
+    the volume."""
+    img = _load(path)
+    n = int(img.shape[0])
+    drop = []
+    for a, b in exclude:
+        if not 0 <= a < b <= n:
+            raise DataSpecError(f"{path}: excluded slices {a}:{b} outside 0..{n}")
+        drop += range(a, b)
+    name = re.sub(r"\.nii(\.gz)?$", "", Path(path).name)
+    return [Case(name=name, volume=img, labels=np.zeros(img.shape, np.uint8), source=source or f"image:{path}",
+                 kind="image", meta={"image": str(path), "unlabelled": True, "exclude": sorted(set(drop))})]
+
+
 def msd_pairs(root) -> list[tuple[str, str]]:
     """Image/label pairs of a Decathlon-layout folder."""
     root = Path(root)
@@ -264,6 +285,18 @@ def parse_data_spec(spec: str) -> tuple[str, dict]:
             raise DataSpecError(f"data spec {spec!r} is not phantom:N[@SEED][/REGION]") from None
     if spec.startswith("msd:"):
         return "msd", {"root": spec.split(":", 1)[1]}
+    if spec.startswith("image:"):
+        path, _, blocks = spec.split(":", 1)[1].partition("!")
+        exclude = []
+        for blk in (b for b in blocks.split(",") if b.strip()):
+            a, sep, b = blk.partition(":")
+            try:
+                exclude.append((int(a), int(b)))
+            except ValueError:
+                raise DataSpecError(f"data spec {spec!r}: excluded block {blk!r} is not A:B (integers)") from None
+        if not path.strip():
+            raise DataSpecError(f"data spec {spec!r} is not image:PATH[!A:B]")
+        return "image", {"path": path.strip(), "exclude": exclude}
     if spec.startswith("pairs:"):
         pairs = []
         for chunk in spec.split(":", 1)[1].split(";"):
@@ -277,7 +310,8 @@ def parse_data_spec(spec: str) -> tuple[str, dict]:
     p = Path(spec)
     if p.is_dir():
         return "msd", {"root": spec}
-    raise DataSpecError(f"unknown data spec {spec!r} (phantom:N[@SEED][/REGION] | msd:DIR | pairs:IMG,LBL[;IMG,LBL])")
+    raise DataSpecError(f"unknown data spec {spec!r} (phantom:N[@SEED][/REGION] | msd:DIR | pairs:IMG,LBL[;IMG,LBL]"
+                        " | image:IMG[!A:B])")
 
 
 def check_data_specs(specs, label_map=None) -> None:
@@ -290,7 +324,8 @@ def check_data_specs(specs, label_map=None) -> None:
     parse_label_map(label_map)
     for spec in specs:
         kind, a = parse_data_spec(spec)
-        paths = [Path(a["root"])] if kind == "msd" else [Path(p) for pair in a.get("pairs", []) for p in pair]
+        paths = [Path(a["root"])] if kind == "msd" else [Path(a["path"])] if kind == "image" else [
+            Path(p) for pair in a.get("pairs", []) for p in pair]
         for p in paths:
             if not p.exists():
                 raise DataSpecError(f"{spec}: no such file or folder: {p}")
@@ -310,6 +345,8 @@ def load_sources(specs, label_map=None, class_names=DEFAULT_CLASSES, phantom_sha
                                      n_annotators=phantom_annotators, region=a["region"]))
         elif kind == "msd":
             out.append(nifti_cases(msd_pairs(a["root"]), lm, class_names, source=spec))
+        elif kind == "image":
+            out.append(image_cases(a["path"], a["exclude"], class_names, source=spec))
         else:
             out.append(nifti_cases(a["pairs"], lm, class_names, source=spec))
     return out
@@ -382,7 +419,8 @@ def make_split(sources: list[list[Case]], val_fraction: float = 0.2, seed: int =
 
     A source with several cases is split by case: ``round(val_fraction * n)`` cases (at least 1 when
     ``val_fraction > 0`` and n > 1) chosen with ``seed``. A source with one case uses the slice-block
-    hold-out (``holdout``; ``None``/"none" = train on all of it).
+    hold-out (``holdout``; ``None``/"none" = train on all of it). A case's ``meta["exclude"]``
+    slices (``image:`` specs) are in neither part.
     """
     cases: list[Case] = []
     train, val = [], []
@@ -416,6 +454,15 @@ def make_split(sources: list[list[Case]], val_fraction: float = 0.2, seed: int =
             (val if i in vset else train).append((idx0 + i, list(range(src[i].n_slices))))
         desc["strategy"].append({"source": src[0].source, "kind": "by-case", "n_val": n_val,
                                  "val_cases": sorted(src[i].name for i in vset)})
+
+    def drop(items):
+        out = []
+        for ci, zs in items:
+            ex = set(cases[ci].meta.get("exclude") or ())
+            out.append((ci, [z for z in zs if z not in ex]) if ex else (ci, zs))
+        return out
+
+    train, val = drop(train), drop(val)
     return cases, Split(train, val, desc)
 
 
@@ -515,8 +562,10 @@ def augment_and_normalize(augment: "Augment | None", norm: Normalization, x: tor
     x, y = augment.spatial(x, y, g, norm.pad_value_hu)
     x = augment.intensity_hu(x, g)
     x = norm(x[None])[0]
-    if norm.kind in ("hu_window", "minmax"):
-        x = augment.gamma_norm(x, g)
+    if norm.kind in ("hu_window", "minmax"):  # gamma on [0, 1] (a [-1, 1] window goes there and back)
+        lo, hi = (norm.out_min, norm.out_max) if norm.kind == "hu_window" else (0.0, 1.0)
+        x = augment.gamma_norm((x - lo) / (hi - lo), g) * (hi - lo) + lo if (lo, hi) != (0.0, 1.0) \
+            else augment.gamma_norm(x, g)
     return x, y
 
 

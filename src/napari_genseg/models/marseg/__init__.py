@@ -97,7 +97,7 @@ registry.register_family(
     description="MARSeg (MICCAI 2025): KL-16 tokenizer, MAR encoder/decoder pre-trained "
     "generatively, GPAF fusion, FPN head",
     import_official=import_official,
-    kind="segmentation",
+    kind="marseg",
 )
 registry.register_config(
     "marseg", "marseg_paper", CONFIGS["marseg_paper"],

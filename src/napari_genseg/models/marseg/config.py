@@ -21,9 +21,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-__all__ = ["MarSegConfig", "NOISE_SCHEDULES", "OFFICIAL_LATENT_SCALE"]
+__all__ = ["MarSegConfig", "NOISE_SCHEDULES", "OFFICIAL_LATENT_SCALE", "MODULES"]
 
 NOISE_SCHEDULES = ("cosine", "linear")
+
+#: what ``build_marseg`` builds from a configuration (``MarSegConfig.module``): the segmentation
+#: model (stage 2, inference), the KL autoencoder (stage 0) or the MAR pre-trainer (stage 1)
+MODULES = ("segmentation", "autoencoder", "pretrain")
 
 #: KL-16 latent scale of MAR / MARSeg (``z * 0.2325``; no mean shift)
 OFFICIAL_LATENT_SCALE = 0.2325
@@ -98,6 +102,10 @@ class MarSegConfig:
     #: embedding, mask token, class embedding, nor the official head's 3 unused 3x3 convs).
     #: False: the official module set (MAR pre-training and the official parameter count).
     inference_only: bool = False
+    #: the module built from this configuration (:data:`MODULES`): "segmentation" (:class:`MarSeg`,
+    #: stage 2 and inference), "autoencoder" (:class:`KLAutoencoder`, stage 0) or "pretrain"
+    #: (:class:`MarPretrainer`, stage 1); a checkpoint of each stage records its own
+    module: str = "segmentation"
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -155,6 +163,9 @@ class MarSegConfig:
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
                  f"{name} must be a positive int, got {v!r}")
         need(isinstance(self.inference_only, bool), "inference_only must be a bool")
+        need(self.module in MODULES, f"module must be one of {MODULES}, got {self.module!r}")
+        need(not (self.inference_only and self.module == "pretrain"),
+             "MAR pre-training (module 'pretrain') needs the diffusion head: inference_only must be False")
         need(len(self.vae_ch_mult) >= 1 and all(m >= 1 for m in self.vae_ch_mult),
              f"vae_ch_mult must be positive ints, got {self.vae_ch_mult}")
         n_levels = len(self.vae_ch_mult)

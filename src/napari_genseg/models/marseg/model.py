@@ -171,6 +171,15 @@ class MarSeg(nn.Module):
         return groups
 
 
-def build_marseg(cfg: MarSegConfig) -> MarSeg:
-    """Registry builder."""
+def build_marseg(cfg: MarSegConfig) -> nn.Module:
+    """Registry builder: by ``cfg.module`` the segmentation model (:class:`MarSeg`), the stage-0
+    :class:`~.autoencoder.KLAutoencoder` or the stage-1 :class:`~.pretrain.MarPretrainer`."""
+    if cfg.module == "autoencoder":
+        from .autoencoder import KLAutoencoder
+
+        return KLAutoencoder.from_config(cfg)
+    if cfg.module == "pretrain":
+        from .pretrain import MarPretrainer
+
+        return MarPretrainer(cfg)
     return MarSeg(cfg)

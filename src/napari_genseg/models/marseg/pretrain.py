@@ -87,7 +87,7 @@ class MarPretrainer(nn.Module):
         ``quant_conv``, so that stage 2 begins from exactly the (mean) latents MAR was trained on.
         GPAF and head stay randomly initialised (reported missing).
         """
-        cfg = dataclasses.replace(self.cfg, inference_only=inference_only,
+        cfg = dataclasses.replace(self.cfg, inference_only=inference_only, module="segmentation",
                                   num_classes=num_classes or self.cfg.num_classes)
         model = MarSeg(cfg)
         sd = {"kl_encoder." + k: v for k, v in self.tokenizer.encoder.state_dict().items()}

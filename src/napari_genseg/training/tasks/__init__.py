@@ -1,7 +1,8 @@
 """Training tasks: what each model family adds to the one training loop (see ``base.Task``).
 
 ``TASKS`` maps a family's kind (``models.registry`` ``FamilyEntry.kind``) to its task class:
-``segmentation`` (MSA²Net and any per-pixel classifier) and ``arseg`` (AR-Seg stages 1 and 2).
+``segmentation`` (MSA²Net and any per-pixel classifier), ``arseg`` (AR-Seg stages 1 and 2) and
+``marseg`` (MARSeg stages 0, 1 and 2).
 A new family registers its task here (``register_task``), never a copy of the loop.
 """
 
@@ -13,10 +14,11 @@ from ..config import TrainConfig, TrainOptionError
 
 from .arseg import ArSegTask, ArSegTrainConfig
 from .base import ModelSpec, RunContext, Task, TaskData
+from .marseg import MarSegTask, MarSegTrainConfig
 from .segmentation import SegmentationTask
 
 __all__ = ["TASKS", "register_task", "task_for", "config_from_dict", "Task", "RunContext", "TaskData",
-           "ModelSpec", "ArSegTrainConfig"]
+           "ModelSpec", "ArSegTrainConfig", "MarSegTrainConfig"]
 
 #: family kind -> task class
 TASKS: dict[str, type[Task]] = {}
@@ -31,6 +33,7 @@ def register_task(kind: str, task: type[Task]) -> None:
 
 register_task("segmentation", SegmentationTask)
 register_task("arseg", ArSegTask)
+register_task("marseg", MarSegTask)
 
 
 def task_for(model: str) -> type[Task]:

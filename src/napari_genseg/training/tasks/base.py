@@ -181,10 +181,18 @@ class SliceTask(Task):
     def input_meta(self) -> dict:
         return {"normalization": self.norm.to_dict(), **self.grid.to_meta()}
 
-    def split_sources(self, holdout, **kw) -> tuple[list[Case], Split]:
+    def split_sources(self, holdout, unlabelled_ok: bool = False, **kw) -> tuple[list[Case], Split]:
         """``cfg.data`` as cases (``data.load_sources``; ``kw`` e.g. ``phantom_annotators``), split by
-        case with ``holdout`` for single-case sources (``data.make_split``)."""
+        case with ``holdout`` for single-case sources (``data.make_split``). Unlabelled ``image:``
+        sources raise ``DataSpecError`` unless ``unlabelled_ok`` (a task that needs no labels)."""
+        from ..data import DataSpecError
+
         cfg = self.cfg
         sources = load_sources(cfg.data, cfg.label_map, self.class_names, tuple(cfg.phantom_shape),
                                tuple(cfg.phantom_spacing), **kw)
+        if not unlabelled_ok:
+            for src in sources:
+                if any(c.kind == "image" for c in src):
+                    raise DataSpecError(f"{src[0].source}: an unlabelled image cannot train {self.title} "
+                                        f"(it needs labels)")
         return make_split(sources, cfg.val_fraction, cfg.seed, holdout, cfg.holdout_gap, cfg.holdout_size)
