@@ -1,6 +1,7 @@
 """Predictors: one module per kind of model, all behind the ``Predictor`` protocol (``base``).
 
-* ``segmentation.SegmentationPredictor``: deterministic forward -> logits (MSA²Net, MARSeg);
+* ``segmentation.SegmentationPredictor``: deterministic forward -> logits (MSA²Net; MARSeg through
+  ``marseg.MarSegPredictor``, its lean inference build);
 * ``arseg.ArSegPredictor``: N autoregressive samples, consensus, votes, decodable tokens;
 * ``uncertainty``: the per-voxel disagreement every predictor's uncertainty is reported in.
 
@@ -17,12 +18,14 @@ import inspect
 
 from .arseg import ArSegPredictor
 from .base import Predictor
+from .marseg import MarSegPredictor
 from .segmentation import SegmentationPredictor
 
 __all__ = [
     "Predictor",
     "SegmentationPredictor",
     "ArSegPredictor",
+    "MarSegPredictor",
     "PREDICTORS",
     "register_predictor",
     "predictor_class",
@@ -33,7 +36,7 @@ __all__ = [
 #: model family -> predictor class
 PREDICTORS: dict[str, type] = {
     "msa2net": SegmentationPredictor,
-    "marseg": SegmentationPredictor,
+    "marseg": MarSegPredictor,
     "arseg": ArSegPredictor,
 }
 

@@ -5,6 +5,7 @@ Examples::
     genseg train --model msa2net_tiny --data phantom:8 --steps 200 --out runs/tiny.safetensors
     genseg train --config train.yaml --steps 50          # flags override the file
     torchrun --nproc_per_node=2 -m napari_genseg.cli train --device cpu ...   # DDP
+    genseg pretrain-mar --model marseg_demo --init kl.safetensors --data image:CT.nii.gz --out mar.safetensors
     genseg evaluate runs/tiny.safetensors phantom:2@1000 --baseline hu --csv e.csv --json e.json
     genseg evaluate models/msa2net_demo.safetensors pairs:CT.nii.gz,LBL.nii.gz --label-map 5:1,1:2 \
         --slices 11:19 --baseline hu
@@ -110,6 +111,20 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_pretrain_mar(args) -> int:
+    """``genseg pretrain-mar``: ``genseg train`` with MARSeg's stage 1 (MAR pre-training)."""
+    from ..models import registry
+
+    if args.stage not in (None, 1):
+        raise TrainOptionError("pretrain-mar is MARSeg stage 1; use `genseg train --stage 0|2` for the others")
+    args.stage = 1
+    if args.model is None and not args.config:
+        args.model = "marseg_demo"
+    if args.model is not None and registry.get_entry(args.model).family != "marseg":
+        raise TrainOptionError(f"pretrain-mar trains MARSeg configs, not {args.model}")
+    return cmd_train(args)
+
+
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate, format_table, write_csv, write_json
 
@@ -128,7 +143,8 @@ def add_training_commands(sub) -> None:
     p.add_argument("--config", default=None, help="YAML or JSON file of TrainConfig options (flags override)")
     p.add_argument("--model", default=None, help="registered config name, e.g. msa2net_demo, msa2net_tiny")
     p.add_argument("--data", action="append", default=None,
-                   help="phantom:N[@SEED][/REGION] | msd:DIR | pairs:IMG,LBL[;IMG,LBL] (repeatable)")
+                   help="phantom:N[@SEED][/REGION] | msd:DIR | pairs:IMG,LBL[;IMG,LBL] | image:IMG[!A:B] (unlabelled; "
+                   "MARSeg stages 0-1) (repeatable)")
     p.add_argument("--label-map", default=None, help="NIfTI label ids -> class ids, e.g. 5:1,1:2 (others -> 0)")
     p.add_argument("--classes", default=None, help="class names, e.g. background,liver,spleen")
     p.add_argument("--recipe", default=None, choices=["paper", "adamw"])
@@ -161,8 +177,9 @@ def add_training_commands(sub) -> None:
     p.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm (non-finite steps are skipped)")
     p.add_argument("--time-budget-minutes", type=float, default=None,
                    help="train for this wall time; the lr schedule follows the elapsed fraction")
-    p.add_argument("--stage", type=int, default=None, choices=[1, 2],
-                   help="AR-Seg: 1 = mask autoencoder, 2 = segmentor (frozen VQ; use --init)")
+    p.add_argument("--stage", type=int, default=None, choices=[0, 1, 2],
+                   help="AR-Seg: 1 = mask autoencoder, 2 = segmentor (frozen VQ; use --init); MARSeg: "
+                   "0 = KL autoencoder, 1 = MAR pre-training, 2 = segmentation (use --init)")
     p.add_argument("--init", default=None,
                    help="start from this checkpoint's weights (fine-tuning; AR-Seg stage 2: the stage-1 checkpoint)")
     p.add_argument("--empty-fraction", type=float, default=None,
@@ -173,6 +190,10 @@ def add_training_commands(sub) -> None:
     p.add_argument("--half", action="store_true", help="save fp16 weights")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
+    pm = sub.add_parser("pretrain-mar", parents=[p], add_help=False,
+                        help="MARSeg stage 1: MAR pre-training on CT slices (= train --stage 1; --init a stage-0 "
+                        "checkpoint; labels not needed: image:CT.nii.gz[!A:B] data)")
+    pm.set_defaults(func=cmd_pretrain_mar)
 
     p = sub.add_parser("evaluate", help="Dice/IoU/HD95 of a checkpoint on labelled volumes (+ HU baseline)")
     p.add_argument("checkpoint")
