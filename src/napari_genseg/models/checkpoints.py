@@ -381,15 +381,32 @@ def shipped_checkpoint(family: str) -> Path | None:
     return p if p.is_file() else None
 
 
+#: stage of a training module that does not segment (``config.module``: MARSeg stages 0 and 1)
+_NON_SEGMENTING = {"autoencoder": 0, "pretrain": 1}
+
+
+def require_segmentation_model(ck: Checkpoint) -> Checkpoint:
+    """``ck`` itself when its model segments; ``CheckpointError`` (one line) for the checkpoint of
+    a training stage that does not (MARSeg stage 0 KL autoencoder, stage 1 MAR pre-training)."""
+    module = getattr(ck.config, "module", "segmentation")
+    if module in _NON_SEGMENTING:
+        name = ck.path.name if ck.path else "this checkpoint"
+        raise CheckpointError(
+            f"{name} is a MARSeg stage-{_NON_SEGMENTING[module]} ({module}) checkpoint, not a segmentation "
+            f"model; fine-tune it first: genseg train --model {ck.config_name} --stage 2 --init FILE")
+    return ck
+
+
 def resolve_model(
     name: str, checkpoint: str | os.PathLike | None = None, device="cpu"
 ) -> Checkpoint:
     """``name`` = family or config name. With ``checkpoint`` load that file (it must be of the
-    same family); a bare family name loads its shipped demo checkpoint when one exists; a config
-    name without checkpoint is refused (untrained weights would give meaningless masks)."""
+    same family and segment: see ``require_segmentation_model``); a bare family name loads its
+    shipped demo checkpoint when one exists; a config name without checkpoint is refused
+    (untrained weights would give meaningless masks)."""
     if checkpoint is not None:
         entry = registry.get_entry(name)
-        return load_checkpoint(checkpoint, expect_model=entry.family, device=device)
+        return require_segmentation_model(load_checkpoint(checkpoint, expect_model=entry.family, device=device))
     if name in {f.name for f in registry.list_families()}:
         ck = shipped_checkpoint(name)
         if ck is not None:

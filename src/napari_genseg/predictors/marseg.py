@@ -29,16 +29,10 @@ def inference_model(ckpt):
     ``CheckpointError`` (one line) for a stage-0/1 checkpoint."""
     import torch
 
-    from ..models.checkpoints import CheckpointError, load_state_dict_report
+    from ..models.checkpoints import CheckpointError, load_state_dict_report, require_segmentation_model
     from ..models.marseg import MarSeg
 
-    cfg = ckpt.config
-    module = getattr(cfg, "module", "segmentation")
-    if module != "segmentation":
-        stage = {"autoencoder": 0, "pretrain": 1}.get(module, "?")
-        name = ckpt.path.name if ckpt.path else "this checkpoint"
-        raise CheckpointError(f"{name} is a MARSeg stage-{stage} ({module}) checkpoint, not a segmentation model; "
-                              f"fine-tune it first: genseg train --model {ckpt.config_name} --stage 2 --init FILE")
+    cfg = require_segmentation_model(ckpt).config
     if cfg.inference_only:
         return ckpt.model
     p = next(ckpt.model.parameters())
