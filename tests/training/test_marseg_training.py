@@ -261,3 +261,22 @@ def test_evaluate_and_models_know_marseg(runs, capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "marseg_paper [paper]" in out and "marseg_demo" in out and "marseg_tiny" in out
+
+
+def test_stage0_trains_on_random_crops_and_validates_whole_slices(tmp_path, monkeypatch):
+    from napari_genseg.models.marseg import KLAutoencoder
+    from napari_genseg.training.config import TrainOptionError
+
+    seen = []
+    orig = KLAutoencoder.loss
+
+    def spy(self, x, *a, **kw):
+        seen.append(tuple(x.shape[-2:]))
+        return orig(self, x, *a, **kw)
+
+    monkeypatch.setattr(KLAutoencoder, "loss", spy)
+    s = train(_cfg(tmp_path / "c.safetensors", stage=0, steps=3, stage0_crop=16, lr=1e-3))
+    assert seen == [(16, 16)] * 3 and s["validation"]["slices"] > 0
+    assert json.loads((tmp_path / "c.json").read_text())["provenance"]["hyperparameters"]["stage0_crop"] == 16
+    with pytest.raises(TrainOptionError, match="stage0_crop 18 must be a multiple of 4"):
+        train(_cfg(tmp_path / "d.safetensors", stage=0, steps=1, stage0_crop=18))

@@ -70,7 +70,7 @@ MARSEG_NORMALIZATION = {"kind": "hu_window", "low": -125.0, "high": 275.0, "out_
 #: stage -> the module that stage trains and saves (``MarSegConfig.module``)
 STAGE_MODULES = {0: "autoencoder", 1: "pretrain", 2: "segmentation"}
 #: at most this many held-out slices are scored by the stage-0/1 validation
-_VAL_SLICES = 64
+_VAL_SLICES = 32
 
 
 @dataclass
@@ -83,6 +83,10 @@ class MarSegTrainConfig(TrainConfig):
     normalization: dict = field(default_factory=lambda: dict(MARSEG_NORMALIZATION))
     #: stage 0: weight of the KL term (LDM's KL-f16 configs: 1e-6)
     kl_weight: float = 1e-6
+    #: stage 0: train the (fully convolutional) autoencoder on random crops of this side (a
+    #: multiple of the tokenizer stride; 0 = whole slices), as LDM trains on 256² crops; a step
+    #: then costs (crop / img_size)² of a whole slice's. Validation uses whole slices.
+    stage0_crop: int = 0
     #: stage 2: loss = ce_weight · CE + dice_weight · soft Dice (paper: 2 and 1)
     ce_weight: float = 2.0
     dice_weight: float = 1.0
@@ -158,6 +162,10 @@ class MarSegTask(SliceTask):
             config = dataclasses.replace(entry.config, **overrides)
         except (TypeError, ValueError) as exc:
             raise TrainOptionError(f"{self.cfg.model}: {exc}") from None
+        crop = int(self.cfg.stage0_crop or 0)
+        if crop and (crop % config.vae_stride or not 0 < crop <= config.img_size):
+            raise TrainOptionError(f"stage0_crop {crop} must be a multiple of {config.vae_stride} in "
+                                   f"{config.vae_stride}..{config.img_size}")
         self.in_chans = int(config.in_chans)
         self.set_input(config.img_size)
         self.spec = ModelSpec(registry.get_family("marseg").build(config), entry, config)
@@ -252,6 +260,10 @@ class MarSegTask(SliceTask):
     def loss(self, net, batch):
         xb, yb = batch
         xb = self._x(xb)
+        crop = int(self.cfg.stage0_crop or 0)
+        if self.stage == 0 and 0 < crop < xb.shape[-1]:  # one random window per batch (global RNG)
+            i, j = (int(v) for v in torch.randint(0, xb.shape[-1] - crop + 1, (2,)))
+            xb = xb[..., i:i + crop, j:j + crop]
         with self.run.autocast():
             out = net(xb)
         if self.stage == 0:
@@ -305,7 +317,7 @@ class MarSegTask(SliceTask):
         hp = {"stage": self.stage, "module": STAGE_MODULES[self.stage], "marseg_recipe": self.recipe_name,
               "repeat": cfg.repeat}
         if self.stage == 0:
-            hp["kl_weight"] = cfg.kl_weight
+            hp.update(kl_weight=cfg.kl_weight, stage0_crop=cfg.stage0_crop)
         elif self.stage == 1:
             hp.update(mask_ratio_min=mc.mask_ratio_min, diffusion_batch_mul=mc.diffusion_batch_mul,
                       diffusion_steps=mc.diffusion_steps, conditioning="fake_latent (unconditional)")
