@@ -192,6 +192,7 @@ def test_image_spec_excludes_its_blocks_and_needs_no_labels(tmp_path):
     assert c.kind == "image" and not c.labels.any() and c.meta["unlabelled"]
     used = {z for _, zs in split.train + split.val for z in zs}
     assert used and not used & {0, 1, 12, 13, 14, 15}
+    assert {"source": f"image:{p}!12:16,0:2", "kind": "excluded", "slices": "0-1,12-15"} in split.description["strategy"]
     with pytest.raises(D.DataSpecError, match="outside 0..20"):
         D.load_sources([f"image:{p}!18:25"])
     # stages 0-1 train on it; stage 2 and the segmentation task refuse it (it has no labels)
@@ -280,3 +281,17 @@ def test_stage0_trains_on_random_crops_and_validates_whole_slices(tmp_path, monk
     assert json.loads((tmp_path / "c.json").read_text())["provenance"]["hyperparameters"]["stage0_crop"] == 16
     with pytest.raises(TrainOptionError, match="stage0_crop 18 must be a multiple of 4"):
         train(_cfg(tmp_path / "d.safetensors", stage=0, steps=1, stage0_crop=18))
+
+
+def test_gamma_augmentation_keeps_the_minus_one_to_one_input_range():
+    """Gamma acts on [0, 1]: a [-1, 1] window goes there and back (air stays -1, not clamped to 0)."""
+    from napari_genseg.preprocessing import Normalization
+
+    norm = Normalization.from_dict(MARSEG_NORMALIZATION)
+    aug = D.Augment(p_intensity=1.0, hu_scale=0.0, hu_shift=0.0, noise_hu=0.0, gamma=0.5, p_spatial=0.0,
+                    p_elastic=0.0)
+    x = torch.full((1, 8, 8), -1000.0)
+    x[:, :, 4:] = 75.0  # mid-window: 0 in [-1, 1]
+    y = torch.zeros(8, 8, dtype=torch.long)
+    out, _ = D.augment_and_normalize(aug, norm, x, y, torch.Generator().manual_seed(3))
+    assert float(out.min()) == -1.0 and -1.0 < float(out[0, 0, 4]) < 1.0 and float(out[0, 0, 4]) != 0.0

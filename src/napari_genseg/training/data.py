@@ -463,6 +463,9 @@ def make_split(sources: list[list[Case]], val_fraction: float = 0.2, seed: int =
         return out
 
     train, val = drop(train), drop(val)
+    for c in cases:
+        if c.meta.get("exclude"):
+            desc["strategy"].append({"source": c.source, "kind": "excluded", "slices": _ranges(c.meta["exclude"])})
     return cases, Split(train, val, desc)
 
 
