@@ -24,7 +24,7 @@ Usage (from the repository root; one torch thread is fastest on a loaded 2-core 
     .venv/bin/python models/train_marseg_demo.py --stage0-minutes 30 --stage1-minutes 35 \
         --stage2-minutes 35 --threads 2 --work /work/train_runs/marseg
 
-``--skip-stage0`` / ``--skip-stage1`` reuse the stage checkpoints in ``--work``. The real CTs are
+``--skip-stage0`` / ``--skip-stage1`` / ``--skip-stage2`` reuse the stage checkpoints in ``--work``. The real CTs are
 read from ``--real-dir`` at training time only; nothing of them is copied into the repository.
 """
 
@@ -49,13 +49,20 @@ LABELLED_BLOCK = (82, 112)
 
 
 def _loss_summary(prov: dict) -> dict:
-    """First and last logged (EMA) training loss, best validation score and steps of a run."""
+    """Steps, first and last logged (EMA, every 10 steps) training loss, first and final validation
+    score (higher is better: -L1, -diffusion loss, mean foreground Dice) and wall minutes of a run."""
     hist = [h for h in prov.get("history", []) if h.get("loss") is not None]
-    val = [h for h in prov.get("history", []) if "val_score" in h]
+    val = [h["val_score"] for h in prov.get("history", []) if h.get("val_score") is not None]
+    final = (prov.get("validation") or {}).get("score")
     return {"steps": prov.get("hyperparameters", {}).get("step"), "loss_first": hist[0]["loss"] if hist else None,
-            "loss_last": hist[-1]["loss"] if hist else None,
-            "val_first": val[0]["val_score"] if val else None, "val_last": val[-1]["val_score"] if val else None,
+            "loss_last": hist[-1]["loss"] if hist else None, "val_first": val[0] if val else final,
+            "val_last": final if final is not None else (val[-1] if val else None),
             "wall_min": round(prov.get("wall_seconds", 0.0) / 60.0, 1)}
+
+
+def _num(v, fmt=".3f", sign=1.0) -> str:
+    """``sign * v`` formatted, or "n/a" for a missing value."""
+    return "n/a" if v is None else format(sign * float(v), fmt)
 
 
 def _shrink_and_save(src: Path, out: Path, command: str, stages: dict) -> Path:
@@ -94,6 +101,8 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", default="fp32", choices=["bf16", "fp32"])
     ap.add_argument("--skip-stage0", action="store_true", help="reuse WORK/marseg_stage0.safetensors")
     ap.add_argument("--skip-stage1", action="store_true", help="reuse WORK/marseg_stage1.safetensors")
+    ap.add_argument("--skip-stage2", action="store_true",
+                    help="reuse WORK/marseg_stage2.safetensors (only re-save, re-evaluate, re-write the card)")
     ap.add_argument("--ge-dir", default="/work/shared/data/dicom-robustness/ge-ct-3slice-liver")
     ap.add_argument("--msa2net", default=str(HERE / "msa2net_demo.safetensors"),
                     help="the MSA²Net demo to compare with on the same slices (skipped when missing)")
@@ -138,7 +147,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     summaries = {}
     for s in (0, 1, 2):
-        if (s == 0 and args.skip_stage0) or (s == 1 and args.skip_stage1):
+        if (s == 0 and args.skip_stage0) or (s == 1 and args.skip_stage1) or (s == 2 and args.skip_stage2):
             print(f"stage {s}: reusing {paths[s]}", file=sys.stderr, flush=True)
             continue
         kw = dict(stage_cfg[s])
@@ -222,15 +231,16 @@ def main(argv=None) -> int:
         "| stage | what trains | loss | steps | loss first → last (EMA) | validation | wall min |",
         "|---|---|---|---|---|---|---|",
         f"| 0 | KL autoencoder (random {args.stage0_crop}² crops) | L1 NLL + 1e-6·KL (no LPIPS / GAN) |"
-        f" {sh[0]['steps']} | {sh[0]['loss_first']} → {sh[0]['loss_last']} |"
-        f" rec L1 {-(sh[0]['val_last'] or float('nan')):.4f} (held-out slices, [-1, 1] range) | {sh[0]['wall_min']} |",
+        f" {sh[0]['steps']} | {_num(sh[0]['loss_first'], '.1f')} → {_num(sh[0]['loss_last'], '.1f')} |"
+        f" rec L1 {_num(sh[0]['val_first'], '.4f', -1)} → {_num(sh[0]['val_last'], '.4f', -1)} (held-out slices,"
+        f" [-1, 1] range) | {sh[0]['wall_min']} |",
         f"| 1 | MAR + diffusion head, tokenizer frozen | diffusion loss on masked latents (ratio 0.7-1) |"
-        f" {sh[1]['steps']} | {sh[1]['loss_first']} → {sh[1]['loss_last']} |"
-        f" diffusion loss {-(sh[1]['val_first'] or float('nan')):.3f} → {-(sh[1]['val_last'] or float('nan')):.3f} |"
+        f" {sh[1]['steps']} | {_num(sh[1]['loss_first'])} → {_num(sh[1]['loss_last'])} |"
+        f" diffusion loss {_num(sh[1]['val_first'], '.3f', -1)} → {_num(sh[1]['val_last'], '.3f', -1)} |"
         f" {sh[1]['wall_min']} |",
         f"| 2 | KL encoder, quant_conv, MAR decoder, GPAF, head (MAR encoder blocks frozen) | 2·CE + 1·Dice |"
-        f" {sh[2]['steps']} | {sh[2]['loss_first']} → {sh[2]['loss_last']} |"
-        f" mean fg Dice {sh[2]['val_first'] or float('nan'):.3f} → {sh[2]['val_last'] or float('nan'):.3f} |"
+        f" {sh[2]['steps']} | {_num(sh[2]['loss_first'])} → {_num(sh[2]['loss_last'])} |"
+        f" mean fg Dice {_num(sh[2]['val_first'])} → {_num(sh[2]['val_last'])} |"
         f" {sh[2]['wall_min']} |",
         "",
         f"Recipe: AdamW (the project's fast CPU recipe `adamw`), lr {args.lr0:g} / {args.lr1:g} / {args.lr2:g},"
