@@ -141,15 +141,16 @@ def _fmt(v: float, nd=3) -> str:
 
 
 def format_table(result: dict) -> str:
-    head = f"{'case':<28} {'method':<16} {'class':<10} {'Dice':>7} {'IoU':>7} {'HD95 mm':>9}"
+    mw = max([16, *(len(m) for m in result["mean"])])
+    head = f"{'case':<28} {'method':<{mw}} {'class':<10} {'Dice':>7} {'IoU':>7} {'HD95 mm':>9}"
     lines = [head, "-" * len(head)]
     for r in result["rows"]:
-        lines.append(f"{r['case'][:28]:<28} {r['method']:<16} {r['class']:<10} {_fmt(r['dice']):>7} "
+        lines.append(f"{r['case'][:28]:<28} {r['method']:<{mw}} {r['class']:<10} {_fmt(r['dice']):>7} "
                      f"{_fmt(r['iou']):>7} {_fmt(r['hd95_mm'], 1):>9}")
     lines.append("-" * len(head))
     for method, per in result["mean"].items():
         for cls, m in per.items():
-            lines.append(f"{'MEAN':<28} {method:<16} {cls:<10} {_fmt(m['dice']):>7} {_fmt(m['iou']):>7} "
+            lines.append(f"{'MEAN':<28} {method:<{mw}} {cls:<10} {_fmt(m['dice']):>7} {_fmt(m['iou']):>7} "
                          f"{_fmt(m['hd95_mm'], 1):>9}")
     return "\n".join(lines)
 
