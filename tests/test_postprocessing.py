@@ -13,6 +13,7 @@ import pytest
 from napari_genseg.postprocessing import (
     PostprocessSpecError,
     default_postprocess,
+    measure,
     parse_postprocess,
     postprocess,
     slice_flags,
@@ -89,6 +90,8 @@ def test_undeclared_spec_changes_nothing_but_measures():
     new, rep = postprocess(lab, NAMES, None, SPACING)
     np.testing.assert_array_equal(new, lab)
     assert rep.by_name("liver").components_after == 2 and rep.flags == []
+    m = measure(lab, NAMES, SPACING)
+    assert m.enabled is False and m.by_name("spleen").voxels == 2880
 
 
 def test_several_large_components_and_empty_are_flagged():

@@ -87,3 +87,14 @@ def test_wrong_side_notifies(make_napari_viewer_proxy, qtbot, post_checkpoint, m
     lab = _run(qtbot, w)
     assert any("soft: lies on the patient's left" in n.message for n in got)
     assert any("patient's left" in x for x in lab.metadata[RUN_KEY]["warnings"])
+
+
+def test_cancelled_run_is_left_raw_and_recorded(make_napari_viewer_proxy, qtbot, post_checkpoint):
+    viewer = make_napari_viewer_proxy()
+    w = _setup(viewer, post_checkpoint)
+    w._batch.value = 1
+    w.run()
+    w.cancel()  # before the first slice is done or just after: no clean-up either way
+    qtbot.waitUntil(lambda: w.worker is None, timeout=20000)
+    rec = viewer.layers[LAYER].metadata[RUN_KEY]["postprocessing"]
+    assert rec["enabled"] is False and "cancelled" in rec["reason"]

@@ -226,6 +226,12 @@ class SegmentWidget(Container):
             try:
                 if not aborted and not self._failed and self._ctx is not None:
                     summary = self._clean_up(edit)
+                elif self._ctx is not None and isinstance(edit.layer.metadata.get(RUN_KEY), dict):
+                    from ..postprocessing import disabled_record
+
+                    why = "cancelled" if aborted else "failed"
+                    edit.layer.metadata[RUN_KEY]["postprocessing"] = disabled_record(
+                        self._ctx[0].postprocess, f"not run: the model run was {why} (partial result kept raw)")
             finally:
                 edit.end()  # the clean-up is part of the run's one undo step
         self._ctx = None
