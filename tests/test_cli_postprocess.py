@@ -35,7 +35,8 @@ def test_segment_postprocesses_by_default_and_reports(tmp_path, post_checkpoint,
     assert (mask[HOLE] == 1).all()  # the enclosed hole is filled
     assert (mask[DENSE] == 2).all()  # the undeclared class is untouched
     assert int((mask == 1).sum()) == 1120
-    want = f"soft: {1120 * ML:.1f} mL, 1 component (removed 1 component, {40 * ML:.1f} mL; filled holes {18 * ML:.1f} mL)"
+    want = (f"soft: {1120 * ML:.1f} mL, 1 component (removed 1 component, {40 * ML:.1f} mL; "
+            f"filled holes {18 * ML:.1f} mL)")
     assert want in err
     rep = side["postprocessing"]
     assert rep["enabled"] is True and rep["declared"]["soft"]["single_component"] is True

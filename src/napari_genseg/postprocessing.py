@@ -314,7 +314,7 @@ def _structure(conn: int) -> np.ndarray:
 
 def _crop(mask: np.ndarray):
     """Bounding box (slices) of ``mask`` grown by one voxel (clipped at the array)."""
-    idx = np.nonzero(mask.any(axis=(1, 2)))[0], np.nonzero(mask.any(axis=(0, 2)))[0], np.nonzero(mask.any(axis=(0, 1)))[0]
+    idx = [np.nonzero(mask.any(axis=tuple(a for a in range(3) if a != ax)))[0] for ax in range(3)]
     return tuple(slice(max(int(i[0]) - 1, 0), min(int(i[-1]) + 2, n)) for i, n in zip(idx, mask.shape))
 
 

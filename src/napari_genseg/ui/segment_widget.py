@@ -93,7 +93,8 @@ class SegmentWidget(Container):
         self._progress = ProgressBar(label="progress", min=0, max=100, value=0)
         self._status = Label(value="")
         self.extend([self._image, self._model, self._checkpoint, self._device, self._precision,
-                     self._batch, self._window, self._hu_offset, self._scope, self._start, self._stop, self._cleanup, self._run,
+                     self._batch, self._window, self._hu_offset, self._scope, self._start, self._stop,
+                     self._cleanup, self._run,
                      self._cancel, self._progress, self._status])
         self._run.changed.connect(self.run)
         self._cancel.changed.connect(self.cancel)
@@ -255,7 +256,8 @@ class SegmentWidget(Container):
         record = edit.layer.metadata.get(RUN_KEY)
         if not wanted:
             if isinstance(record, dict):
-                record["postprocessing"] = disabled_record(ckpt.postprocess, "switched off ('3-D clean-up' unchecked)")
+                record["postprocessing"] = disabled_record(ckpt.postprocess,
+                                                           "switched off ('3-D clean-up' unchecked)")
             return ""
         labels = np.asarray(edit.layer.data)
         new, rep = postprocess(labels, ckpt.class_names, ckpt.postprocess, vol, editable_slices=zs)
