@@ -90,6 +90,8 @@ class VolumeResult:
     probs: np.ndarray | None = None  # (Z, K, H, W) float16 when asked
     extras: dict[str, Any] = field(default_factory=dict)
     class_names: list[str] = field(default_factory=list)
+    #: what the 3-D post-processing did (``postprocessing.PostprocessReport``); None = not run
+    postprocessing: Any = None
 
     @property
     def slices_per_second(self) -> float:

@@ -114,7 +114,8 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate, format_table, write_csv, write_json
 
     res = evaluate(args.checkpoint, args.data, label_map=args.label_map, baseline=args.baseline,
-                   slices=args.slices, device=args.device, batch_size=args.batch_size)
+                   slices=args.slices, device=args.device, batch_size=args.batch_size,
+                   postprocess=args.postprocess)
     print(format_table(res))
     if args.csv:
         print(f"wrote {write_csv(res, args.csv)}", file=sys.stderr)
@@ -185,4 +186,7 @@ def add_training_commands(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--csv", default=None)
     p.add_argument("--json", default=None)
+    p.add_argument("--postprocess", action="store_true",
+                   help="also score the mask after the checkpoint's 3-D post-processing (method "
+                        "model_postprocessed, beside the raw model rows)")
     p.set_defaults(func=cmd_evaluate)
