@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,6 +111,10 @@ def test_init_fine_tunes_from_a_checkpoint_and_records_it(tiny_cfg, tmp_path):
     weight decay) the result equals the init weights exactly; without init it would be a fresh
     random model. The provenance names the init checkpoint."""
     first = train(tiny_cfg(steps=3))
+    meta_path = Path(first["checkpoint"]).with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    meta["postprocess"]["liver"]["fill_holes"] = False  # a hand-edited clean-up declaration
+    meta_path.write_text(json.dumps(meta))
     out2 = tmp_path / "ft.safetensors"
     second = train(tiny_cfg(steps=2, lr=0.0, weight_decay=0.0, warmup_steps=0, init=first["checkpoint"], out=str(out2),
                             seed=5))
@@ -118,6 +123,7 @@ def test_init_fine_tunes_from_a_checkpoint_and_records_it(tiny_cfg, tmp_path):
         if a[k].is_floating_point() and "running" not in k and "num_batches" not in k:
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     assert load_checkpoint(out2).provenance["init"]["path"] == first["checkpoint"]
+    assert load_checkpoint(out2).postprocess["liver"]["fill_holes"] is False  # kept by fine-tuning
     assert second["step"] == 2
 
 

@@ -77,12 +77,17 @@ class SegmentationTask(SliceTask):
         if resuming or not self.cfg.init:
             return
         ck = load_init_weights(model, self.cfg.init, self.spec.entry.family)
+        if list(ck.class_names) == self.class_names and ck.postprocess:
+            self._init_postprocess = dict(ck.postprocess)  # fine-tuning keeps the clean-up declared
         if list(ck.class_names) != self.class_names:
             self.run.log(f"note: init checkpoint classes {ck.class_names} != {self.class_names}")
         prov = ck.provenance if isinstance(getattr(ck, "provenance", None), dict) else {}
         self.init_meta = {"path": str(self.cfg.init), "git_commit": prov.get("git_commit"),
                           "steps": prov.get("steps"), "script": prov.get("script")}
         self.run.log(f"fine-tuning from {self.cfg.init}")
+
+    def postprocess_block(self) -> dict | None:
+        return getattr(self, "_init_postprocess", None)
 
     def data(self) -> TaskData:
         cfg = self.cfg
