@@ -314,42 +314,18 @@ def _headless(args, vol, phantom, name: str, stem: str) -> int:
 def run_demo(args) -> int:
     """``genseg demo``: ``--headless`` segments and writes mask + sidecar + overlay PNG and prints
     the volumes; otherwise napari opens with the CT, the Segment dock and the model running."""
-    from .models.checkpoints import CheckpointError, resolve_model
-
     vol, phantom, name, stem = demo_volume(args.input)
     if args.headless:
         return _headless(args, vol, phantom, name, stem)
-    try:
-        ckpt = resolve_model(args.model)
-    except CheckpointError as exc:
-        ckpt = None
-        reason = str(exc)
-
-    import napari
-
-    from .ui.layers import image_layer_data
-
-    viewer = napari.Viewer(title="napari-genseg demo")
-    data, kwargs, _ = image_layer_data(vol, name)
-    if args.input is None:
-        from .data import SAMPLE_CT_DESCRIPTION
-
-        kwargs["metadata"]["description"] = SAMPLE_CT_DESCRIPTION
-    viewer.add_image(data, **kwargs)
-    _, widget = viewer.window.add_plugin_dock_widget("napari-genseg", "Segment CT")
     if args.slices:
         from .cli import _slices
 
-        zs = _slices(args.slices, vol)
-        widget._scope.value = "range"
-        widget._start.value, widget._stop.value = min(zs), max(zs)
-    if ckpt is not None:
-        widget._model.value = args.model
-        widget._device.value = args.device if args.device in widget._device.choices else "auto"
-        widget.run()
-    else:
-        from napari.utils.notifications import show_warning
+        _slices(args.slices, vol)  # a bad --slices is one line before any window opens
+    import napari
 
-        show_warning(f"{reason} The dock is open; choose a checkpoint to run.")
+    from .ui._demo import show_in_viewer
+
+    viewer = napari.Viewer(title="napari-genseg demo")
+    show_in_viewer(viewer, vol, name, args)
     napari.run()
     return 0
