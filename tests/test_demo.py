@@ -140,3 +140,23 @@ def test_real_ct_sample_layer_has_the_files_voxels_at_their_world_position(make_
         r, a, s = (src.affine @ [*ijk, 1])[:3]
         zyx = np.round((np.array([s, -a, -r]) - np.asarray(img.translate)) / np.asarray(img.scale)).astype(int)
         assert img.data[tuple(zyx)] == stored[ijk], ijk
+
+
+@pytest.mark.gui
+def test_gui_demo_opens_the_real_sample_and_runs_the_model_on_it(make_napari_viewer_proxy, qtbot):
+    from types import SimpleNamespace
+
+    from napari_genseg.demo import demo_volume
+    from napari_genseg.ui._demo import show_in_viewer
+
+    viewer = make_napari_viewer_proxy()
+    vol, _, name, _ = demo_volume(None)
+    args = SimpleNamespace(input=None, slices="105:107", model="msa2net", device="cpu")
+    w = show_in_viewer(viewer, vol, name, args)
+    assert w.worker is not None  # the run started by itself
+    qtbot.waitUntil(lambda: w.worker is None, timeout=60000)
+    img, lab = viewer.layers
+    assert img.name == SAMPLE_CT_NAME and "82..111" in img.metadata["description"]
+    assert lab.data.shape == (112, 101, 122) and lab.data[105:107].any()
+    assert not lab.data[:105].any() and not lab.data[107:].any()
+    assert viewer.dims.current_step[0] == 105  # the middle of the range is on screen
