@@ -184,7 +184,7 @@ def _font(size: int):
 
 
 def _text(draw, xy, text, font, fill=(255, 255, 255), anchor="la"):
-    """Text with a 1-px dark outline, readable on CT grey and on class colours."""
+    """Text with a 2-px dark outline, readable on CT grey and on class colours."""
     draw.text(xy, text, font=font, fill=fill, anchor=anchor, stroke_width=2, stroke_fill=(0, 0, 0))
 
 
@@ -196,8 +196,9 @@ def overlay_png(path: Path, vol, labels: np.ndarray, zs: list[int], class_names=
     Each tile shows the CT in the ``window`` preset, a header "slice <z> · z <mm>" (z = display
     index as on napari's slider; mm = LPS/RAS S coordinate of the slice centre from the header)
     and the letters of its edges (:func:`view_letters`). In-plane pixels are drawn at their true
-    aspect (spacing), ``tile_px`` on the long side. Below the tiles: a legend with colour, name and, when ``volumes``
-    (:func:`class_volumes`) is given, volume in mL and component count. Written atomically.
+    aspect (spacing), ``tile_px`` on the long side. Below the tiles: a legend with colour, name
+    and, when ``volumes`` (:func:`class_volumes`) is given, volume in mL and component count.
+    Written atomically. Raises ValueError when ``labels`` and ``vol`` differ in shape.
     """
     from PIL import Image, ImageDraw
 
