@@ -466,9 +466,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("demo", help="the main job: sample CT + default model, in napari or --headless")
-    p.add_argument("--input", default=None, help="a CT to open instead of the built-in phantom")
+    p.add_argument("--input", default=None,
+                   help="default: the shipped real abdomen CT (sample 'Abdominal CT (real)'); 'phantom' = the "
+                        "synthetic phantom with reference labels (prints Dice); or a CT path")
     p.add_argument("--model", default="msa2net")
-    p.add_argument("--headless", action="store_true", help="write the mask and a PNG instead of opening napari")
+    p.add_argument("--headless", action="store_true",
+                   help="print per-class volumes, write the mask (+ JSON sidecar) and an overlay PNG instead of napari")
     p.add_argument("--out", default="genseg-demo", help="output folder for --headless")
     run_opts(p)
     p.set_defaults(func=cmd_demo)
