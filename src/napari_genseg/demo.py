@@ -77,20 +77,12 @@ class ClassVolume:
 def class_volumes(labels: np.ndarray, spacing, class_names) -> list[ClassVolume]:
     """Volume in mL (voxels × sz·sy·sx mm³ / 1000) and 3-D component count of every foreground
     class of ``labels`` ((z, y, x) integer array) named in ``class_names`` (index 0 = background,
-    skipped). Classes absent from ``labels`` are listed with 0 mL and 0 components."""
-    from scipy import ndimage
+    skipped), measured by :func:`napari_genseg.postprocessing.measure` (the same counting as the
+    post-processing report). Classes absent from ``labels`` are listed with 0 mL and 0 components."""
+    from .postprocessing import measure
 
-    voxel_ml = float(np.prod(np.asarray(spacing, dtype=np.float64))) / 1000.0
-    full = np.ones((3, 3, 3), dtype=bool)
-    out = []
-    for k, name in enumerate(class_names):
-        if k == 0:
-            continue
-        m = labels == k
-        n = int(m.sum())
-        comps = int(ndimage.label(m, structure=full)[1]) if n else 0
-        out.append(ClassVolume(k, str(name), n, n * voxel_ml, comps))
-    return out
+    rep = measure(labels, list(class_names), spacing)
+    return [ClassVolume(c.label, c.name, c.voxels, c.volume_ml, c.components_after) for c in rep.classes]
 
 
 def _volume_table(vols: list[ClassVolume], zs) -> str:
