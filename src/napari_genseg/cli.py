@@ -389,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     def run_opts(p):
         p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
         p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                       help="auto = fp32 on cpu, bf16/fp16 autocast on GPU; bf16 is ~2x faster on AVX-512 CPUs")
+                       help="auto = fp32 on cpu, bf16/fp16 autocast on GPU; bf16 on a cpu runs only where "
+                            "it computes bf16 natively (x86 AVX512_BF16/AMX, Arm BF16), else fp32 with a warning")
         p.add_argument("--batch-size", type=_count(1), default=4)
         p.add_argument("--slices", default=None, help="all (default), 'a:b' (b exclusive) or 'a-b' (inclusive)")
         p.add_argument("--grid", default=None, choices=["resize", "spacing"],

@@ -59,7 +59,8 @@ class SegmentWidget(Container):
                                     tooltip="empty = the model's shipped demo checkpoint")
         self._device = ComboBox(label="device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
         self._precision = ComboBox(label="precision", choices=list(PRECISIONS), value="auto",
-                                   tooltip="auto: fp32 on CPU, bf16/fp16 autocast on GPU; bf16 is faster on AVX-512 CPUs")
+                                   tooltip="auto: fp32 on CPU, bf16/fp16 autocast on GPU; bf16 on a CPU only "
+                                           "where it has native bf16 (else fp32, with a warning)")
         self._batch = SpinBox(label="batch size", min=1, max=128, value=4)
         self._window = ComboBox(label="window", choices=list(WINDOW_PRESETS), value="abdomen")
         self._hu_offset = FloatSpinBox(label="HU offset", min=-4096, max=4096, step=1, value=0,
