@@ -205,3 +205,34 @@ def test_cli_segment_records_the_backend(tmp_path, monkeypatch, capsys):
         assert rc == 0
     else:
         assert rc == 2 and "runs on the CPU" in capsys.readouterr().err
+
+
+def test_ort_predictor_follows_the_protocol(tmp_path):
+    from napari_genseg.models.checkpoints import load_checkpoint
+    from napari_genseg.predictors import Predictor, make_predictor
+
+    pred = make_predictor(load_checkpoint(_tiny_checkpoint(tmp_path)), device="cpu", backend="onnxruntime")
+    assert isinstance(pred, Predictor) and pred.backend == "onnxruntime" and pred.threads == 1
+
+
+@pytest.mark.gui
+def test_segment_dock_backend_choice_is_recorded(make_napari_viewer_proxy, qtbot, tmp_path):
+    """The dock's backend box reaches the predictor; the run record names the backend that ran."""
+    from napari_genseg.run_record import RUN_KEY
+    from napari_genseg.ui.layers import image_layer_data
+    from napari_genseg.ui.segment_widget import SegmentWidget
+
+    viewer = make_napari_viewer_proxy()
+    d, kw, _ = image_layer_data(_ct(z=2), "ct")
+    viewer.add_image(d, **kw)
+    w = SegmentWidget(viewer)
+    w._model.value, w._checkpoint.value, w._device.value = "msa2net_tiny", str(_tiny_checkpoint(tmp_path)), "cpu"
+    got = {}
+    for backend in ("onnxruntime", "torch"):
+        w._backend.value = backend
+        assert w.run() is not None
+        qtbot.waitUntil(lambda: w.worker is None, timeout=60000)
+        layer = w._target
+        got[backend] = (layer.metadata[RUN_KEY]["inference"]["backend"]["name"], np.array(layer.data))
+    assert got["onnxruntime"][0] == "onnxruntime" and got["torch"][0] == "torch"
+    assert (got["onnxruntime"][1] == got["torch"][1]).mean() > 0.999
