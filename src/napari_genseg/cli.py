@@ -419,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "it computes bf16 natively (x86 AVX512_BF16/AMX, Arm BF16), else fp32 with a warning")
         p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime"],
                        help="auto = ONNX Runtime when napari-genseg[onnx] is installed and the model exports "
-                            "(MSA²Net, MARSeg; cpu, fp32), else torch")
+                            "(MSA²Net, MARSeg; AR-Seg encoder and decoder; cpu, fp32), else torch")
         p.add_argument("--batch-size", type=_count(1), default=4)
         p.add_argument("--slices", default=None, help="all (default), 'a:b' (b exclusive) or 'a-b' (inclusive)")
         p.add_argument("--grid", default=None, choices=["resize", "spacing"],
@@ -460,11 +460,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "the modules left untrained are recorded in its JSON and loading it warns")
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("export", help="export a model for another runtime (ONNX: MSA²Net, MARSeg)")
+    p = sub.add_parser("export", help="export a model for another runtime (ONNX: MSA²Net, MARSeg; "
+                                      "AR-Seg image encoder and mask decoder)")
     p.add_argument("model", help="family (its shipped demo weights) or config name with --checkpoint")
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--format", default="onnx", choices=["onnx"])
-    p.add_argument("--out", required=True, help="output folder: NAME.onnx (opset 17, dynamic batch) + NAME.json")
+    p.add_argument("--out", required=True, help="output folder: NAME.onnx (opset 17, dynamic batch; AR-Seg: "
+                                                "NAME.image_encoder.onnx, NAME.mask_decoder.onnx) + NAME.json")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the main job: sample CT + default model, in napari or --headless")

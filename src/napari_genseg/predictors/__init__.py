@@ -3,8 +3,8 @@
 * ``segmentation.SegmentationPredictor``: deterministic forward -> logits (MSA²Net, MARSeg);
 * ``arseg.ArSegPredictor``: N autoregressive samples, consensus, votes, decodable tokens;
 * ``uncertainty``: the per-voxel disagreement every predictor's uncertainty is reported in;
-* ``ort``: the runtime choice (``resolve_backend``: torch or ONNX Runtime) and
-  ``OrtSegmentationPredictor``, a segmentation predictor whose forward is an exported ONNX model.
+* ``ort``: the runtime choice (``resolve_backend``: torch or ONNX Runtime) and the predictors
+  whose model steps are exported ONNX models (``OrtSegmentationPredictor``, ``OrtArSegPredictor``).
 
 Which predictor serves a model family is this package's table ``PREDICTORS`` (family name ->
 class), filled here by explicit imports; the model registry (``models/registry.py``) knows
@@ -19,7 +19,7 @@ import inspect
 
 from .arseg import ArSegPredictor
 from .base import Predictor
-from .ort import BACKENDS, OrtSegmentationPredictor, resolve_backend
+from .ort import BACKENDS, ORT_PREDICTORS, OrtArSegPredictor, OrtSegmentationPredictor, resolve_backend
 from .segmentation import SegmentationPredictor
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "SegmentationPredictor",
     "ArSegPredictor",
     "OrtSegmentationPredictor",
+    "OrtArSegPredictor",
     "BACKENDS",
     "resolve_backend",
     "PREDICTORS",
@@ -95,8 +96,8 @@ def make_predictor(ckpt, device="auto", precision: str = "auto", grid_mode: str 
         from ..export import ExportError
 
         try:
-            return OrtSegmentationPredictor.from_checkpoint(ckpt, device=device, precision=precision,
-                                                            grid_mode=grid_mode, **options)
+            return ORT_PREDICTORS[ckpt.family].from_checkpoint(ckpt, device=device, precision=precision,
+                                                               grid_mode=grid_mode, **options)
         except ExportError as exc:
             if backend != "auto":
                 raise

@@ -1,17 +1,18 @@
-"""ONNX Runtime: the runtime choice (``resolve_backend``) and the predictor that runs an exported
-segmentation model (``OrtSegmentationPredictor``).
+"""ONNX Runtime: the runtime choice (``resolve_backend``) and the predictors that run exported
+models (``OrtSegmentationPredictor``; ``OrtArSegPredictor``).
 
 Backends: ``"torch"`` (eager PyTorch, every family, every device and precision), ``"onnxruntime"``
 (the exported model of ``export.cached_onnx`` on ONNX Runtime's CPU provider in fp32; MSA²Net and
-MARSeg; extra ``napari-genseg[onnx]``) and ``"auto"``: ONNX Runtime when it is installed, the
+MARSeg whole, AR-Seg's image encoder and mask decoder with its token sampling in torch; extra
+``napari-genseg[onnx]``) and ``"auto"``: ONNX Runtime when it is installed, the
 family exports (``export.EXPORTABLE_FAMILIES``), the device is the CPU and the precision resolves
 to fp32 (``device.resolve_precision``); torch otherwise. The two agree within
 ``export.CHECK_TOLERANCE`` of the logits' std (checked when a model is exported), so ``auto``
 gives the same masks up to arg-max ties.
 
-The ORT predictor is a :class:`~.segmentation.SegmentationPredictor` whose ``forward`` runs the
-ONNX session: preprocessing (``base.model_input``), the return to the slice grid and the arg-max
-are the same code.
+The ORT predictors are the torch predictors with the model steps replaced by ONNX sessions
+(``forward``; AR-Seg ``embed`` and ``decode``): preprocessing (``base.model_input``), the return
+to the slice grid, the arg-max, sampling and consensus are the same code.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ import numpy as np
 import torch
 
 from ..device import resolve_device, resolve_precision, warn_once
+from .arseg import ArSegPredictor
 from .base import PredictorOptionError, input_contract
 from .segmentation import SegmentationPredictor
 
-__all__ = ["BACKENDS", "resolve_backend", "OrtSegmentationPredictor"]
+__all__ = ["BACKENDS", "resolve_backend", "ort_session", "OrtSegmentationPredictor", "OrtArSegPredictor",
+           "ORT_PREDICTORS"]
 
 #: runtime choices of the CLI (``--backend``) and the Segment dock
 BACKENDS = ("auto", "torch", "onnxruntime")
@@ -61,6 +64,30 @@ def resolve_backend(backend: str, family: str, device="auto", precision: str = "
     return "torch"
 
 
+def ort_session(path, threads: int | None = None):
+    """An ONNX Runtime CPU session of ``path``: ``threads`` intra-op threads (default: torch's
+    current count, which ``threads.configure_threads`` set), one inter-op thread, every graph
+    optimisation; workers that do not spin while they wait when ``OMP_WAIT_POLICY=PASSIVE``
+    (README "Threads")."""
+    import onnxruntime as ort
+
+    from ..threads import passive_wait
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads or torch.get_num_threads())
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if passive_wait():
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _fp32_only(precision: str) -> None:
+    if precision not in ("auto", "fp32"):
+        warn_once(f"the onnxruntime backend runs fp32: --precision {precision} is not used "
+                  "(choose --backend torch for it)")
+
+
 class OrtSegmentationPredictor(SegmentationPredictor):
     """A segmentation model exported to ONNX, run by ONNX Runtime on the CPU in fp32.
 
@@ -76,10 +103,6 @@ class OrtSegmentationPredictor(SegmentationPredictor):
 
     def __init__(self, onnx_path, class_names, normalization, grid, return_probs: bool = False,
                  in_chans: int = 1, threads: int | None = None):
-        import onnxruntime as ort
-
-        from ..threads import passive_wait
-
         self.device = torch.device("cpu")
         self.precision = "fp32"
         self.model = None
@@ -92,14 +115,8 @@ class OrtSegmentationPredictor(SegmentationPredictor):
         self._x = None
         self._hw = None
         self._spacing = (1.0, 1.0)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = int(threads or torch.get_num_threads())
-        so.inter_op_num_threads = 1
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if passive_wait():
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(self.onnx_path, so, providers=["CPUExecutionProvider"])
-        self.threads = so.intra_op_num_threads
+        self.session = ort_session(self.onnx_path, threads)
+        self.threads = self.session.get_session_options().intra_op_num_threads
 
     @classmethod
     def from_checkpoint(cls, ckpt, *, device="auto", precision: str = "auto", grid_mode: str | None = None,
@@ -111,9 +128,7 @@ class OrtSegmentationPredictor(SegmentationPredictor):
         from ..export import cached_onnx
 
         resolve_backend("onnxruntime", ckpt.family, device, "fp32")
-        if precision not in ("auto", "fp32"):
-            warn_once(f"the onnxruntime backend runs fp32: --precision {precision} is not used "
-                      "(choose --backend torch for it)")
+        _fp32_only(precision)
         norm, grid = input_contract(ckpt, grid_mode)
         return cls(cached_onnx(ckpt), ckpt.class_names, norm, grid, return_probs,
                    in_chans=getattr(ckpt.config, "in_chans", 1))
@@ -125,3 +140,56 @@ class OrtSegmentationPredictor(SegmentationPredictor):
 
     def release(self) -> None:
         self._x = None
+
+
+class OrtArSegPredictor(ArSegPredictor):
+    """AR-Seg with its image encoder and mask decoder on ONNX Runtime (CPU, fp32); the
+    autoregressive token sampling stays in torch (its segmentor step is not exported).
+
+    Same options, protocol and outputs as :class:`~.arseg.ArSegPredictor`. The decoder session
+    serves full-scale decodes (masks, votes, probabilities); partial decodes (``upto_scale`` < K,
+    the explorer's coarse-to-fine views) run in torch.
+    """
+
+    backend = "onnxruntime"
+
+    def __init__(self, model, class_names, normalization, grid, encoder_path, decoder_path,
+                 threads: int | None = None, **options):
+        super().__init__(model, class_names, normalization, grid, device="cpu", precision="fp32", **options)
+        self.encoder_path, self.decoder_path = str(encoder_path), str(decoder_path)
+        self._encoder = ort_session(self.encoder_path, threads)
+        self._decoder = ort_session(self.decoder_path, threads)
+        self.threads = self._encoder.get_session_options().intra_op_num_threads
+
+    @classmethod
+    def from_checkpoint(cls, ckpt, *, device="auto", precision: str = "auto", grid_mode: str | None = None,
+                        **options) -> "OrtArSegPredictor":
+        """The ORT predictor of a loaded AR-Seg checkpoint (options as ``ArSegPredictor``'s); its
+        encoder and decoder files come from the cache (``export.cached_onnx``). Raises
+        PredictorOptionError where the onnxruntime backend cannot run; a precision other than fp32
+        runs fp32 with one warning."""
+        from ..export import cached_onnx
+
+        resolve_backend("onnxruntime", ckpt.family, device, "fp32")
+        _fp32_only(precision)
+        norm, grid = input_contract(ckpt, grid_mode)
+        return cls(ckpt.model, ckpt.class_names, norm, grid, cached_onnx(ckpt, "image_encoder"),
+                   cached_onnx(ckpt, "mask_decoder"), **options)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        image = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+        return torch.from_numpy(self._encoder.run(["embedding"], {"image": image})[0])
+
+    def decode(self, tokens: torch.Tensor, upto_scale: int | None = None) -> torch.Tensor:
+        if upto_scale is not None and upto_scale < self.num_scales:
+            return super().decode(tokens, upto_scale)
+        ids = np.ascontiguousarray(tokens.detach().to("cpu", torch.int64).numpy())
+        return torch.from_numpy(self._decoder.run(["logits"], {"tokens": ids})[0])
+
+
+#: model family -> its ONNX Runtime predictor
+ORT_PREDICTORS: dict[str, type] = {
+    "msa2net": OrtSegmentationPredictor,
+    "marseg": OrtSegmentationPredictor,
+    "arseg": OrtArSegPredictor,
+}

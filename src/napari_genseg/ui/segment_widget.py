@@ -63,7 +63,11 @@ class SegmentWidget(Container):
                                            "where it has native bf16 (else fp32, with a warning)")
         self._backend = ComboBox(label="backend", choices=list(BACKENDS), value="auto",
                                  tooltip="auto: ONNX Runtime when installed (napari-genseg[onnx]) and the "
-                                         "model exports (MSA²Net, MARSeg; CPU, fp32), else torch")
+                                         "model exports (MSA²Net, MARSeg, AR-Seg encoder/decoder; CPU, fp32), else torch")
+        # one row for both (the dock must fit a 1000 px screen beside the AR-Seg explorer)
+        self._runtime = Container(layout="horizontal", labels=False, label="precision, backend",
+                                  widgets=[self._precision, self._backend])
+        self._runtime.margins = (0, 0, 0, 0)
         self._batch = SpinBox(label="batch size", min=1, max=128, value=4)
         self._window = ComboBox(label="window", choices=list(WINDOW_PRESETS), value="abdomen")
         self._hu_offset = FloatSpinBox(label="HU offset", min=-4096, max=4096, step=1, value=0,
@@ -77,8 +81,8 @@ class SegmentWidget(Container):
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._progress = ProgressBar(label="progress", min=0, max=100, value=0)
         self._status = Label(value="")
-        self.extend([self._image, self._model, self._checkpoint, self._device, self._precision,
-                     self._backend, self._batch, self._window, self._hu_offset, self._scope, self._start, self._stop, self._run,
+        self.extend([self._image, self._model, self._checkpoint, self._device, self._runtime,
+                     self._batch, self._window, self._hu_offset, self._scope, self._start, self._stop, self._run,
                      self._cancel, self._progress, self._status])
         self._run.changed.connect(self.run)
         self._cancel.changed.connect(self.cancel)
