@@ -63,15 +63,30 @@ def _checked(vol, ckpt, args):
 
 
 def _record(vol, ckpt, args, res, report, postprocessing=None) -> dict:
-    """What goes into a mask's JSON sidecar besides the input geometry (``run_record.py``)."""
+    """What goes into a mask's JSON sidecar besides the input geometry (``run_record.py``);
+    ``postprocessing`` defaults to what ``segment_volume`` did (its report, or the settings it
+    skipped with ``--no-postprocess``), and its plausibility flags join the warnings."""
     from .run_record import inference_record, model_record
 
+    if postprocessing is None:
+        postprocessing = _postprocessing_record(ckpt, res)
+    flags = [f["message"] for f in (postprocessing or {}).get("flags", [])]
     return {"model": model_record(ckpt),
             "inference": inference_record(ckpt, args.device, args.precision, args.grid, args.batch_size,
                                           res.z, elapsed_s=res.elapsed, backend=res.backend,
                                           backend_requested=getattr(args, "backend", "torch")),
             "input_checks": report.to_dict(), "postprocessing": postprocessing,
-            "warnings": [*vol.meta.get("warnings", []), *report.warnings]}
+            "warnings": [*vol.meta.get("warnings", []), *report.warnings, *flags]}
+
+
+def _postprocessing_record(ckpt, res) -> dict:
+    """The sidecar's ``"postprocessing"``: the report's dict, or what was declared and skipped."""
+    from .postprocessing import disabled_record
+
+    rep = getattr(res, "postprocessing", None)
+    if rep is not None:
+        return rep.to_dict()
+    return disabled_record(getattr(ckpt, "postprocess", {}), "switched off (--no-postprocess)")
 
 
 def _progress(total: int, desc: str, quiet: bool = False):
@@ -143,7 +158,12 @@ def _check_outputs(targets: list[Path], sources: list[Path]) -> None:
 
 
 def segment_volume(vol, ckpt, args, desc: str):
-    """Run ``ckpt`` over ``vol`` with the run options of ``args``; a progress bar on stderr."""
+    """Run ``ckpt`` over ``vol`` with the run options of ``args``; a progress bar on stderr.
+
+    Then, unless ``args.postprocess`` is False (``--no-postprocess``), the 3-D post-processing
+    declared in the checkpoint runs on the whole volume (``postprocessing.postprocess``): the
+    result's labels are the cleaned ones, ``res.postprocessing`` holds the report, and one line
+    per class plus its plausibility flags (as warnings) go to stderr."""
     from .engine import run_volume
     from .predictors import make_predictor
 
@@ -167,6 +187,15 @@ def segment_volume(vol, ckpt, args, desc: str):
             bar.update(len(p.z))
     finally:
         bar.close()
+    if getattr(args, "postprocess", True):
+        from .postprocessing import postprocess
+
+        res.labels, res.postprocessing = postprocess(res.labels, ckpt.class_names,
+                                                         getattr(ckpt, "postprocess", None), vol)
+        for line in res.postprocessing.lines():
+            print(line, file=sys.stderr)
+        for w in res.postprocessing.warnings:
+            print(f"warning: {w}", file=sys.stderr)
     return res
 
 
@@ -271,8 +300,9 @@ def cmd_segment(args) -> int:
             vol = _load(case, args.series)
             vol, report = _checked(vol, ckpt, args)
             res = segment_volume(vol, ckpt, args, case.name)
-            write_mask(target, res.labels, like=vol, record=_record(vol, ckpt, args, res, report))
-            entry.update(status="written", warnings=[*vol.meta.get("warnings", []), *report.warnings])
+            rec = _record(vol, ckpt, args, res, report)
+            write_mask(target, res.labels, like=vol, record=rec)
+            entry.update(status="written", warnings=rec["warnings"])
             print(f"wrote {target}", file=sys.stderr)
         except InputError as exc:  # one bad case does not stop a cohort; a bug does
             failed += 1
@@ -294,6 +324,8 @@ def _cohort_record(out_dir, ckpt, args, rank, world) -> dict:
     return output_record(out_dir, model=model_record(ckpt),
                          inference=inference_record(ckpt, args.device, args.precision, args.grid,
                                                     args.batch_size, None, backend=args.backend),
+                         postprocessing={"enabled": bool(getattr(args, "postprocess", True)),
+                                         "declared": dict(getattr(ckpt, "postprocess", {}) or {})},
                          extra={"kind": "cohort", "rank": rank, "world_size": world,
                                 "hu_offset": args.hu_offset, "cases": []})
 
@@ -430,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--hu-offset", type=_hu_offset_arg, default=None,
                        help="HU added to every voxel before the checks and the model (e.g. -1024 for "
                             "stored values without the rescale offset), or 'auto' = the suggested one")
+        p.add_argument("--no-postprocess", dest="postprocess", action="store_false",
+                       help="keep the raw mask: skip the 3-D clean-up declared in the checkpoint (largest "
+                            "component of single organs, holes filled) and its per-class report")
         p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("segment", help="segment a CT (NIfTI or DICOM folder), a folder of cases or a list file")
@@ -470,9 +505,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the main job: sample CT + default model, in napari or --headless")
-    p.add_argument("--input", default=None, help="a CT to open instead of the built-in phantom")
+    p.add_argument("--input", default=None,
+                   help="default: the shipped real abdomen CT (sample 'Abdominal CT (real)'); 'phantom' = the "
+                        "synthetic phantom with reference labels (prints Dice); or a CT path")
     p.add_argument("--model", default="msa2net")
-    p.add_argument("--headless", action="store_true", help="write the mask and a PNG instead of opening napari")
+    p.add_argument("--headless", action="store_true",
+                   help="print per-class volumes, write the mask (+ JSON sidecar) and an overlay PNG instead of napari")
     p.add_argument("--out", default="genseg-demo", help="output folder for --headless")
     run_opts(p)
     p.set_defaults(func=cmd_demo)

@@ -91,6 +91,8 @@ class VolumeResult:
     extras: dict[str, Any] = field(default_factory=dict)
     class_names: list[str] = field(default_factory=list)
     backend: str = "torch"  # the predictor's runtime ("torch", "onnxruntime")
+    #: what the 3-D post-processing did (``postprocessing.PostprocessReport``); None = not run
+    postprocessing: Any = None
 
     @property
     def slices_per_second(self) -> float:

@@ -228,8 +228,19 @@ def make_phantom(
     noise_hu: float = 15.0,
     *,
     phase: str = "portal_venous",
+    region: str = "abdomen",
 ) -> Phantom:
-    """Build a synthetic abdomen CT (see module docstring). Deterministic for a given ``seed``."""
+    """Build a synthetic abdomen CT (see module docstring). Deterministic for a given ``seed``.
+
+    ``region="pelvis"`` or ``"thorax"`` builds the neighbouring part of the torso instead
+    (:func:`napari_genseg.phantom_regions.make_region_phantom`; no liver or spleen, labels in
+    ``TORSO_CLASSES``; ``n_annotators`` is ignored there). Raises ValueError for an unknown
+    region or phase.
+    """
+    if region != "abdomen":
+        from .phantom_regions import make_region_phantom
+
+        return make_region_phantom(seed, region, shape, spacing, noise_hu, phase=phase)
     if phase not in _HU:
         raise ValueError(f"phase must be one of {sorted(_HU)}")
     if len(shape) != 3 or len(spacing) != 3:

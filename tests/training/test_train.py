@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,3 +122,33 @@ def test_precision_follows_the_device_rule(tiny_cfg, monkeypatch):
     msgs = [str(w.message) for w in caught if "fp16" in str(w.message)]
     assert len(msgs) == 1 and "fp32" in msgs[0]  # once per run, not once per step
     assert load_checkpoint(s["checkpoint"]).provenance["hyperparameters"]["precision"] == "fp32"
+
+
+def test_init_fine_tunes_from_a_checkpoint_and_records_it(tiny_cfg, tmp_path):
+    """``init`` starts the segmentation task from a checkpoint's weights: with lr 0 (AdamW, no
+    weight decay) the result equals the init weights exactly; without init it would be a fresh
+    random model. The provenance names the init checkpoint."""
+    first = train(tiny_cfg(steps=3))
+    meta_path = Path(first["checkpoint"]).with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    meta["postprocess"]["liver"]["fill_holes"] = False  # a hand-edited clean-up declaration
+    meta_path.write_text(json.dumps(meta))
+    out2 = tmp_path / "ft.safetensors"
+    second = train(tiny_cfg(steps=2, lr=0.0, weight_decay=0.0, warmup_steps=0, init=first["checkpoint"], out=str(out2),
+                            seed=5))
+    a, b = load_checkpoint(first["checkpoint"]).model.state_dict(), load_checkpoint(out2).model.state_dict()
+    for k in a:
+        if a[k].is_floating_point() and "running" not in k and "num_batches" not in k:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    assert load_checkpoint(out2).provenance["init"]["path"] == first["checkpoint"]
+    assert load_checkpoint(out2).postprocess["liver"]["fill_holes"] is False  # kept by fine-tuning
+    assert second["step"] == 2
+
+
+def test_init_with_another_class_count_is_an_input_error(tiny_cfg, tmp_path):
+    from napari_genseg.models.checkpoints import CheckpointError
+
+    first = train(tiny_cfg(steps=1))
+    with pytest.raises(CheckpointError, match="do not fit"):
+        train(tiny_cfg(steps=1, classes=["background", "liver"], label_map="1:1", init=first["checkpoint"],
+                       out=str(tmp_path / "x.safetensors")))

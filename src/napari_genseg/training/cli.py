@@ -30,8 +30,9 @@ _FLAGS = {
     "device": "device", "precision": "precision", "seed": "seed", "workers": "workers", "grid": "grid",
     "spacing_mm": "spacing_mm", "img_size": "img_size", "val_every": "val_every", "threads": "threads",
     "max_minutes": "max_minutes", "grad_clip": "grad_clip", "time_budget_minutes": "time_budget_minutes",
+    "init": "init",
     # options of one task's config (AR-Seg); a model whose task lacks them refuses them by name
-    "stage": "stage", "init": "init", "empty_fraction": "empty_fraction",
+    "stage": "stage", "empty_fraction": "empty_fraction",
 }
 
 
@@ -113,7 +114,8 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate, format_table, write_csv, write_json
 
     res = evaluate(args.checkpoint, args.data, label_map=args.label_map, baseline=args.baseline,
-                   slices=args.slices, device=args.device, batch_size=args.batch_size)
+                   slices=args.slices, device=args.device, batch_size=args.batch_size,
+                   postprocess=args.postprocess)
     print(format_table(res))
     if args.csv:
         print(f"wrote {write_csv(res, args.csv)}", file=sys.stderr)
@@ -127,7 +129,7 @@ def add_training_commands(sub) -> None:
     p.add_argument("--config", default=None, help="YAML or JSON file of TrainConfig options (flags override)")
     p.add_argument("--model", default=None, help="registered config name, e.g. msa2net_demo, msa2net_tiny")
     p.add_argument("--data", action="append", default=None,
-                   help="phantom:N[@SEED] | msd:DIR | pairs:IMG,LBL[;IMG,LBL] (repeatable)")
+                   help="phantom:N[@SEED][/REGION] | msd:DIR | pairs:IMG,LBL[;IMG,LBL] (repeatable)")
     p.add_argument("--label-map", default=None, help="NIfTI label ids -> class ids, e.g. 5:1,1:2 (others -> 0)")
     p.add_argument("--classes", default=None, help="class names, e.g. background,liver,spleen")
     p.add_argument("--recipe", default=None, choices=["paper", "adamw"])
@@ -164,7 +166,8 @@ def add_training_commands(sub) -> None:
                    help="train for this wall time; the lr schedule follows the elapsed fraction")
     p.add_argument("--stage", type=int, default=None, choices=[1, 2],
                    help="AR-Seg: 1 = mask autoencoder, 2 = segmentor (frozen VQ; use --init)")
-    p.add_argument("--init", default=None, help="AR-Seg stage 2: start from this stage-1 checkpoint")
+    p.add_argument("--init", default=None,
+                   help="start from this checkpoint's weights (fine-tuning; AR-Seg stage 2: the stage-1 checkpoint)")
     p.add_argument("--empty-fraction", type=float, default=None,
                    help="AR-Seg: slices without the target per slice with it (per class, 0.1)")
     p.add_argument("--class-repeat", action="append", default=None, metavar="NAME=N",
@@ -176,7 +179,7 @@ def add_training_commands(sub) -> None:
 
     p = sub.add_parser("evaluate", help="Dice/IoU/HD95 of a checkpoint on labelled volumes (+ HU baseline)")
     p.add_argument("checkpoint")
-    p.add_argument("data", nargs="+", help="phantom:N[@SEED] | msd:DIR | pairs:IMG,LBL[;IMG,LBL]")
+    p.add_argument("data", nargs="+", help="phantom:N[@SEED][/REGION] | msd:DIR | pairs:IMG,LBL[;IMG,LBL]")
     p.add_argument("--label-map", default=None)
     p.add_argument("--baseline", default=None, choices=["hu", "hu-auto", "both"],
                    help="hu: 40..150 HU window (contrast CT); hu-auto: window at the scan's soft-tissue mode; both")
@@ -185,4 +188,7 @@ def add_training_commands(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--csv", default=None)
     p.add_argument("--json", default=None)
+    p.add_argument("--postprocess", action="store_true",
+                   help="also score the mask after the checkpoint's 3-D post-processing (method "
+                        "model_postprocessed, beside the raw model rows)")
     p.set_defaults(func=cmd_evaluate)

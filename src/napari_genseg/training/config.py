@@ -62,6 +62,9 @@ class TrainConfig:
     phantom_spacing: list = field(default_factory=lambda: [3.0, 2.2, 2.2])
     out: str = "checkpoints/model.safetensors"
     resume: str | None = None
+    #: start from the weights of this checkpoint (fine-tuning; same family and class count);
+    #: AR-Seg stage 2 reads its stage-1 VQ from it. Ignored when resuming.
+    init: str | None = None
     device: str = "auto"
     precision: str = "auto"  # auto | fp32 | fp16 | bf16 (device.resolve_precision)
     seed: int = 0

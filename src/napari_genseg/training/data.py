@@ -2,7 +2,8 @@
 
 Sources (``parse_data_spec``):
 
-* ``phantom:N`` / ``phantom:N@S``: N synthetic phantoms with seeds S..S+N-1 (S = 0 by default);
+* ``phantom:N`` / ``phantom:N@S`` / ``phantom:N@S/REGION``: N synthetic phantoms with seeds S..S+N-1
+  (S = 0 by default) of the abdomen (default), ``pelvis`` or ``thorax`` (negatives: no liver/spleen);
   phantom labels are mapped onto the class names by name (``liver_lesion`` -> ``liver``).
 * ``msd:DIR``: a Medical Segmentation Decathlon folder (``dataset.json`` with a ``training`` list,
   ``imagesTr/``, ``labelsTr/``); without ``dataset.json`` image/label files are paired by name.
@@ -145,11 +146,14 @@ def apply_label_map(labels: np.ndarray, mapping: dict[int, int] | None, num_clas
 
 
 def phantom_label_map(class_names) -> dict[int, int]:
+    """Phantom label id -> class index, by name, over every region's classes (``TORSO_CLASSES``,
+    whose first ids are the abdomen's ``PHANTOM_CLASSES``); names not trained map to background."""
     from ..phantom import PHANTOM_CLASSES
+    from ..phantom_regions import TORSO_CLASSES
 
     names = list(class_names)
     out = {}
-    for i, n in enumerate(PHANTOM_CLASSES):
+    for i, n in enumerate(TORSO_CLASSES):
         if n in names and i:
             out[i] = names.index(n)
     if "liver" in names and "liver_lesion" not in names:
@@ -158,27 +162,30 @@ def phantom_label_map(class_names) -> dict[int, int]:
 
 
 def phantom_cases(n: int, seed0: int = 0, class_names=DEFAULT_CLASSES, shape=(40, 160, 160),
-                  spacing=(3.0, 2.2, 2.2), source: str | None = None, n_annotators: int | None = None
-                  ) -> list[Case]:
+                  spacing=(3.0, 2.2, 2.2), source: str | None = None, n_annotators: int | None = None,
+                  region: str = "abdomen") -> list[Case]:
     """N synthetic phantoms (seeds ``seed0``..) with labels mapped by name (``phantom_label_map``).
 
     ``n_annotators`` (default: ``make_phantom``'s) simulated lesion annotators are kept as
-    ``annotations["liver_lesion"]`` when that class is trained.
+    ``annotations["liver_lesion"]`` when that class is trained. ``region``: ``abdomen`` (default),
+    ``pelvis`` or ``thorax`` (:mod:`napari_genseg.phantom_regions`: negatives without liver or spleen);
+    cases are named ``phantom_SEED`` (abdomen) or ``phantom_REGION_SEED``.
     """
     from ..phantom import make_phantom
 
     lm = phantom_label_map(class_names)
-    kw = {} if n_annotators is None else {"n_annotators": int(n_annotators)}
+    kw = {} if n_annotators is None or region != "abdomen" else {"n_annotators": int(n_annotators)}
     out = []
     for s in range(seed0, seed0 + n):
-        p = make_phantom(seed=s, shape=tuple(shape), spacing=tuple(spacing), **kw)
+        p = make_phantom(seed=s, shape=tuple(shape), spacing=tuple(spacing), region=region, **kw)
         ann = {}
         if "liver_lesion" in class_names and p.lesion_annotations is not None and len(p.lesion_annotations):
             ann["liver_lesion"] = p.lesion_annotations
         out.append(Case(
-            name=f"phantom_{s:04d}", volume=p.to_volume(), labels=apply_label_map(p.labels, lm, len(class_names)),
+            name=f"phantom_{s:04d}" if region == "abdomen" else f"phantom_{region}_{s:04d}",
+            volume=p.to_volume(), labels=apply_label_map(p.labels, lm, len(class_names)),
             source=source or f"phantom:{n}@{seed0}", kind="phantom",
-            meta={"seed": s, "shape": list(shape), "spacing": list(spacing)}, annotations=ann,
+            meta={"seed": s, "shape": list(shape), "spacing": list(spacing), "region": region}, annotations=ann,
         ))
     return out
 
@@ -244,12 +251,17 @@ def parse_data_spec(spec: str) -> tuple[str, dict]:
     no known form (files are not opened; see :func:`check_data_specs`)."""
     spec = spec.strip()
     if spec.startswith("phantom:"):
-        rest = spec.split(":", 1)[1]
+        from ..phantom_regions import REGIONS
+
+        rest, _, region = spec.split(":", 1)[1].partition("/")
         n, _, s = rest.partition("@")
+        region = region or "abdomen"
+        if region not in REGIONS:
+            raise DataSpecError(f"data spec {spec!r}: phantom region must be one of {', '.join(REGIONS)}")
         try:
-            return "phantom", {"n": int(n), "seed0": int(s) if s else 0}
+            return "phantom", {"n": int(n), "seed0": int(s) if s else 0, "region": region}
         except ValueError:
-            raise DataSpecError(f"data spec {spec!r} is not phantom:N[@SEED]") from None
+            raise DataSpecError(f"data spec {spec!r} is not phantom:N[@SEED][/REGION]") from None
     if spec.startswith("msd:"):
         return "msd", {"root": spec.split(":", 1)[1]}
     if spec.startswith("pairs:"):
@@ -265,7 +277,7 @@ def parse_data_spec(spec: str) -> tuple[str, dict]:
     p = Path(spec)
     if p.is_dir():
         return "msd", {"root": spec}
-    raise DataSpecError(f"unknown data spec {spec!r} (phantom:N[@SEED] | msd:DIR | pairs:IMG,LBL[;IMG,LBL])")
+    raise DataSpecError(f"unknown data spec {spec!r} (phantom:N[@SEED][/REGION] | msd:DIR | pairs:IMG,LBL[;IMG,LBL])")
 
 
 def check_data_specs(specs, label_map=None) -> None:
@@ -295,7 +307,7 @@ def load_sources(specs, label_map=None, class_names=DEFAULT_CLASSES, phantom_sha
         kind, a = parse_data_spec(spec)
         if kind == "phantom":
             out.append(phantom_cases(a["n"], a["seed0"], class_names, phantom_shape, phantom_spacing, source=spec,
-                                     n_annotators=phantom_annotators))
+                                     n_annotators=phantom_annotators, region=a["region"]))
         elif kind == "msd":
             out.append(nifti_cases(msd_pairs(a["root"]), lm, class_names, source=spec))
         else:

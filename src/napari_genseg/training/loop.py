@@ -218,7 +218,7 @@ def train(cfg: TrainConfig | dict, on_step: Callable[[int, float], None] | None 
                               steps_per_epoch=steps_per_epoch, skipped=guard.skipped, device=device,
                               world=dist_.world, wall=wall, validation=val, history=prog.history)
         save_checkpoint(out, model, family, spec.entry.name, spec.config, task.class_names, task.input_meta(),
-                        prov, half=half)
+                        prov, half=half, postprocess=task.postprocess_block())
         st = {**task.state_dict(), **prog.to_state(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
               "scaler": scaler.state_dict() if use_scaler else {}, "wall_seconds": wall,
               "trained_seconds": trained_seconds(), "rng": rngs, "config": json.loads(json.dumps(cfg.to_dict()))}

@@ -33,7 +33,7 @@ from ...preprocessing import Normalization, SliceGrid
 from .. import data as D
 from ..config import TrainConfig, TrainOptionError
 
-from .base import ModelSpec, SliceTask, TaskData, build_registered_model
+from .base import load_init_weights, ModelSpec, SliceTask, TaskData, build_registered_model
 
 __all__ = ["ArSegTrainConfig", "ArSegTask", "ArSegItems", "target_masks", "ARSEG_CLASSES"]
 
@@ -48,8 +48,7 @@ class ArSegTrainConfig(TrainConfig):
     model: str = "arseg_light"
     classes: list = field(default_factory=lambda: list(ARSEG_CLASSES))
     stage: int = 1
-    #: stage 2: start from this stage-1 checkpoint (its VQ is loaded and frozen)
-    init: str | None = None
+    # ``init`` (TrainConfig): stage 2 starts from this stage-1 checkpoint (its VQ is loaded and frozen)
     #: per class: slices without the target, as a fraction of the slices with it
     empty_fraction: float = 0.1
     #: oversample the items of a class name (e.g. {"liver_lesion": 2})
@@ -165,13 +164,6 @@ class _Stage2(nn.Module):
         return self.model(x, ids, class_ids)
 
 
-def _load_weights(model: nn.Module, path, family: str):
-    from ...models.checkpoints import load_checkpoint
-
-    ck = load_checkpoint(path, expect_model=family)
-    model.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v
-                           for k, v in ck.model.state_dict().items()})
-    return ck
 
 
 class ArSegTask(SliceTask):
@@ -218,7 +210,7 @@ class ArSegTask(SliceTask):
         if not self.cfg.init:
             self.run.log("warning: stage 2 without --init: the VQ is untrained")
             return
-        ck = _load_weights(model, self.cfg.init, self.spec.entry.family)
+        ck = load_init_weights(model, self.cfg.init, self.spec.entry.family)
         if list(ck.class_names) != self.class_names:
             self.run.log(f"note: init checkpoint classes {ck.class_names} != {self.class_names}")
         prov = ck.provenance if isinstance(getattr(ck, "provenance", None), dict) else None

@@ -92,6 +92,21 @@ def build_registered_model(cfg: TrainConfig, num_classes: int) -> ModelSpec:
     return ModelSpec(registry.get_family(entry.family).build(config), entry, config)
 
 
+def load_init_weights(model: nn.Module, path, family: str):
+    """Load the weights of the checkpoint at ``path`` into ``model`` (as fp32; fine-tuning or a
+    previous stage). Raises ``CheckpointError`` (an InputError) for a missing file, another family,
+    or parameters whose names or shapes differ (e.g. another class count). -> the loaded checkpoint."""
+    from ...models.checkpoints import CheckpointError, load_checkpoint
+
+    ck = load_checkpoint(path, expect_model=family)
+    sd = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in ck.model.state_dict().items()}
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: its weights do not fit this model ({str(exc).splitlines()[0]})") from None
+    return ck
+
+
 class Task(abc.ABC):
     """One family's part of a training run (see the module docstring for the order of calls)."""
 
@@ -142,6 +157,11 @@ class Task(abc.ABC):
         """Metrics on the validation split with a float ``"score"`` (higher is better); None if no split."""
 
     # ---- provenance and resumable state
+    def postprocess_block(self) -> dict | None:
+        """The checkpoint's per-class post-processing declarations (None: ``save_checkpoint``'s
+        default, i.e. the block of the file it overwrites or the organ defaults)."""
+        return None
+
     def provenance(self) -> dict:
         """Extra checkpoint provenance; a ``"hyperparameters"`` mapping is merged into the loop's."""
         return {}

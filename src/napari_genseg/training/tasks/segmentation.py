@@ -22,7 +22,7 @@ import torch.nn as nn
 from ...preprocessing import Normalization, SliceGrid
 from .. import data as D
 from ..losses import make_loss
-from .base import ModelSpec, SliceTask, TaskData, build_registered_model
+from .base import ModelSpec, SliceTask, TaskData, build_registered_model, load_init_weights
 
 __all__ = ["SegmentationTask", "validate_slices"]
 
@@ -71,6 +71,24 @@ class SegmentationTask(SliceTask):
         self.criterion = make_loss(self.loss_name).to(self.run.device)
         return self.spec
 
+    def prepare(self, model, resuming: bool) -> None:
+        """Fine-tuning: start from ``cfg.init``'s weights (same family and classes); not when resuming."""
+        self.init_meta = None
+        if resuming or not self.cfg.init:
+            return
+        ck = load_init_weights(model, self.cfg.init, self.spec.entry.family)
+        if list(ck.class_names) == self.class_names and ck.postprocess:
+            self._init_postprocess = dict(ck.postprocess)  # fine-tuning keeps the clean-up declared
+        if list(ck.class_names) != self.class_names:
+            self.run.log(f"note: init checkpoint classes {ck.class_names} != {self.class_names}")
+        prov = ck.provenance if isinstance(getattr(ck, "provenance", None), dict) else {}
+        self.init_meta = {"path": str(self.cfg.init), "git_commit": prov.get("git_commit"),
+                          "steps": prov.get("steps"), "script": prov.get("script")}
+        self.run.log(f"fine-tuning from {self.cfg.init}")
+
+    def postprocess_block(self) -> dict | None:
+        return getattr(self, "_init_postprocess", None)
+
     def data(self) -> TaskData:
         cfg = self.cfg
         cases, split = self.split_sources(cfg.holdout_slices)
@@ -103,4 +121,5 @@ class SegmentationTask(SliceTask):
                                self.run.device, self.cfg.batch_size, self.in_chans)
 
     def provenance(self) -> dict:
-        return {"loss": self.loss_name, "hyperparameters": {"repeat": self.cfg.repeat}}
+        return {"loss": self.loss_name, "init": getattr(self, "init_meta", None),
+                "hyperparameters": {"repeat": self.cfg.repeat}}
