@@ -284,3 +284,29 @@ def test_segment_dock_backend_choice_is_recorded(make_napari_viewer_proxy, qtbot
         got[backend] = (layer.metadata[RUN_KEY]["inference"]["backend"]["name"], np.array(layer.data))
     assert got["onnxruntime"][0] == "onnxruntime" and got["torch"][0] == "torch"
     assert (got["onnxruntime"][1] == got["torch"][1]).mean() > 0.999
+
+
+def test_cli_bf16_without_native_support_warns_once_and_runs_fp32_on_ort(tmp_path, monkeypatch):
+    """--precision bf16 on a CPU without native bf16 and --backend auto: the precision warning is
+    shown (not used up by the early backend check), the run is fp32 on ONNX Runtime."""
+    import warnings
+
+    import nibabel as nib
+
+    from napari_genseg import device as D
+    from napari_genseg.cli import main
+
+    monkeypatch.setattr(D, "_WARNED", set())
+    monkeypatch.setattr(D, "cpu_bf16_support", lambda: (False, "x86 CPU without AVX512_BF16 or AMX-BF16"))
+    ck = _tiny_checkpoint(tmp_path)
+    ct = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(_ct().data.transpose(2, 1, 0)), np.diag([0.8, 0.8, 3.0, 1.0])), str(ct))
+    out = tmp_path / "m.nii.gz"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["segment", str(ct), "--model", "msa2net_tiny", "--checkpoint", str(ck), "--out", str(out),
+                     "--precision", "bf16", "--device", "cpu", "--threads", "1", "--quiet"]) == 0
+    msgs = [str(w.message) for w in caught if "bf16" in str(w.message)]
+    assert len(msgs) == 1 and "no native bf16" in msgs[0]
+    inf = json.loads(out.with_name("m.json").read_text())["inference"]
+    assert inf["precision"] == "fp32" and inf["precision_requested"] == "bf16" and inf["backend"]["name"] == "onnxruntime"

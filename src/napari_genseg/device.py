@@ -170,10 +170,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise DeviceError(f"unknown device {device!r} (auto, cpu, cuda, cuda:N, mps)") from None
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
+def resolve_precision(precision: str, device: torch.device, warn: bool = True) -> str:
     """The precision that runs on ``device`` for the requested one (see the module docstring).
 
-    Returns "fp32", "bf16" or "fp16". Raises :class:`DeviceError` (a ValueError) for a name outside
+    Returns "fp32", "bf16" or "fp16"; ``warn=False`` only asks (no warning, none used up: a
+    later call still warns once). Raises :class:`DeviceError` (a ValueError) for a name outside
     ``PRECISIONS``.
     """
     if precision not in PRECISIONS:
@@ -185,12 +186,13 @@ def resolve_precision(precision: str, device: torch.device) -> str:
             return "fp16"
         return "fp32"
     if precision == "fp16" and device.type == "cpu":
-        warn_once("fp16 was asked on the CPU, where fp16 autocast is slow and partial: running fp32")
+        if warn:
+            warn_once("fp16 was asked on the CPU, where fp16 autocast is slow and partial: running fp32")
         return "fp32"
     if precision == "bf16" and device.type == "cpu" and not (support := cpu_bf16_support())[0]:
-        why = support[1]
-        warn_once(f"bf16 was asked on the CPU, but this CPU has no native bf16 arithmetic ({why}); "
-                  "emulated bf16 is many times slower than fp32: running fp32")
+        if warn:
+            warn_once(f"bf16 was asked on the CPU, but this CPU has no native bf16 arithmetic ({support[1]}); "
+                      "emulated bf16 is many times slower than fp32: running fp32")
         return "fp32"
     return precision
 

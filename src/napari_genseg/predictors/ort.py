@@ -59,7 +59,7 @@ def resolve_backend(backend: str, family: str, device="auto", precision: str = "
                                        "use --device cpu or --backend torch")
         return "onnxruntime"
     if onnxruntime_available() and exportable(family) and dev.type == "cpu" \
-            and resolve_precision(precision, dev) == "fp32":
+            and resolve_precision(precision, dev, warn=False) == "fp32":
         return "onnxruntime"
     return "torch"
 
@@ -83,7 +83,8 @@ def ort_session(path, threads: int | None = None):
 
 
 def _fp32_only(precision: str) -> None:
-    if precision not in ("auto", "fp32"):
+    """Warn once when a precision other than fp32 would run in torch on this CPU (ORT runs fp32)."""
+    if resolve_precision(precision, torch.device("cpu")) != "fp32":
         warn_once(f"the onnxruntime backend runs fp32: --precision {precision} is not used "
                   "(choose --backend torch for it)")
 
