@@ -92,6 +92,24 @@ def test_shipped_demo_exports_from_the_cli(tmp_path, capsys):
     assert _rel_diff(ckpt.model.eval(), _session(onnx_path), x) <= 1e-4
 
 
+def test_shipped_arseg_demo_exports_encoder_and_decoder(tmp_path):
+    """The shipped AR-Seg demo's two exported pieces against torch (1e-4 of the output std)."""
+    from napari_genseg.cli import main
+    from napari_genseg.models.checkpoints import resolve_model
+
+    assert main(["export", "arseg", "--out", str(tmp_path)]) == 0
+    model = resolve_model("arseg").model.eval()
+    c = model.cfg
+    x = torch.rand(2, c.in_chans, c.img_size, c.img_size, generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, c.vocab_size, (3, model.num_tokens), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        emb, logits = model.embed(x).numpy(), model.decode(ids).numpy()
+    got = _session(tmp_path / "arseg_demo.image_encoder.onnx").run(None, {"image": x.numpy()})[0]
+    assert np.abs(got - emb).max() <= 1e-4 * emb.std()
+    got = _session(tmp_path / "arseg_demo.mask_decoder.onnx").run(None, {"tokens": ids.numpy()})[0]
+    assert np.abs(got - logits).max() <= 1e-4 * logits.std()
+
+
 def test_export_refuses_a_family_without_an_exporter(double_checkpoint, tmp_path, capsys):
     from napari_genseg.cli import main
 
