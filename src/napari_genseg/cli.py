@@ -1,4 +1,4 @@
-"""``genseg`` command line: segment, info, models, import, demo (train/evaluate in training/).
+"""``genseg`` command line: segment, info, models, import, export, demo (train/evaluate in training/).
 
 Errors: a mistake in what the user gave (a missing or unreadable file, an output that would
 overwrite the input, an unwritable folder, a bad option, an unusable checkpoint) is raised as
@@ -73,7 +73,8 @@ def _record(vol, ckpt, args, res, report, postprocessing=None) -> dict:
     flags = [f["message"] for f in (postprocessing or {}).get("flags", [])]
     return {"model": model_record(ckpt),
             "inference": inference_record(ckpt, args.device, args.precision, args.grid, args.batch_size,
-                                          res.z, elapsed_s=res.elapsed),
+                                          res.z, elapsed_s=res.elapsed, backend=res.backend,
+                                          backend_requested=getattr(args, "backend", "torch")),
             "input_checks": report.to_dict(), "postprocessing": postprocessing,
             "warnings": [*vol.meta.get("warnings", []), *report.warnings, *flags]}
 
@@ -127,6 +128,16 @@ def _check_device(name: str) -> None:
         resolve_device(name)
 
 
+def _check_backend(args, ckpt) -> None:
+    """``--backend onnxruntime`` where it cannot run (not installed, a family that does not
+    export, a GPU device) fails here, before any case runs (``predictors.resolve_backend``)."""
+    from .predictors import resolve_backend
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        resolve_backend(getattr(args, "backend", "auto"), ckpt.family, args.device, args.precision)
+
+
 def _check_inputs_exist(cases: list[Path]) -> None:
     missing = [c for c in cases if not c.exists()]
     if missing:
@@ -161,7 +172,8 @@ def segment_volume(vol, ckpt, args, desc: str):
     zs = _slices(args.slices, vol)
 
     configure_threads(getattr(args, "threads", None))
-    pred = make_predictor(ckpt, device=args.device, precision=args.precision, grid_mode=args.grid)
+    pred = make_predictor(ckpt, device=args.device, precision=args.precision, grid_mode=args.grid,
+                          backend=getattr(args, "backend", "auto"))
     gen = run_volume(pred, vol, slices=zs, batch_size=args.batch_size)
     bar = _progress(len(zs), desc, args.quiet)
     try:
@@ -262,6 +274,7 @@ def cmd_segment(args) -> int:
         _slices(args.slices, vol)
         _check_device(args.device)
         ckpt = _resolve(args.model, args.checkpoint)
+        _check_backend(args, ckpt)
         args.threads = configure_threads(args.threads)
         vol, report = _checked(vol, ckpt, args)
         res = segment_volume(vol, ckpt, args, cases[0].name)
@@ -271,6 +284,7 @@ def cmd_segment(args) -> int:
         return 0
     _check_device(args.device)
     ckpt = _resolve(args.model, args.checkpoint)
+    _check_backend(args, ckpt)
     args.threads = configure_threads(args.threads)  # once per run: every case uses the same count
     out_dir.mkdir(parents=True, exist_ok=True)
     failed = 0
@@ -309,7 +323,7 @@ def _cohort_record(out_dir, ckpt, args, rank, world) -> dict:
 
     return output_record(out_dir, model=model_record(ckpt),
                          inference=inference_record(ckpt, args.device, args.precision, args.grid,
-                                                    args.batch_size, None),
+                                                    args.batch_size, None, backend=args.backend),
                          postprocessing={"enabled": bool(getattr(args, "postprocess", True)),
                                          "declared": dict(getattr(ckpt, "postprocess", {}) or {})},
                          extra={"kind": "cohort", "rank": rank, "world_size": world,
@@ -383,6 +397,18 @@ def _peek_untrained(path: Path) -> list[str]:
     return list(json.loads(path.with_suffix(".json").read_text()).get("untrained", []))
 
 
+def cmd_export(args) -> int:
+    from .io.atomic import check_writable_folder
+
+    check_writable_folder(args.out)
+    ckpt = _resolve(args.model, args.checkpoint)
+    from .export import export_checkpoint
+
+    for path in export_checkpoint(ckpt, args.out, args.format):
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -421,7 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
     def run_opts(p):
         p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
         p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                       help="auto = fp32 on cpu, bf16/fp16 autocast on GPU; bf16 is ~2x faster on AVX-512 CPUs")
+                       help="auto = fp32 on cpu, bf16/fp16 autocast on GPU; bf16 on a cpu runs only where "
+                            "it computes bf16 natively (x86 AVX512_BF16/AMX, Arm BF16), else fp32 with a warning")
+        p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime"],
+                       help="auto = ONNX Runtime when napari-genseg[onnx] is installed and the model exports "
+                            "(MSA²Net, MARSeg; AR-Seg encoder and decoder; cpu, fp32), else torch")
         p.add_argument("--batch-size", type=_count(1), default=4)
         p.add_argument("--slices", default=None, help="all (default), 'a:b' (b exclusive) or 'a-b' (inclusive)")
         p.add_argument("--grid", default=None, choices=["resize", "spacing"],
@@ -464,6 +494,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the checkpoint even when keys are missing, unexpected or of another shape; "
                         "the modules left untrained are recorded in its JSON and loading it warns")
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("export", help="export a model for another runtime (ONNX: MSA²Net, MARSeg; "
+                                      "AR-Seg image encoder and mask decoder)")
+    p.add_argument("model", help="family (its shipped demo weights) or config name with --checkpoint")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--out", required=True, help="output folder: NAME.onnx (opset 17, dynamic batch; AR-Seg: "
+                                                "NAME.image_encoder.onnx, NAME.mask_decoder.onnx) + NAME.json")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the main job: sample CT + default model, in napari or --headless")
     p.add_argument("--input", default=None,

@@ -89,6 +89,24 @@ def test_time_budget_schedule_ends_at_zero_lr(tiny_cfg):
     assert st["optimizer"]["param_groups"][0]["lr"] < 1e-4
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_training_bf16_on_cpu_follows_native_support(tiny_cfg, monkeypatch, native):
+    """Training takes the inference rule (``device.cpu_bf16_support``): bf16 asked on a CPU
+    trains in bf16 where native, in fp32 with one warning where emulated."""
+    import warnings
+
+    from napari_genseg import device
+
+    monkeypatch.setattr(device, "_WARNED", set())
+    monkeypatch.setattr(device, "cpu_bf16_support", lambda: (native, "x86 CPU without AVX512_BF16 or AMX-BF16"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = train(tiny_cfg(steps=1, precision="bf16", val_fraction=0.0, holdout_slices="none"))
+    msgs = [str(w.message) for w in caught if "bf16" in str(w.message)]
+    assert load_checkpoint(s["checkpoint"]).provenance["hyperparameters"]["precision"] == ("bf16" if native else "fp32")
+    assert len(msgs) == (0 if native else 1)
+
+
 def test_precision_follows_the_device_rule(tiny_cfg, monkeypatch):
     """CPU: auto = fp32; fp16 asked on a CPU runs fp32 with one warning (``device.resolve_precision``)."""
     import warnings

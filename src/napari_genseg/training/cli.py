@@ -154,7 +154,9 @@ def add_training_commands(sub) -> None:
     p.add_argument("--out", default=None, help="checkpoint path (.safetensors + .json + .train.pt)")
     p.add_argument("--resume", default=None, help="continue from this checkpoint (and its .train.pt)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1")
-    p.add_argument("--precision", default=None, choices=["auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--precision", default=None, choices=["auto", "fp32", "fp16", "bf16"],
+                   help="auto = fp32 on cpu, bf16/fp16 autocast on GPU; bf16 on a cpu only where it has "
+                        "native bf16 (x86 AVX512_BF16/AMX, Arm BF16), else fp32 with a warning")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)

@@ -56,5 +56,7 @@ def show_in_viewer(viewer, vol, name: str, args):
         return widget
     widget._model.value = args.model
     widget._device.value = args.device if args.device in widget._device.choices else "auto"
+    widget._precision.value = getattr(args, "precision", "auto")
+    widget._backend.value = getattr(args, "backend", "auto")
     widget.run()
     return widget

@@ -40,7 +40,7 @@ from ..device import PRECISIONS
 from ..engine import parse_slices, run_volume
 from ..errors import InputError
 from ..models import registry
-from ..predictors import make_predictor
+from ..predictors import BACKENDS, make_predictor, resolve_backend
 from ..preprocessing import WINDOW_PRESETS, window_limits
 from ..run_record import RUN_KEY, inference_record, model_record
 from ._checks import checked_volume
@@ -74,7 +74,15 @@ class SegmentWidget(Container):
                                     tooltip="empty = the model's shipped demo checkpoint")
         self._device = ComboBox(label="device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
         self._precision = ComboBox(label="precision", choices=list(PRECISIONS), value="auto",
-                                   tooltip="auto: fp32 on CPU, bf16/fp16 autocast on GPU; bf16 is faster on AVX-512 CPUs")
+                                   tooltip="auto: fp32 on CPU, bf16/fp16 autocast on GPU; bf16 on a CPU only "
+                                           "where it has native bf16 (else fp32, with a warning)")
+        self._backend = ComboBox(label="backend", choices=list(BACKENDS), value="auto",
+                                 tooltip="auto: ONNX Runtime when installed (napari-genseg[onnx]) and the "
+                                         "model exports (MSA²Net, MARSeg, AR-Seg encoder/decoder; CPU, fp32), else torch")
+        # one row for both (the dock must fit a 1000 px screen beside the AR-Seg explorer)
+        self._runtime = Container(layout="horizontal", labels=False, label="precision, backend",
+                                  widgets=[self._precision, self._backend])
+        self._runtime.margins = (0, 0, 0, 0)
         self._batch = SpinBox(label="batch size", min=1, max=128, value=4)
         self._window = ComboBox(label="window", choices=list(WINDOW_PRESETS), value="abdomen")
         self._hu_offset = FloatSpinBox(label="HU offset", min=-4096, max=4096, step=1, value=0,
@@ -92,7 +100,7 @@ class SegmentWidget(Container):
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._progress = ProgressBar(label="progress", min=0, max=100, value=0)
         self._status = Label(value="")
-        self.extend([self._image, self._model, self._checkpoint, self._device, self._precision,
+        self.extend([self._image, self._model, self._checkpoint, self._device, self._runtime,
                      self._batch, self._window, self._hu_offset, self._scope, self._start, self._stop,
                      self._cleanup, self._run,
                      self._cancel, self._progress, self._status])
@@ -172,6 +180,8 @@ class SegmentWidget(Container):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 ckpt = load_model(self._model.value, self._checkpoint_path())
+                requested = self._backend.value
+                backend = resolve_backend(requested, ckpt.family, self._device.value, self._precision.value)
         except InputError as exc:
             notify_error(exc)
             return None
@@ -182,7 +192,8 @@ class SegmentWidget(Container):
         device, precision, batch = self._device.value, self._precision.value, int(self._batch.value)
         self._target.metadata[RUN_KEY] = {
             "model": model_record(ckpt),
-            "inference": inference_record(ckpt, device, precision, None, batch, zs),
+            "inference": inference_record(ckpt, device, precision, None, batch, zs, backend=backend,
+                                          backend_requested=requested),
             "input_checks": report.to_dict(),
             "warnings": [*vol.meta.get("warnings", []), *report.warnings],
         }
@@ -192,7 +203,7 @@ class SegmentWidget(Container):
         # errors reach _on_error (notify_error); without ignore_errors napari would also re-raise them
         @thread_worker(start_thread=False, ignore_errors=True)
         def work():
-            pred = make_predictor(ckpt, device=device, precision=precision)
+            pred = make_predictor(ckpt, device=device, precision=precision, backend=requested)
             return (yield from run_volume(pred, vol, zs, batch_size=batch))
 
         self.worker = work()
