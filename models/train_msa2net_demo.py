@@ -234,7 +234,9 @@ def main(argv=None) -> int:
     lines = [
         "# msa2net_demo: liver and spleen on abdominal CT (demo weights)",
         "",
-        "**Not for clinical use.** A demonstration model trained in about half an hour on two CPU cores, on",
+        "**Not for clinical use.** A demonstration model trained on two CPU cores "
+        + (f"(fine-tuned for {train_wall / 60:.0f} min with whole-torso negatives from `{args.init}`), on" if args.init
+           else f"in {train_wall / 60:.0f} min, on"),
         "synthetic phantoms and *one* real patient. It exists so the plugin has something real to run.",
         "",
         "## What it is",
