@@ -25,6 +25,18 @@ def ct_case(tmp_path_factory) -> CtCase:
     return find_ct_case(tmp_path_factory.mktemp("ct_case"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _export_cache(tmp_path_factory):
+    """Exported models (ONNX Runtime backend) go to a cache of the test session, not the user's."""
+    old = os.environ.get("GENSEG_CACHE_DIR")
+    os.environ["GENSEG_CACHE_DIR"] = str(tmp_path_factory.mktemp("genseg_cache"))
+    yield
+    if old is None:
+        os.environ.pop("GENSEG_CACHE_DIR", None)
+    else:
+        os.environ["GENSEG_CACHE_DIR"] = old
+
+
 def pytest_runtest_teardown(item):
     """After a viewer test the process holds Mesa's LLVM (Xvfb's llvmpipe): a later test that
     imports timm would load triton and crash (see napari_genseg.ui._triton); apply the docks' guard."""

@@ -103,3 +103,15 @@ def test_ge_reference_liver_lands_on_the_ct_slices_in_position_order():
     # 36233, 35645, 35220 liver pixels; z index grows toward superior
     assert lab.sum(axis=(1, 2)).tolist() == [36233, 35645, 35220]
     assert 20 < np.median(vol.data[lab == 1]) < 80  # liver HU on this non-contrast slice
+
+
+def test_label_reader_places_a_dicom_seg_by_world_position(tmp_path):
+    """``labels_for_image`` (the one reader of reference masks for evaluate and train) takes a SEG."""
+    from napari_genseg.io.labels import labels_for_image
+
+    vol = Volume(np.zeros((3, 6, 7), np.int16), (5.0, 2.0, 3.0), origin=(10.0, -20.0, 30.0))
+    frames = np.zeros((1, 4, 5), bool)
+    frames[0, 3, 4] = True
+    path = _seg(tmp_path / "seg.dcm", frames, [(48.0, -18.0, 15.0)], (-1, 0, 0, 0, 1, 0), (2.0, 3.0), [1])
+    lab, notes = labels_for_image(vol, path)
+    assert np.argwhere(lab).tolist() == [[1, 4, 2]] and notes == []

@@ -9,11 +9,13 @@ editable install of this package is not seen (paths added by a ``.pth`` file do 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from pathlib import Path
 
 import nibabel as nib
@@ -50,6 +52,12 @@ def test_wheel_installs_and_segments_with_the_shipped_model(ct_case, tmp_path):
     assert "is deprecated" not in build.stdout + build.stderr  # e.g. license as a TOML table
     [wheel] = dist.glob("napari_genseg-*.whl")
     assert wheel.stat().st_size > 20e6  # the two demo checkpoints are inside
+    sample = REPO / "src" / "napari_genseg" / "data" / "ct_thorax_abdomen_unlabeled.nii.gz"
+    with zipfile.ZipFile(wheel) as zf:  # the sample CT "Abdominal CT (real)" and its Apache-2.0 notice
+        names = set(zf.namelist())
+        for f in ("ct_thorax_abdomen_unlabeled.nii.gz", "NOTICE.md", "LICENSE-Apache-2.0.txt", "__init__.py"):
+            assert f"napari_genseg/data/{f}" in names, f
+        assert zf.read("napari_genseg/data/ct_thorax_abdomen_unlabeled.nii.gz") == sample.read_bytes()
 
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", venv])
@@ -64,7 +72,10 @@ def test_wheel_installs_and_segments_with_the_shipped_model(ct_case, tmp_path):
           wheel], env=env)
     work = _mkdir(tmp_path / "elsewhere")
     where = _run([py, "-c", "import napari_genseg.models.checkpoints as c; print(c.__file__); "
-                  "print(c.shipped_checkpoint('msa2net'))"], cwd=work, env=env).stdout.split()
+                  "print(c.shipped_checkpoint('msa2net')); "
+                  "from napari_genseg.data import sample_ct_path; print(sample_ct_path())"],
+                 cwd=work, env=env).stdout.split()
+    assert hashlib.sha256(Path(where[-1]).read_bytes()).digest() == hashlib.sha256(sample.read_bytes()).digest()
     for p in where:
         assert Path(p).resolve().is_relative_to(venv.resolve()), where
         assert not Path(p).resolve().is_relative_to(REPO), where
@@ -81,6 +92,13 @@ def test_wheel_installs_and_segments_with_the_shipped_model(ct_case, tmp_path):
     print(f"wheel {wheel.name} {wheel.stat().st_size / 1e6:.1f} MB; {seg.stderr.strip()}; "
           f"liver Dice {dice:.3f} on {ct_case.source} slices {a}:{b}")
     assert dice > 0.8
+
+    # the main job from the wheel alone: the shipped sample CT, mask + sidecar + overlay PNG
+    demo = _run([genseg, "demo", "--headless", "--slices", "104:106", "--out", work / "demo", "--device", "cpu",
+                 "--threads", "1", "--quiet"], cwd=work, env=env)
+    assert "liver" in demo.stdout and " mL" in demo.stdout
+    for f in ("mask.nii.gz", "mask.json", "overlay.png"):
+        assert (work / "demo" / f"abdomen_ct_msa2net_{f}").is_file(), f
 
 
 def _mkdir(p: Path) -> Path:

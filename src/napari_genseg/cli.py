@@ -1,4 +1,4 @@
-"""``genseg`` command line: segment, info, models, import, demo (train/evaluate in training/).
+"""``genseg`` command line: segment, info, models, import, export, demo (train/evaluate in training/).
 
 Errors: a mistake in what the user gave (a missing or unreadable file, an output that would
 overwrite the input, an unwritable folder, a bad option, an unusable checkpoint) is raised as
@@ -63,14 +63,30 @@ def _checked(vol, ckpt, args):
 
 
 def _record(vol, ckpt, args, res, report, postprocessing=None) -> dict:
-    """What goes into a mask's JSON sidecar besides the input geometry (``run_record.py``)."""
+    """What goes into a mask's JSON sidecar besides the input geometry (``run_record.py``);
+    ``postprocessing`` defaults to what ``segment_volume`` did (its report, or the settings it
+    skipped with ``--no-postprocess``), and its plausibility flags join the warnings."""
     from .run_record import inference_record, model_record
 
+    if postprocessing is None:
+        postprocessing = _postprocessing_record(ckpt, res)
+    flags = [f["message"] for f in (postprocessing or {}).get("flags", [])]
     return {"model": model_record(ckpt),
             "inference": inference_record(ckpt, args.device, args.precision, args.grid, args.batch_size,
-                                          res.z, elapsed_s=res.elapsed),
+                                          res.z, elapsed_s=res.elapsed, backend=res.backend,
+                                          backend_requested=getattr(args, "backend", "torch")),
             "input_checks": report.to_dict(), "postprocessing": postprocessing,
-            "warnings": [*vol.meta.get("warnings", []), *report.warnings]}
+            "warnings": [*vol.meta.get("warnings", []), *report.warnings, *flags]}
+
+
+def _postprocessing_record(ckpt, res) -> dict:
+    """The sidecar's ``"postprocessing"``: the report's dict, or what was declared and skipped."""
+    from .postprocessing import disabled_record
+
+    rep = getattr(res, "postprocessing", None)
+    if rep is not None:
+        return rep.to_dict()
+    return disabled_record(getattr(ckpt, "postprocess", {}), "switched off (--no-postprocess)")
 
 
 def _progress(total: int, desc: str, quiet: bool = False):
@@ -112,6 +128,16 @@ def _check_device(name: str) -> None:
         resolve_device(name)
 
 
+def _check_backend(args, ckpt) -> None:
+    """``--backend onnxruntime`` where it cannot run (not installed, a family that does not
+    export, a GPU device) fails here, before any case runs (``predictors.resolve_backend``)."""
+    from .predictors import resolve_backend
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        resolve_backend(getattr(args, "backend", "auto"), ckpt.family, args.device, args.precision)
+
+
 def _check_inputs_exist(cases: list[Path]) -> None:
     missing = [c for c in cases if not c.exists()]
     if missing:
@@ -132,7 +158,12 @@ def _check_outputs(targets: list[Path], sources: list[Path]) -> None:
 
 
 def segment_volume(vol, ckpt, args, desc: str):
-    """Run ``ckpt`` over ``vol`` with the run options of ``args``; a progress bar on stderr."""
+    """Run ``ckpt`` over ``vol`` with the run options of ``args``; a progress bar on stderr.
+
+    Then, unless ``args.postprocess`` is False (``--no-postprocess``), the 3-D post-processing
+    declared in the checkpoint runs on the whole volume (``postprocessing.postprocess``): the
+    result's labels are the cleaned ones, ``res.postprocessing`` holds the report, and one line
+    per class plus its plausibility flags (as warnings) go to stderr."""
     from .engine import run_volume
     from .predictors import make_predictor
 
@@ -141,7 +172,8 @@ def segment_volume(vol, ckpt, args, desc: str):
     zs = _slices(args.slices, vol)
 
     configure_threads(getattr(args, "threads", None))
-    pred = make_predictor(ckpt, device=args.device, precision=args.precision, grid_mode=args.grid)
+    pred = make_predictor(ckpt, device=args.device, precision=args.precision, grid_mode=args.grid,
+                          backend=getattr(args, "backend", "auto"))
     gen = run_volume(pred, vol, slices=zs, batch_size=args.batch_size)
     bar = _progress(len(zs), desc, args.quiet)
     try:
@@ -155,6 +187,15 @@ def segment_volume(vol, ckpt, args, desc: str):
             bar.update(len(p.z))
     finally:
         bar.close()
+    if getattr(args, "postprocess", True):
+        from .postprocessing import postprocess
+
+        res.labels, res.postprocessing = postprocess(res.labels, ckpt.class_names,
+                                                         getattr(ckpt, "postprocess", None), vol)
+        for line in res.postprocessing.lines():
+            print(line, file=sys.stderr)
+        for w in res.postprocessing.warnings:
+            print(f"warning: {w}", file=sys.stderr)
     return res
 
 
@@ -233,6 +274,7 @@ def cmd_segment(args) -> int:
         _slices(args.slices, vol)
         _check_device(args.device)
         ckpt = _resolve(args.model, args.checkpoint)
+        _check_backend(args, ckpt)
         args.threads = configure_threads(args.threads)
         vol, report = _checked(vol, ckpt, args)
         res = segment_volume(vol, ckpt, args, cases[0].name)
@@ -242,6 +284,7 @@ def cmd_segment(args) -> int:
         return 0
     _check_device(args.device)
     ckpt = _resolve(args.model, args.checkpoint)
+    _check_backend(args, ckpt)
     args.threads = configure_threads(args.threads)  # once per run: every case uses the same count
     out_dir.mkdir(parents=True, exist_ok=True)
     failed = 0
@@ -257,8 +300,9 @@ def cmd_segment(args) -> int:
             vol = _load(case, args.series)
             vol, report = _checked(vol, ckpt, args)
             res = segment_volume(vol, ckpt, args, case.name)
-            write_mask(target, res.labels, like=vol, record=_record(vol, ckpt, args, res, report))
-            entry.update(status="written", warnings=[*vol.meta.get("warnings", []), *report.warnings])
+            rec = _record(vol, ckpt, args, res, report)
+            write_mask(target, res.labels, like=vol, record=rec)
+            entry.update(status="written", warnings=rec["warnings"])
             print(f"wrote {target}", file=sys.stderr)
         except InputError as exc:  # one bad case does not stop a cohort; a bug does
             failed += 1
@@ -279,7 +323,9 @@ def _cohort_record(out_dir, ckpt, args, rank, world) -> dict:
 
     return output_record(out_dir, model=model_record(ckpt),
                          inference=inference_record(ckpt, args.device, args.precision, args.grid,
-                                                    args.batch_size, None),
+                                                    args.batch_size, None, backend=args.backend),
+                         postprocessing={"enabled": bool(getattr(args, "postprocess", True)),
+                                         "declared": dict(getattr(ckpt, "postprocess", {}) or {})},
                          extra={"kind": "cohort", "rank": rank, "world_size": world,
                                 "hu_offset": args.hu_offset, "cases": []})
 
@@ -351,6 +397,18 @@ def _peek_untrained(path: Path) -> list[str]:
     return list(json.loads(path.with_suffix(".json").read_text()).get("untrained", []))
 
 
+def cmd_export(args) -> int:
+    from .io.atomic import check_writable_folder
+
+    check_writable_folder(args.out)
+    ckpt = _resolve(args.model, args.checkpoint)
+    from .export import export_checkpoint
+
+    for path in export_checkpoint(ckpt, args.out, args.format):
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -389,7 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
     def run_opts(p):
         p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
         p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                       help="auto = fp32 on cpu, bf16/fp16 autocast on GPU; bf16 is ~2x faster on AVX-512 CPUs")
+                       help="auto = fp32 on cpu, bf16/fp16 autocast on GPU; bf16 on a cpu runs only where "
+                            "it computes bf16 natively (x86 AVX512_BF16/AMX, Arm BF16), else fp32 with a warning")
+        p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime"],
+                       help="auto = ONNX Runtime when napari-genseg[onnx] is installed and the model exports "
+                            "(MSA²Net, MARSeg; AR-Seg encoder and decoder; cpu, fp32), else torch")
         p.add_argument("--batch-size", type=_count(1), default=4)
         p.add_argument("--slices", default=None, help="all (default), 'a:b' (b exclusive) or 'a-b' (inclusive)")
         p.add_argument("--grid", default=None, choices=["resize", "spacing"],
@@ -400,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--hu-offset", type=_hu_offset_arg, default=None,
                        help="HU added to every voxel before the checks and the model (e.g. -1024 for "
                             "stored values without the rescale offset), or 'auto' = the suggested one")
+        p.add_argument("--no-postprocess", dest="postprocess", action="store_false",
+                       help="keep the raw mask: skip the 3-D clean-up declared in the checkpoint (largest "
+                            "component of single organs, holes filled) and its per-class report")
         p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("segment", help="segment a CT (NIfTI or DICOM folder), a folder of cases or a list file")
@@ -430,10 +495,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "the modules left untrained are recorded in its JSON and loading it warns")
     p.set_defaults(func=cmd_import)
 
+    p = sub.add_parser("export", help="export a model for another runtime (ONNX: MSA²Net, MARSeg; "
+                                      "AR-Seg image encoder and mask decoder)")
+    p.add_argument("model", help="family (its shipped demo weights) or config name with --checkpoint")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--out", required=True, help="output folder: NAME.onnx (opset 17, dynamic batch; AR-Seg: "
+                                                "NAME.image_encoder.onnx, NAME.mask_decoder.onnx) + NAME.json")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("demo", help="the main job: sample CT + default model, in napari or --headless")
-    p.add_argument("--input", default=None, help="a CT to open instead of the built-in phantom")
+    p.add_argument("--input", default=None,
+                   help="default: the shipped real abdomen CT (sample 'Abdominal CT (real)'); 'phantom' = the "
+                        "synthetic phantom with reference labels (prints Dice); or a CT path")
     p.add_argument("--model", default="msa2net")
-    p.add_argument("--headless", action="store_true", help="write the mask and a PNG instead of opening napari")
+    p.add_argument("--headless", action="store_true",
+                   help="print per-class volumes, write the mask (+ JSON sidecar) and an overlay PNG instead of napari")
     p.add_argument("--out", default="genseg-demo", help="output folder for --headless")
     run_opts(p)
     p.set_defaults(func=cmd_demo)

@@ -90,6 +90,9 @@ class VolumeResult:
     probs: np.ndarray | None = None  # (Z, K, H, W) float16 when asked
     extras: dict[str, Any] = field(default_factory=dict)
     class_names: list[str] = field(default_factory=list)
+    backend: str = "torch"  # the predictor's runtime ("torch", "onnxruntime")
+    #: what the 3-D post-processing did (``postprocessing.PostprocessReport``); None = not run
+    postprocessing: Any = None
 
     @property
     def slices_per_second(self) -> float:
@@ -147,7 +150,7 @@ def run_volume(
     result = VolumeResult(
         labels=labels, z=done, cancelled=cancelled or len(done) < len(zs),
         elapsed=time.perf_counter() - t0, probs=probs, extras=extras,
-        class_names=list(predictor.class_names),
+        class_names=list(predictor.class_names), backend=getattr(predictor, "backend", "torch"),
     )
     return result
 

@@ -57,18 +57,24 @@ def model_record(ckpt) -> dict:
 
 
 def inference_record(ckpt, device="auto", precision="auto", grid_mode=None, batch_size=None,
-                     slices=None, threads=None, elapsed_s=None) -> dict:
-    """Device and precision as resolved by ``device.py`` (the rule every predictor uses), backend
-    versions and thread count, the slice grid (``preprocessing.SliceGrid``), batch size, slices
-    run, wall time."""
+                     slices=None, threads=None, elapsed_s=None, backend: str = "torch",
+                     backend_requested: str | None = None) -> dict:
+    """Device and precision as resolved by ``device.py`` (the rule every predictor uses), the
+    runtime (``backend``: "torch", "onnxruntime", or "auto" resolved by
+    ``predictors.resolve_backend``; recorded as ``backend.name``; ``backend_requested``: what
+    the user chose, default ``backend``), versions and thread count, the slice grid
+    (``preprocessing.SliceGrid``), batch size, slices run, wall time."""
     import torch
 
     from .device import resolve_device, resolve_precision
+    from .predictors.ort import resolve_backend
     from .preprocessing import SliceGrid
 
     dev = resolve_device(device)
     grid = SliceGrid.from_meta(ckpt.input, ckpt.config.img_size, grid_mode)
-    backend = {
+    runtime = resolve_backend(backend, ckpt.family, device, precision) if backend == "auto" else backend
+    backend_info = {
+        "name": runtime,
         "torch": torch.__version__,
         "device": str(dev),
         "threads": int(threads) if threads else torch.get_num_threads(),
@@ -76,13 +82,20 @@ def inference_record(ckpt, device="auto", precision="auto", grid_mode=None, batc
         "machine": platform.machine(),
     }
     if dev.type == "cuda":
-        backend["cuda"] = torch.version.cuda
-        backend["device_name"] = torch.cuda.get_device_name(dev)
+        backend_info["cuda"] = torch.version.cuda
+        backend_info["device_name"] = torch.cuda.get_device_name(dev)
+    if runtime == "onnxruntime":
+        import onnxruntime
+
+        from .export import ONNX_OPSET
+
+        backend_info.update(onnxruntime=onnxruntime.__version__, onnx_opset=ONNX_OPSET)
     return {
         "device_requested": str(device),
-        "precision": resolve_precision(precision, dev),
+        "precision": "fp32" if runtime == "onnxruntime" else resolve_precision(precision, dev),
         "precision_requested": precision,
-        "backend": backend,
+        "backend_requested": backend_requested or backend,
+        "backend": backend_info,
         "grid": {"mode": grid.mode, "size": grid.size,
                  "spacing_mm": list(grid.target_spacing) if grid.target_spacing else None},
         "batch_size": batch_size,

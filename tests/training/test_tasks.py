@@ -128,3 +128,35 @@ def test_models_route_to_their_family_task():
         tasks.task_for("no_such_model")
     with pytest.raises(ValueError, match="already registered"):
         tasks.register_task("arseg", ArSegTask)
+
+
+def test_validation_scores_an_organ_free_case_by_false_positives():
+    """A negative case (no liver in the reference): empty prediction = Dice 1, any false-positive
+    voxel = Dice 0. The TransUNet rule of ``evaluate_labels`` would score these 0 and 1."""
+    import numpy as np
+    import torch
+
+    from napari_genseg.preprocessing import Normalization, SliceGrid
+    from napari_genseg.training.data import Case
+    from napari_genseg.training.tasks.segmentation import validate_slices
+    from napari_genseg.volume import Volume
+
+    class Const(torch.nn.Module):  # logits favouring one class everywhere
+        def __init__(self, k):
+            super().__init__()
+            self.k = k
+
+        def forward(self, x):
+            out = torch.zeros(x.shape[0], 3, *x.shape[2:])
+            out[:, self.k] = 1.0
+            return out
+
+    vol = Volume(np.zeros((2, 16, 16), np.int16), (3.0, 2.0, 2.0))
+    case = Case(name="neg", volume=vol, labels=np.zeros((2, 16, 16), np.uint8), source="t", kind="phantom")
+    args = ([case], [(0, [0, 1])], ["background", "liver", "spleen"],
+            Normalization.from_dict({"kind": "hu_window", "low": -125.0, "high": 275.0}),
+            SliceGrid(16, "resize"), torch.device("cpu"))
+    empty = validate_slices(Const(0), *args)
+    assert empty["mean_dice"] == {"liver": 1.0, "spleen": 1.0}
+    fp = validate_slices(Const(1), *args)
+    assert fp["mean_dice"]["liver"] == 0.0 and fp["mean_dice"]["spleen"] == 1.0

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,6 +89,24 @@ def test_time_budget_schedule_ends_at_zero_lr(tiny_cfg):
     assert st["optimizer"]["param_groups"][0]["lr"] < 1e-4
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_training_bf16_on_cpu_follows_native_support(tiny_cfg, monkeypatch, native):
+    """Training takes the inference rule (``device.cpu_bf16_support``): bf16 asked on a CPU
+    trains in bf16 where native, in fp32 with one warning where emulated."""
+    import warnings
+
+    from napari_genseg import device
+
+    monkeypatch.setattr(device, "_WARNED", set())
+    monkeypatch.setattr(device, "cpu_bf16_support", lambda: (native, "x86 CPU without AVX512_BF16 or AMX-BF16"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = train(tiny_cfg(steps=1, precision="bf16", val_fraction=0.0, holdout_slices="none"))
+    msgs = [str(w.message) for w in caught if "bf16" in str(w.message)]
+    assert load_checkpoint(s["checkpoint"]).provenance["hyperparameters"]["precision"] == ("bf16" if native else "fp32")
+    assert len(msgs) == (0 if native else 1)
+
+
 def test_precision_follows_the_device_rule(tiny_cfg, monkeypatch):
     """CPU: auto = fp32; fp16 asked on a CPU runs fp32 with one warning (``device.resolve_precision``)."""
     import warnings
@@ -110,6 +129,10 @@ def test_init_fine_tunes_from_a_checkpoint_and_records_it(tiny_cfg, tmp_path):
     weight decay) the result equals the init weights exactly; without init it would be a fresh
     random model. The provenance names the init checkpoint."""
     first = train(tiny_cfg(steps=3))
+    meta_path = Path(first["checkpoint"]).with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    meta["postprocess"]["liver"]["fill_holes"] = False  # a hand-edited clean-up declaration
+    meta_path.write_text(json.dumps(meta))
     out2 = tmp_path / "ft.safetensors"
     second = train(tiny_cfg(steps=2, lr=0.0, weight_decay=0.0, warmup_steps=0, init=first["checkpoint"], out=str(out2),
                             seed=5))
@@ -118,6 +141,7 @@ def test_init_fine_tunes_from_a_checkpoint_and_records_it(tiny_cfg, tmp_path):
         if a[k].is_floating_point() and "running" not in k and "num_batches" not in k:
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     assert load_checkpoint(out2).provenance["init"]["path"] == first["checkpoint"]
+    assert load_checkpoint(out2).postprocess["liver"]["fill_holes"] is False  # kept by fine-tuning
     assert second["step"] == 2
 
 

@@ -105,10 +105,32 @@ def _corners(shape_xyz) -> np.ndarray:
     return np.vstack([g, np.ones(g.shape[1])])
 
 
+def _is_dicom_seg(path) -> bool:
+    """True for a DICOM Part-10 file whose Modality is SEG (reads the header only)."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as fh:
+            fh.seek(128)
+            if fh.read(4) != b"DICM":
+                return False
+    except OSError:
+        return False
+    import pydicom
+
+    try:
+        return getattr(pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["Modality"]),
+                       "Modality", "") == "SEG"
+    except Exception:  # noqa: BLE001 - a damaged header is left to the NIfTI/DICOM readers' errors
+        return False
+
+
 def labels_for_image(image: Volume, labels: Volume | str | os.PathLike,
                      name: str | None = None) -> tuple[np.ndarray, list[str]]:
     """The label ids of ``labels`` (a path or a Volume) on ``image``'s voxels: a (z, y, x) array
     of the image's shape, and the warnings (one line each).
+
+    A DICOM Segmentation file (Modality SEG) is placed on the image by its frames' world positions
+    (:func:`napari_genseg.io.seg_reference.read_seg_labels`; label id = SegmentNumber).
 
     Same grid (every corner voxel within 0.1 voxel, and at most 1e-3 mm): the ids as they are.
     Another grid: nearest-neighbour resampling through both affines (``scipy.ndimage
@@ -117,6 +139,10 @@ def labels_for_image(image: Volume, labels: Volume | str | os.PathLike,
     """
     from scipy import ndimage as ndi
 
+    if not isinstance(labels, Volume) and _is_dicom_seg(labels):
+        from .seg_reference import read_seg_labels
+
+        return read_seg_labels(labels, image), []
     if not isinstance(labels, Volume):
         name = name or Path(labels).name
         labels = read_label_file(labels)

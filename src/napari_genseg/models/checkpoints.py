@@ -8,12 +8,20 @@ Own format: ``NAME.safetensors`` (weights) beside ``NAME.json`` (what to rebuild
      "input": {"normalization": {"kind": "hu_window", "low": -125, "high": 275},
                "grid": "spacing" | "resize", "spacing_mm": [1.5, 1.5] | null},
      "body_region": "abdomen" | "thorax" | "head" | null,
+     "postprocess": {"liver": {"single_component": true, "fill_holes": true, "side": "right"}, ...},
      "provenance": {...},
      "untrained": ["segmentor", ...]}          # only in files written by `genseg import --allow-partial`
 
 ``body_region`` is the anatomy the weights were trained on (the input check warns when a volume
 does not show it); ``save_checkpoint`` derives it from the class names unless given, and files
 without the key get the same derivation when loaded.
+
+``postprocess`` declares the 3-D clean-up and plausibility checks per class name (see
+:mod:`napari_genseg.postprocessing`; classes not named are never changed). ``save_checkpoint``
+writes, unless given: the block of the file it overwrites (a retraining into the same path keeps a
+hand-edited block, restricted to the classes that still exist), else the defaults for known organ
+names (``postprocessing.default_postprocess``: liver right, spleen left, ...). A file without the
+key declares nothing (no clean-up). A malformed block is refused at load (:class:`CheckpointError`).
 
 Foreign ``.pth`` files are read only through ``torch.load(weights_only=True)``; their keys go
 through the family's importer under the one key policy of :mod:`.key_mapping`. ``genseg import``
@@ -218,6 +226,8 @@ class Checkpoint:
     untrained: list[str] = field(default_factory=list)
     #: the anatomy the weights were trained on ("abdomen", "thorax", "head"; None = unknown)
     body_region: str | None = None
+    #: per-class 3-D post-processing declarations (``postprocessing.py``; {} = none)
+    postprocess: dict = field(default_factory=dict)
 
     @property
     def meta(self) -> dict:
@@ -227,6 +237,7 @@ class Checkpoint:
             "class_names": self.class_names,
             "input": self.input,
             "body_region": self.body_region,
+            "postprocess": dict(self.postprocess),
             "provenance": self.provenance,
             "path": str(self.path) if self.path else None,
             "untrained": list(self.untrained),
@@ -252,11 +263,15 @@ def save_checkpoint(
     half: bool = False,
     untrained: list[str] | None = None,
     body_region: str | None = None,
+    postprocess: dict | None = None,
 ) -> Path:
     """Write ``path`` (.safetensors) and its ``.json`` sidecar atomically. ``untrained`` names
     modules that kept random weights (recorded under ``"untrained"``; loading then warns).
     ``body_region``: the anatomy trained on (default: derived from ``class_names``, e.g.
-    liver/spleen -> "abdomen")."""
+    liver/spleen -> "abdomen"). ``postprocess``: per-class clean-up declarations (default: the
+    block of the JSON being overwritten, for the classes still present, else the defaults of
+    ``postprocessing.default_postprocess``). Raises :class:`CheckpointError` for a malformed
+    ``postprocess``."""
     from ..checks.body_region import region_for_classes
 
     from safetensors.torch import save as st_save
@@ -279,6 +294,7 @@ def save_checkpoint(
         "class_names": list(class_names),
         "input": input,
         "body_region": body_region if body_region is not None else region_for_classes(class_names),
+        "postprocess": _postprocess_block(path, class_names, postprocess),
         "provenance": provenance or {},
     }
     if untrained:
@@ -286,6 +302,28 @@ def save_checkpoint(
     _atomic_write_bytes(path, st_save(sd, metadata={"format": FORMAT}))
     _atomic_write_bytes(path.with_suffix(".json"), json.dumps(meta, indent=2).encode())
     return path
+
+
+def _postprocess_block(path: Path, class_names, given: dict | None) -> dict:
+    """The ``postprocess`` block to write (see ``save_checkpoint``), validated."""
+    from ..postprocessing import PostprocessSpecError, default_postprocess, parse_postprocess
+
+    block = given
+    if block is None:
+        old = path.with_suffix(".json")
+        try:
+            prev = json.loads(old.read_text()).get("postprocess") if old.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            prev = None
+        if isinstance(prev, dict):
+            block = {k: v for k, v in prev.items() if k in list(class_names)}
+        else:
+            block = default_postprocess(class_names)
+    try:
+        parse_postprocess(block, class_names)
+    except PostprocessSpecError as exc:
+        raise CheckpointError(f"{path.name}: {exc}") from None
+    return json.loads(json.dumps(block))
 
 
 def _read_meta(path: Path) -> dict:
@@ -344,7 +382,13 @@ def load_checkpoint(
             UntrainedWeightsWarning, stacklevel=2,
         )
     from ..checks.body_region import region_for_classes
+    from ..postprocessing import PostprocessSpecError, parse_postprocess
 
+    postprocess = meta.get("postprocess") or {}
+    try:
+        parse_postprocess(postprocess, meta.get("class_names", []))
+    except PostprocessSpecError as exc:
+        raise CheckpointError(f"{path.with_suffix('.json').name}: {exc}") from None
     return Checkpoint(
         model=model,
         family=family,
@@ -357,6 +401,7 @@ def load_checkpoint(
         report=report,
         untrained=untrained,
         body_region=meta.get("body_region", region_for_classes(meta.get("class_names", []))),
+        postprocess=dict(postprocess),
     )
 
 

@@ -3,7 +3,9 @@
 * ``segmentation.SegmentationPredictor``: deterministic forward -> logits (MSA²Net; MARSeg through
   ``marseg.MarSegPredictor``, its lean inference build);
 * ``arseg.ArSegPredictor``: N autoregressive samples, consensus, votes, decodable tokens;
-* ``uncertainty``: the per-voxel disagreement every predictor's uncertainty is reported in.
+* ``uncertainty``: the per-voxel disagreement every predictor's uncertainty is reported in;
+* ``ort``: the runtime choice (``resolve_backend``: torch or ONNX Runtime) and the predictors
+  whose model steps are exported ONNX models (``OrtSegmentationPredictor``, ``OrtArSegPredictor``).
 
 Which predictor serves a model family is this package's table ``PREDICTORS`` (family name ->
 class), filled here by explicit imports; the model registry (``models/registry.py``) knows
@@ -19,6 +21,7 @@ import inspect
 from .arseg import ArSegPredictor
 from .base import Predictor
 from .marseg import MarSegPredictor
+from .ort import BACKENDS, ORT_PREDICTORS, OrtArSegPredictor, OrtSegmentationPredictor, resolve_backend
 from .segmentation import SegmentationPredictor
 
 __all__ = [
@@ -26,6 +29,10 @@ __all__ = [
     "SegmentationPredictor",
     "ArSegPredictor",
     "MarSegPredictor",
+    "OrtSegmentationPredictor",
+    "OrtArSegPredictor",
+    "BACKENDS",
+    "resolve_backend",
     "PREDICTORS",
     "register_predictor",
     "predictor_class",
@@ -68,8 +75,13 @@ def predictor_options(family: str) -> list[str]:
             if p.kind is p.KEYWORD_ONLY and n not in ("device", "precision", "grid_mode")]
 
 
-def make_predictor(ckpt, device="auto", precision: str = "auto", grid_mode: str | None = None, **options):
-    """The predictor of a loaded checkpoint (``models.checkpoints.Checkpoint``), chosen by its family.
+def make_predictor(ckpt, device="auto", precision: str = "auto", grid_mode: str | None = None,
+                   backend: str = "torch", **options):
+    """The predictor of a loaded checkpoint (``models.checkpoints.Checkpoint``), chosen by its family
+    and the runtime ``backend`` ("torch", "onnxruntime" or "auto"; ``ort.resolve_backend``). With
+    ``"auto"``, a model whose ONNX export fails runs in torch after one warning; an explicit
+    ``"onnxruntime"`` raises ``export.ExportError`` then, and ``PredictorOptionError`` where ONNX
+    Runtime cannot run.
 
     ``options`` are the family predictor's own (``predictor_options``): e.g. ``return_probs`` for
     segmentation models; ``n_samples``, ``threshold``, ``target_class``, ``seed``, ``top_k``,
@@ -82,4 +94,15 @@ def make_predictor(ckpt, device="auto", precision: str = "auto", grid_mode: str 
     if unknown:
         raise TypeError(f"{cls.__name__} ({ckpt.family}) takes no option {', '.join(unknown)}; "
                         f"its options: {', '.join(allowed) or '(none)'}")
+    if resolve_backend(backend, ckpt.family, device, precision) == "onnxruntime":
+        from ..device import warn_once
+        from ..export import ExportError
+
+        try:
+            return ORT_PREDICTORS[ckpt.family].from_checkpoint(ckpt, device=device, precision=precision,
+                                                               grid_mode=grid_mode, **options)
+        except ExportError as exc:
+            if backend != "auto":
+                raise
+            warn_once(f"{ckpt.family} could not run on ONNX Runtime ({exc}): running torch")
     return cls.from_checkpoint(ckpt, device=device, precision=precision, grid_mode=grid_mode, **options)

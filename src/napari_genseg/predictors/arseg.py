@@ -41,6 +41,8 @@ class ArSegPredictor:
     Raises ``ValueError`` for N outside 1..64, a threshold outside (0, 1) or an unknown class.
     """
 
+    backend = "torch"
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -101,8 +103,7 @@ class ArSegPredictor:
     def set_image(self, slices_hu: np.ndarray, spacing_yx=(1.0, 1.0)) -> None:
         """Embed the batch once: (n, H, W) HU -> image embedding (n, C_e, h, w) on the device."""
         x = model_input(slices_hu, spacing_yx, self.grid, self.norm, self.device)
-        with autocast_context(self.device, self.precision):
-            self._emb = self.model.embed(x)
+        self._emb = self.embed(x)
         self._hw, self._spacing = tuple(np.shape(slices_hu)[-2:]), tuple(spacing_yx)
 
     @torch.inference_mode()
@@ -124,11 +125,22 @@ class ArSegPredictor:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    # ------------------------------------------------------------------ the model's steps
+    # (another runtime replaces these two: ``predictors.ort.OrtArSegPredictor``)
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Image embedding (n, C_e, h, w) of the normalised model input x (n, C, S, S)."""
+        with autocast_context(self.device, self.precision):
+            return self.model.embed(x)
+
+    def decode(self, tokens: torch.Tensor, upto_scale: int | None = None) -> torch.Tensor:
+        """Mask logits (N, 1, M, M) of token ids (N, L) after scale ``upto_scale`` (None = all)."""
+        with autocast_context(self.device, self.precision):
+            return self.model.decode(tokens.long(), upto_scale=upto_scale)
+
     # ------------------------------------------------------------------ decoding tokens
     def _probs(self, tokens: torch.Tensor, hw, spacing_yx, upto_scale=None) -> torch.Tensor:
         """tokens (N, L) of one slice -> sample probabilities (N, H, W) on the slice's pixels."""
-        with autocast_context(self.device, self.precision):
-            logits = self.model.decode(tokens.long(), upto_scale=upto_scale)  # (N, 1, S, S)
+        logits = self.decode(tokens, upto_scale)  # (N, 1, S, S)
         logits = self.mask_grid.from_model(logits.float(), tuple(hw), spacing_yx)  # (N, 1, H, W)
         return torch.sigmoid(logits[:, 0])
 

@@ -14,7 +14,8 @@ normalisation, its slice grid, and the way outputs go back onto the slice's pixe
    stays usable (``set_image`` again).
 
 Attributes: ``class_names`` (index = label id, 0 = background), ``device`` (``torch.device``),
-``precision`` ("fp32", "bf16" or "fp16" as resolved by ``napari_genseg.device``).
+``precision`` ("fp32", "bf16" or "fp16" as resolved by ``napari_genseg.device``) and, optionally,
+``backend`` (the runtime: "torch" when absent, "onnxruntime" for ``predictors.ort``).
 """
 
 from __future__ import annotations

@@ -24,8 +24,10 @@ class SegmentationPredictor:
     ``set_image``: (n, H, W) HU + spacing (sy, sx) mm; ``predict`` -> ``{"labels": (n, H, W) uint8}``
     and, with ``return_probs``, ``"probs"``: (n, K, H, W) float16 softmax probabilities.
     The model has no image-only stage, so ``set_image`` prepares the model input and ``predict``
-    runs the forward pass.
+    runs the forward pass (:meth:`forward`, in torch here; ``backend`` names the runtime).
     """
+
+    backend = "torch"
 
     def __init__(
         self,
@@ -64,12 +66,17 @@ class SegmentationPredictor:
             x = x.expand(-1, self.in_chans, -1, -1)
         self._x, self._hw, self._spacing = x, tuple(np.shape(slices_hu)[-2:]), tuple(spacing_yx)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's logits (n, K, size, size) for its normalised input ``x`` (n, C, size, size);
+        the one step another runtime replaces (``predictors.ort``)."""
+        with autocast_context(self.device, self.precision):
+            return self.model(x)
+
     @torch.inference_mode()
     def predict(self) -> dict[str, np.ndarray]:
         if self._x is None:
             raise RuntimeError("set_image() first: no slices to predict")
-        with autocast_context(self.device, self.precision):
-            logits = self.model(self._x)
+        logits = self.forward(self._x)
         logits = self.grid.from_model(logits.float(), self._hw, self._spacing)  # (n, K, H, W)
         out = {"labels": logits.argmax(1).to(torch.uint8).cpu().numpy()}
         if self.return_probs:

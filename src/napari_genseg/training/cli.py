@@ -129,7 +129,8 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate, format_table, write_csv, write_json
 
     res = evaluate(args.checkpoint, args.data, label_map=args.label_map, baseline=args.baseline,
-                   slices=args.slices, device=args.device, batch_size=args.batch_size)
+                   slices=args.slices, device=args.device, batch_size=args.batch_size,
+                   postprocess=args.postprocess)
     print(format_table(res))
     if args.csv:
         print(f"wrote {write_csv(res, args.csv)}", file=sys.stderr)
@@ -169,7 +170,9 @@ def add_training_commands(sub) -> None:
     p.add_argument("--out", default=None, help="checkpoint path (.safetensors + .json + .train.pt)")
     p.add_argument("--resume", default=None, help="continue from this checkpoint (and its .train.pt)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1")
-    p.add_argument("--precision", default=None, choices=["auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--precision", default=None, choices=["auto", "fp32", "fp16", "bf16"],
+                   help="auto = fp32 on cpu, bf16/fp16 autocast on GPU; bf16 on a cpu only where it has "
+                        "native bf16 (x86 AVX512_BF16/AMX, Arm BF16), else fp32 with a warning")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
@@ -206,4 +209,7 @@ def add_training_commands(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--csv", default=None)
     p.add_argument("--json", default=None)
+    p.add_argument("--postprocess", action="store_true",
+                   help="also score the mask after the checkpoint's 3-D post-processing (method "
+                        "model_postprocessed, beside the raw model rows)")
     p.set_defaults(func=cmd_evaluate)

@@ -7,6 +7,12 @@ normalisation, grid and logits mapping the plugin uses). Metrics follow ``metric
 since its connected components are 3-D) and its rows are listed next to the model's.
 
 ``slices`` restricts scoring to a slice range of every case (e.g. a held-out block ``"11:19"``).
+
+With ``postprocess=True`` (``genseg evaluate --postprocess``) the model's mask also goes through the
+checkpoint's 3-D post-processing (``postprocessing.postprocess``, on the whole volume after all
+chosen slices are predicted, as ``genseg segment`` does by default) and is scored as a second method,
+``model_postprocessed``, next to the raw ``model`` rows; each case's report is in the result under
+``"postprocessing"``.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ def _model_labels(ckpt, case: D.Case, zs, device, batch_size):
 
 def evaluate(checkpoint, data, label_map=None, baseline: str | None = None, slices=None, device="cpu",
              batch_size: int = 8, both_empty_dice: float = 0.0, phantom_shape=(40, 160, 160),
-             phantom_spacing=(3.0, 2.2, 2.2)) -> dict:
+             phantom_spacing=(3.0, 2.2, 2.2), postprocess: bool = False) -> dict:
     """-> {"checkpoint", "classes", "slices", "rows": [...], "mean": {method: {class: {metric}}}}.
 
     Data specs, label map and baseline are checked before the checkpoint is loaded; an unusable
@@ -57,6 +63,7 @@ def evaluate(checkpoint, data, label_map=None, baseline: str | None = None, slic
     cases = [c for src in sources for c in src]
     rows = []
     timing = {}
+    post_reports = {}
     for c in cases:
         try:
             zs = parse_slices(slices, c.n_slices)
@@ -64,10 +71,19 @@ def evaluate(checkpoint, data, label_map=None, baseline: str | None = None, slic
             raise InputError(f"{c.name}: slices {slices}: {exc}") from None
         ref = c.labels[zs]
         t0 = time.perf_counter()
-        pl = _model_labels(ckpt, c, zs, device, batch_size)[zs]
+        full = _model_labels(ckpt, c, zs, device, batch_size)
+        pl = full[zs]
         timing.setdefault("model", 0.0)
         timing["model"] += time.perf_counter() - t0
         methods = {"model": pl}
+        if postprocess:
+            from ..postprocessing import postprocess as run_post
+
+            t0 = time.perf_counter()
+            cleaned, rep = run_post(full, class_names, getattr(ckpt, "postprocess", None), c.volume)
+            timing["postprocess"] = timing.get("postprocess", 0.0) + time.perf_counter() - t0
+            methods["model_postprocessed"] = cleaned[zs]
+            post_reports[c.name] = rep.to_dict()
         for base in _baselines(baseline):
             from ..baselines import BASELINE_CLASSES, hu_baseline
 
@@ -103,6 +119,7 @@ def evaluate(checkpoint, data, label_map=None, baseline: str | None = None, slic
         "rows": rows,
         "mean": mean,
         "seconds": {k: round(v, 2) for k, v in timing.items()},
+        **({"postprocessing": post_reports} if postprocess else {}),
     }
 
 
@@ -124,15 +141,16 @@ def _fmt(v: float, nd=3) -> str:
 
 
 def format_table(result: dict) -> str:
-    head = f"{'case':<28} {'method':<16} {'class':<10} {'Dice':>7} {'IoU':>7} {'HD95 mm':>9}"
+    mw = max([16, *(len(m) for m in result["mean"])])
+    head = f"{'case':<28} {'method':<{mw}} {'class':<10} {'Dice':>7} {'IoU':>7} {'HD95 mm':>9}"
     lines = [head, "-" * len(head)]
     for r in result["rows"]:
-        lines.append(f"{r['case'][:28]:<28} {r['method']:<16} {r['class']:<10} {_fmt(r['dice']):>7} "
+        lines.append(f"{r['case'][:28]:<28} {r['method']:<{mw}} {r['class']:<10} {_fmt(r['dice']):>7} "
                      f"{_fmt(r['iou']):>7} {_fmt(r['hd95_mm'], 1):>9}")
     lines.append("-" * len(head))
     for method, per in result["mean"].items():
         for cls, m in per.items():
-            lines.append(f"{'MEAN':<28} {method:<16} {cls:<10} {_fmt(m['dice']):>7} {_fmt(m['iou']):>7} "
+            lines.append(f"{'MEAN':<28} {method:<{mw}} {cls:<10} {_fmt(m['dice']):>7} {_fmt(m['iou']):>7} "
                          f"{_fmt(m['hd95_mm'], 1):>9}")
     return "\n".join(lines)
 

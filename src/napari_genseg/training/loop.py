@@ -3,8 +3,9 @@
 ``train(cfg)`` picks the task of ``cfg.model`` (``tasks.task_for``: segmentation for MSA²Net,
 AR-Seg stages 1/2, ...) and does everything else itself:
 
-* device and precision (``device.resolve_precision``: fp32 on CPUs unless bf16 is asked; fp16 on a
-  CPU runs fp32 with one warning), autocast through the task, a GradScaler only for fp16 on CUDA;
+* device and precision (``device.resolve_precision``: fp32 on CPUs unless bf16 is asked and the
+  CPU has native bf16, ``device.cpu_native_bf16``; bf16 without it and fp16 on a CPU run fp32 with
+  one warning), autocast through the task, a GradScaler only for fp16 on CUDA;
 * DDP under ``torchrun`` (``distributed.Dist``: NCCL on CUDA, gloo on CPU, collectives on the
   training device); every rank takes rank 0's clock decisions; only rank 0 validates, prints and
   saves;
@@ -217,7 +218,7 @@ def train(cfg: TrainConfig | dict, on_step: Callable[[int, float], None] | None 
                               steps_per_epoch=steps_per_epoch, skipped=guard.skipped, device=device,
                               world=dist_.world, wall=wall, validation=val, history=prog.history)
         save_checkpoint(out, model, family, spec.entry.name, spec.config, task.class_names, task.input_meta(),
-                        prov, half=half)
+                        prov, half=half, postprocess=task.postprocess_block())
         st = {**task.state_dict(), **prog.to_state(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
               "scaler": scaler.state_dict() if use_scaler else {}, "wall_seconds": wall,
               "trained_seconds": trained_seconds(), "rng": rngs, "config": json.loads(json.dumps(cfg.to_dict()))}

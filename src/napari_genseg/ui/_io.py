@@ -10,7 +10,7 @@ import numpy as np
 from ..io import discover, looks_like_case, write_mask
 from .layers import image_layer_data, volume_from_layer
 
-__all__ = ["get_reader", "write_labels", "phantom_sample"]
+__all__ = ["get_reader", "write_labels", "phantom_sample", "real_ct_sample"]
 
 
 def get_reader(path):
@@ -25,12 +25,12 @@ def get_reader(path):
     return _read
 
 
-def _read(path):
+def _read(path, name: str | None = None):
     if isinstance(path, list):
         path = path[0]
     case = discover(path).single(Path(path).name)  # a cohort -> VolumeReadError, shown by napari
     vol = case.load()
-    layer = image_layer_data(vol, case.name)
+    layer = image_layer_data(vol, name or case.name)
     for w in vol.meta.get("warnings", []):
         from napari.utils.notifications import show_warning
 
@@ -72,3 +72,18 @@ def phantom_sample():
         **vol.layer_kwargs(),
     }
     return [img, (ph.labels, lab_kwargs, "labels")]
+
+
+def real_ct_sample():
+    """Sample data "Abdominal CT (real)": the shipped 112-slice abdomen CT (TotalSegmentator test
+    data, Apache-2.0; hips to upper abdomen; slices 82..111 are the labelled ``ct_abdomen_small``).
+
+    Read by the plugin's own reader, so the layer (HU, (z, y, x), scale 3 mm, translate = LPS origin)
+    carries the same ``genseg_geometry`` metadata as File > Open of that file, plus the description
+    under ``metadata["description"]``. No labels: the phantom is the sample with reference labels.
+    """
+    from ..data import SAMPLE_CT_DESCRIPTION, SAMPLE_CT_NAME, sample_ct_path
+
+    [(data, kwargs, kind)] = _read(sample_ct_path(), name=SAMPLE_CT_NAME)
+    kwargs["metadata"]["description"] = SAMPLE_CT_DESCRIPTION
+    return [(data, kwargs, kind)]

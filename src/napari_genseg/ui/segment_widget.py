@@ -4,6 +4,18 @@ The result is a Labels layer on the image's geometry with class names and fixed 
 batch lands in the layer as it arrives (partial results stay when cancelled). A run writes through
 ``Labels.data_setitem`` inside ``Labels.block_history()``, so the whole run is one undo step and
 Ctrl+Z brings back exactly what the layer held before (including the user's own edits).
+
+"3-D clean-up" (on by default; its state when Run is pressed counts): after a run that completed
+(not after a cancel or a failure) the checkpoint's declared post-processing
+(:mod:`napari_genseg.postprocessing`: the largest 3-D component of single organs, holes filled)
+runs on the whole layer and is written inside the same ``block_history``, so one Ctrl+Z undoes the
+model's write and the clean-up together. Rule for a run over some slices only: components and holes
+are found in the whole layer (what the run wrote plus what the layer already held), but only voxels
+on the slices just run can change, and only for the classes the checkpoint declares; every voxel on
+the other slices (e.g. painted by the user) stays as it was. The report (volumes in mL, components,
+plausibility flags) goes into the layer's run record (``metadata["genseg_run"]["postprocessing"]``,
+written to the mask's JSON sidecar), each flag is a warning notification, and the status line shows
+the volumes.
 """
 
 from __future__ import annotations
@@ -11,6 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from magicgui.widgets import (
+    CheckBox,
     ComboBox,
     Container,
     FileEdit,
@@ -27,7 +40,7 @@ from ..device import PRECISIONS
 from ..engine import parse_slices, run_volume
 from ..errors import InputError
 from ..models import registry
-from ..predictors import make_predictor
+from ..predictors import BACKENDS, make_predictor, resolve_backend
 from ..preprocessing import WINDOW_PRESETS, window_limits
 from ..run_record import RUN_KEY, inference_record, model_record
 from ._checks import checked_volume
@@ -48,6 +61,8 @@ class SegmentWidget(Container):
         self.worker = None
         self._edit = None
         self._target = None
+        self._ctx = None  # (checkpoint, volume, slices, clean-up wanted) of the running run
+        self._failed = False
         self._image = create_widget(annotation=napari.layers.Image, label="image")
         fams = [f.name for f in registry.list_families() if families is None or f.name in families]
         configs = [e.name for e in registry.list_configs() if e.family in fams]
@@ -59,7 +74,15 @@ class SegmentWidget(Container):
                                     tooltip="empty = the model's shipped demo checkpoint")
         self._device = ComboBox(label="device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
         self._precision = ComboBox(label="precision", choices=list(PRECISIONS), value="auto",
-                                   tooltip="auto: fp32 on CPU, bf16/fp16 autocast on GPU; bf16 is faster on AVX-512 CPUs")
+                                   tooltip="auto: fp32 on CPU, bf16/fp16 autocast on GPU; bf16 on a CPU only "
+                                           "where it has native bf16 (else fp32, with a warning)")
+        self._backend = ComboBox(label="backend", choices=list(BACKENDS), value="auto",
+                                 tooltip="auto: ONNX Runtime when installed (napari-genseg[onnx]) and the "
+                                         "model exports (MSA²Net, MARSeg, AR-Seg encoder/decoder; CPU, fp32), else torch")
+        # one row for both (the dock must fit a 1000 px screen beside the AR-Seg explorer)
+        self._runtime = Container(layout="horizontal", labels=False, label="precision, backend",
+                                  widgets=[self._precision, self._backend])
+        self._runtime.margins = (0, 0, 0, 0)
         self._batch = SpinBox(label="batch size", min=1, max=128, value=4)
         self._window = ComboBox(label="window", choices=list(WINDOW_PRESETS), value="abdomen")
         self._hu_offset = FloatSpinBox(label="HU offset", min=-4096, max=4096, step=1, value=0,
@@ -69,12 +92,17 @@ class SegmentWidget(Container):
                                    orientation="horizontal")
         self._start = SpinBox(label="from slice", min=0, max=100000, value=0, visible=False)
         self._stop = SpinBox(label="to slice (incl.)", min=0, max=100000, value=0, visible=False)
+        self._cleanup = CheckBox(text="3-D clean-up", value=True,
+                                 tooltip="after the run: keep the largest 3-D piece of single organs and fill "
+                                         "their holes, as declared in the checkpoint; report volumes (mL) and "
+                                         "implausible results. A range run changes only the slices it ran.")
         self._run = PushButton(text="Run")
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._progress = ProgressBar(label="progress", min=0, max=100, value=0)
         self._status = Label(value="")
-        self.extend([self._image, self._model, self._checkpoint, self._device, self._precision,
-                     self._batch, self._window, self._hu_offset, self._scope, self._start, self._stop, self._run,
+        self.extend([self._image, self._model, self._checkpoint, self._device, self._runtime,
+                     self._batch, self._window, self._hu_offset, self._scope, self._start, self._stop,
+                     self._cleanup, self._run,
                      self._cancel, self._progress, self._status])
         self._run.changed.connect(self.run)
         self._cancel.changed.connect(self.cancel)
@@ -152,6 +180,8 @@ class SegmentWidget(Container):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 ckpt = load_model(self._model.value, self._checkpoint_path())
+                requested = self._backend.value
+                backend = resolve_backend(requested, ckpt.family, self._device.value, self._precision.value)
         except InputError as exc:
             notify_error(exc)
             return None
@@ -162,15 +192,18 @@ class SegmentWidget(Container):
         device, precision, batch = self._device.value, self._precision.value, int(self._batch.value)
         self._target.metadata[RUN_KEY] = {
             "model": model_record(ckpt),
-            "inference": inference_record(ckpt, device, precision, None, batch, zs),
+            "inference": inference_record(ckpt, device, precision, None, batch, zs, backend=backend,
+                                          backend_requested=requested),
             "input_checks": report.to_dict(),
             "warnings": [*vol.meta.get("warnings", []), *report.warnings],
         }
+        self._ctx = (ckpt, vol, list(zs), bool(self._cleanup.value))
+        self._failed = False
 
         # errors reach _on_error (notify_error); without ignore_errors napari would also re-raise them
         @thread_worker(start_thread=False, ignore_errors=True)
         def work():
-            pred = make_predictor(ckpt, device=device, precision=precision)
+            pred = make_predictor(ckpt, device=device, precision=precision, backend=requested)
             return (yield from run_volume(pred, vol, zs, batch_size=batch))
 
         self.worker = work()
@@ -192,23 +225,70 @@ class SegmentWidget(Container):
         self._status.value = f"{p.done}/{p.total} slices, {p.done / max(p.elapsed, 1e-9):.1f} slices/s"
 
     def _on_error(self, exc):
+        self._failed = True
         self._status.value = f"failed: {exc}"
         notify_error(exc, "Segmentation failed")
 
     def _on_finished(self):
+        worker = self.worker
+        aborted = worker is not None and getattr(worker, "abort_requested", False)
+        summary = ""
         if self._edit is not None:
             edit, self._edit = self._edit, None
-            edit.end()
-        worker, self.worker = self.worker, None
+            try:
+                if not aborted and not self._failed and self._ctx is not None:
+                    summary = self._clean_up(edit)
+                elif self._ctx is not None and isinstance(edit.layer.metadata.get(RUN_KEY), dict):
+                    from ..postprocessing import disabled_record
+
+                    why = "cancelled" if aborted else "failed"
+                    edit.layer.metadata[RUN_KEY]["postprocessing"] = disabled_record(
+                        self._ctx[0].postprocess, f"not run: the model run was {why} (partial result kept raw)")
+            finally:
+                edit.end()  # the clean-up is part of the run's one undo step
+        self._ctx = None
+        self.worker = None
         self._run.enabled = True
         self._cancel.enabled = False
         if worker is not None and getattr(worker, "abort_requested", False):
             self._status.value = f"cancelled; {self._status.value.split(',')[0]} kept (Ctrl+Z undoes the run)"
         elif not self._status.value.startswith("failed"):
             self._progress.value = 100
-            self._status.value = "done (Ctrl+Z undoes the run)"
+            self._status.value = f"done{': ' + summary if summary else ''} (Ctrl+Z undoes the run)"
+
+    def _clean_up(self, edit) -> str:
+        """Post-process the target layer after a completed run (module doc: the rule for a range
+        run), inside the open edit. Returns the volumes for the status line ("" when off)."""
+        import numpy as np
+
+        from ..postprocessing import disabled_record, postprocess
+
+        ckpt, vol, zs, wanted = self._ctx
+        record = edit.layer.metadata.get(RUN_KEY)
+        if not wanted:
+            if isinstance(record, dict):
+                record["postprocessing"] = disabled_record(ckpt.postprocess,
+                                                           "switched off ('3-D clean-up' unchecked)")
+            return ""
+        labels = np.asarray(edit.layer.data)
+        new, rep = postprocess(labels, ckpt.class_names, ckpt.postprocess, vol, editable_slices=zs)
+        changed = np.nonzero((new != labels).any(axis=(1, 2)))[0]
+        if changed.size:
+            edit.set_slices(changed, new[changed])
+        if isinstance(record, dict):
+            record["postprocessing"] = rep.to_dict()
+            record["warnings"] = [*record.get("warnings", []), *rep.warnings]
+        for w in rep.warnings:
+            _notify_warning(w)
+        return ", ".join(f"{c.name} {c.volume_ml:.1f} mL" for c in rep.classes if c.voxels)
 
     def cancel(self, *_):
         if self.worker is not None:
             self._status.value = self._status.value + " (cancelling)"
             self.worker.quit()
+
+
+def _notify_warning(msg: str) -> None:
+    from napari.utils.notifications import show_warning
+
+    show_warning(msg)

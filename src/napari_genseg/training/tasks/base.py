@@ -157,6 +157,11 @@ class Task(abc.ABC):
         """Metrics on the validation split with a float ``"score"`` (higher is better); None if no split."""
 
     # ---- provenance and resumable state
+    def postprocess_block(self) -> dict | None:
+        """The checkpoint's per-class post-processing declarations (None: ``save_checkpoint``'s
+        default, i.e. the block of the file it overwrites or the organ defaults)."""
+        return None
+
     def provenance(self) -> dict:
         """Extra checkpoint provenance; a ``"hyperparameters"`` mapping is merged into the loop's."""
         return {}

@@ -31,7 +31,9 @@ __all__ = ["SegmentationTask", "validate_slices"]
 def validate_slices(model: nn.Module, cases: list[D.Case], items, class_names, norm: Normalization,
                     grid: SliceGrid, device: torch.device, batch_size: int = 8, in_chans: int = 1) -> dict:
     """Dice/IoU/HD95 (``metrics.evaluate_labels``) per class on the slices ``items`` ((case index,
-    [z...]) pairs) through the inference path; -> {"score", "dice", "mean_dice", "per_case"}."""
+    [z...]) pairs) through the inference path; -> {"score", "dice", "mean_dice", "per_case"}.
+    A class absent from a case's reference scores Dice 1 when the model leaves it empty and 0
+    when it marks any voxel (not the TransUNet rule, which rewards such false positives)."""
     from ...predictors import SegmentationPredictor
     from ...metrics import evaluate_labels
 
@@ -46,7 +48,14 @@ def validate_slices(model: nn.Module, cases: list[D.Case], items, class_names, n
         for s in range(0, len(zs), batch_size):
             pred.set_image(c.image[zs[s:s + batch_size]], c.spacing[1:])
             labs.append(pred.predict()["labels"])
-        per_case[c.name] = evaluate_labels(np.concatenate(labs), c.labels[zs], c.spacing, classes)
+        pred, ref = np.concatenate(labs), c.labels[zs]
+        per_case[c.name] = evaluate_labels(pred, ref, c.spacing, classes)
+        for k, n in classes.items():
+            # a class absent from the reference (a negative case: pelvis/thorax phantom): the
+            # TransUNet convention of evaluate_labels scores a false positive 1 and an empty
+            # prediction 0; validation scores what is right here: 1 when empty, else 0
+            if not (ref == k).any():
+                per_case[c.name][n]["dice"] = 0.0 if (pred == k).any() else 1.0
     model.train(was_training)
     mean = {}
     for n in classes.values():
@@ -77,12 +86,17 @@ class SegmentationTask(SliceTask):
         if resuming or not self.cfg.init:
             return
         ck = load_init_weights(model, self.cfg.init, self.spec.entry.family)
+        if list(ck.class_names) == self.class_names and ck.postprocess:
+            self._init_postprocess = dict(ck.postprocess)  # fine-tuning keeps the clean-up declared
         if list(ck.class_names) != self.class_names:
             self.run.log(f"note: init checkpoint classes {ck.class_names} != {self.class_names}")
         prov = ck.provenance if isinstance(getattr(ck, "provenance", None), dict) else {}
         self.init_meta = {"path": str(self.cfg.init), "git_commit": prov.get("git_commit"),
                           "steps": prov.get("steps"), "script": prov.get("script")}
         self.run.log(f"fine-tuning from {self.cfg.init}")
+
+    def postprocess_block(self) -> dict | None:
+        return getattr(self, "_init_postprocess", None)
 
     def data(self) -> TaskData:
         cfg = self.cfg
