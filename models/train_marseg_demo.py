@@ -99,6 +99,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--precision", default="fp32", choices=["bf16", "fp32"])
+    ap.add_argument("--device", default="cpu", help="training device (cpu, cuda); evaluation runs on the CPU")
     ap.add_argument("--skip-stage0", action="store_true", help="reuse WORK/marseg_stage0.safetensors")
     ap.add_argument("--skip-stage1", action="store_true", help="reuse WORK/marseg_stage1.safetensors")
     ap.add_argument("--skip-stage2", action="store_true",
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
                "p_spatial": 0.8, "scale": 0.2, "rotate_deg": 12.0, "translate": 0.05, "p_elastic": 0.3}
     common = dict(model="marseg_demo", classes=CLASSES, label_map=LABEL_MAP, batch_size=args.batch_size,
                   val_fraction=0.15, holdout_slices="auto", holdout_gap=2, holdout_size=8, grid="spacing",
-                  spacing_mm=1.5, device="cpu", precision=args.precision, seed=args.seed, workers=0,
+                  spacing_mm=1.5, device=args.device, precision=args.precision, seed=args.seed, workers=0,
                   threads=args.threads, augment=augment, recipe="adamw")
     paths = {s: work / f"marseg_stage{s}.safetensors" for s in (0, 1, 2)}
     stage_cfg = {
@@ -246,7 +247,7 @@ def main(argv=None) -> int:
         f"Recipe: AdamW (the project's fast CPU recipe `adamw`), lr {args.lr0:g} / {args.lr1:g} / {args.lr2:g},"
         f" weight decay 0.01, warm-up then cosine over each stage's wall-time budget ({args.stage0_minutes:g} /"
         f" {args.stage1_minutes:g} / {args.stage2_minutes:g} min), batch {args.batch_size}, grad clip 1 / 3 / 3,"
-        f" {args.precision} on CPU; augmentation: HU scale/shift, noise, gamma, zoom, rotation ±12°, elastic (no"
+        f" {args.precision} on {args.device}; augmentation: HU scale/shift, noise, gamma, zoom, rotation ±12°, elastic (no"
         f" left-right flip). Whole script {total_wall / 60:.1f} min (torch {torch.__version__}).",
         "",
         "Equivalent commands (the script calls the same loop in-process):",
