@@ -83,6 +83,8 @@ class ReconstructionTask(Task):
 
 @pytest.fixture
 def tinyae(monkeypatch):
+    """A test family registered for this test only (it has no predictor: left registered, it would
+    break the every-family-has-a-predictor check of a later test)."""
     from napari_genseg.models import registry
 
     if "tinyae" not in {f.name for f in registry.list_families()}:
@@ -90,6 +92,9 @@ def tinyae(monkeypatch):
                                  description="test autoencoder")
         registry.register_config("tinyae", "tinyae_small", TinyAEConfig())
     monkeypatch.setitem(tasks.TASKS, "reconstruction", ReconstructionTask)
+    yield
+    registry._CONFIGS.pop("tinyae_small", None)
+    registry._FAMILIES.pop("tinyae", None)
 
 
 def test_a_new_family_trains_through_the_loop_by_adding_a_task(tinyae, tiny_cfg, tmp_path):
