@@ -2,6 +2,7 @@
 
 * ``segmentation.SegmentationPredictor``: deterministic forward -> logits (MSA²Net, MARSeg);
 * ``arseg.ArSegPredictor``: N autoregressive samples, consensus, votes, decodable tokens;
+* ``tta.TTAPredictor``: K named test-time views around a segmentation predictor (its uncertainty);
 * ``uncertainty``: the per-voxel disagreement every predictor's uncertainty is reported in.
 
 Which predictor serves a model family is this package's table ``PREDICTORS`` (family name ->
@@ -18,11 +19,16 @@ import inspect
 from .arseg import ArSegPredictor
 from .base import Predictor
 from .segmentation import SegmentationPredictor
+from .tta import TTA_VIEWS, TTAPredictor, View, tta_views
 
 __all__ = [
     "Predictor",
     "SegmentationPredictor",
     "ArSegPredictor",
+    "TTAPredictor",
+    "TTA_VIEWS",
+    "View",
+    "tta_views",
     "PREDICTORS",
     "register_predictor",
     "predictor_class",
