@@ -117,7 +117,7 @@ def test_autosave_survives_a_killed_process(tmp_path):
             mask[1, i, i] = 1
             state.mark_edited(1)
             saver.note_edit()
-            saver.maybe_save(mask, state.to_dict())
+            saver.maybe_save(mask, state.to_dict(), protect=mask > 0)
         mask[0] = 1  # an edit after the last autosave: lost with the process
         saver.note_edit()
         os.kill(os.getpid(), signal.SIGKILL)
@@ -132,6 +132,7 @@ def test_autosave_survives_a_killed_process(tmp_path):
     expect = np.zeros(img.shape, np.uint8)
     expect[1, 0, 0] = expect[1, 1, 1] = 1
     np.testing.assert_array_equal(mask, expect)
+    np.testing.assert_array_equal(meta["protect"], expect > 0)
     assert ReviewState.from_dict(meta["review"]).status == ["untouched", "edited"]
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind by the atomic writes
 

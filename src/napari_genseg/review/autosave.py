@@ -77,7 +77,11 @@ class AutosaveInfo:
 
 def _read(path: Path) -> tuple[np.ndarray, dict]:
     with np.load(path, allow_pickle=False) as z:
-        return np.array(z["mask"]), json.loads(bytes(z["meta"]).decode())
+        meta = json.loads(bytes(z["meta"]).decode())
+        if "protect" in z.files:
+            meta["protect"] = np.unpackbits(z["protect"], count=int(np.prod(meta["protect_shape"]))).reshape(
+                meta["protect_shape"]).astype(bool)
+        return np.array(z["mask"]), meta
 
 
 def find_autosave(folder: str | os.PathLike, key: str) -> AutosaveInfo | None:
@@ -98,7 +102,8 @@ def find_autosave(folder: str | os.PathLike, key: str) -> AutosaveInfo | None:
 
 
 def load_autosave(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
-    """(mask (Z, H, W), meta: {"image_key", "saved", "mask_name", "review": ReviewState dict, ...})."""
+    """(mask (Z, H, W), meta: {"image_key", "saved", "mask_name", "review": ReviewState dict,
+    "protect": (Z, H, W) bool voxels the reader painted (when saved), ...})."""
     return _read(Path(path))
 
 
@@ -139,16 +144,20 @@ class Autosaver:
             return False
         return self.pending >= self.every_edits or self.clock() - self._dirty_since >= self.every_seconds
 
-    def maybe_save(self, mask: np.ndarray, review: dict, **extra) -> Path | None:
-        return self.save(mask, review, **extra) if self.due() else None
+    def maybe_save(self, mask: np.ndarray, review: dict, protect: np.ndarray | None = None, **extra) -> Path | None:
+        return self.save(mask, review, protect, **extra) if self.due() else None
 
-    def save(self, mask: np.ndarray, review: dict, **extra) -> Path:
-        """Write the autosave now (atomic); returns its path."""
+    def save(self, mask: np.ndarray, review: dict, protect: np.ndarray | None = None, **extra) -> Path:
+        """Write the autosave now (atomic): the mask, the review state (``ReviewState.to_dict()``),
+        optionally the protection mask (bool, bit-packed) and ``extra`` JSON keys; returns its path."""
         meta = {"image_key": self.key, "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "mask_name": self.mask_name, "review": review, **extra}
+        arrays = {"mask": np.asarray(mask)}
+        if protect is not None:
+            arrays["protect"] = np.packbits(np.asarray(protect, dtype=bool).ravel())
+            meta["protect_shape"] = list(np.shape(protect))
         buf = io.BytesIO()
-        np.savez_compressed(buf, mask=np.asarray(mask),
-                            meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+        np.savez_compressed(buf, **arrays, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
         with atomic_path(self.path) as tmp:
             tmp.write_bytes(buf.getvalue())
         self.pending = 0
