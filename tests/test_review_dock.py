@@ -152,6 +152,28 @@ def test_painting_marks_edited_and_rerun_keeps_painted_voxels_and_accepted_slice
     np.testing.assert_array_equal(mask.data, before)
 
 
+def test_a_brush_stroke_marks_its_slice_edited_and_protects_its_voxels(make_napari_viewer_proxy, double_checkpoint):
+    from napari_genseg.ui.review_dock import painted_indices
+
+    viewer = make_napari_viewer_proxy()
+    img = _image(viewer)
+    mask = _mask(viewer, img)
+    w = _dock(viewer, double_checkpoint, img, mask)
+    w.go_to(3)
+    atoms = []
+    mask.events.paint.connect(lambda e: atoms.extend(e.value))
+    mask.brush_size = 3
+    mask.paint((3, 10, 12), 2)  # napari's brush (a masked history atom)
+    assert w.state.status[3] == "edited" and w.state.edits == [0, 0, 0, 1, 0, 0, 0, 0]
+    np.testing.assert_array_equal(w.protect, mask.data > 0)
+    assert w.protect[3, 10, 12] and w.protect.sum() == (mask.data > 0).sum() > 1
+    # both atom kinds give the voxels they changed
+    assert hasattr(atoms[0], "slice_key")
+    idx = painted_indices(atoms[0], mask.data.shape)
+    assert (mask.data[idx] == 2).all() and len(idx[0]) == (mask.data > 0).sum()
+    assert painted_indices(((np.array([1]), np.array([2]), np.array([3])), 0, 1), mask.data.shape)[2].tolist() == [3]
+
+
 def test_metrics_against_a_reference_and_without_one_and_csv(make_napari_viewer_proxy, qtbot, double_checkpoint, tmp_path):
     viewer = make_napari_viewer_proxy()
     img = _image(viewer)

@@ -37,6 +37,7 @@ __all__ = [
     "REVIEWED",
     "DEFAULT_WEIGHTS",
     "QueueItem",
+    "SIGNAL_LABELS",
     "slice_signals",
     "area_jump_scores",
     "small_component_scores",
@@ -165,6 +166,11 @@ def flag_scores(flags, n: int) -> tuple[np.ndarray, dict[int, str]]:
     return s, reasons
 
 
+#: how the dock names each signal in the "why" column
+SIGNAL_LABELS = {"uncertainty": "uncertain", "area_jump": "area jump", "small_components": "small pieces",
+                 "reference": "vs reference", "flags": "flagged"}
+
+
 @dataclass
 class QueueItem:
     """One slice in the queue: its index along the axis, combined score, the signals that are
@@ -177,9 +183,9 @@ class QueueItem:
 
     @property
     def reasons(self) -> str:
-        """The non-zero signals, strongest first, as a short text (e.g. "uncertainty 0.42, area_jump 0.30")."""
+        """The non-zero signals, strongest first, as a short text (e.g. "uncertain 0.42, area jump 0.30")."""
         parts = sorted(self.signals.items(), key=lambda kv: -kv[1])
-        text = ", ".join(f"{k} {v:.2f}" for k, v in parts)
+        text = ", ".join(f"{SIGNAL_LABELS.get(k, k)} {v:.2f}" for k, v in parts)
         return f"{text} ({self.note})" if self.note else text
 
 

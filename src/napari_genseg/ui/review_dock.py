@@ -67,9 +67,10 @@ def painted_indices(atom, shape) -> tuple[np.ndarray, ...] | None:
     """The voxel indices one napari Labels history atom changed: a fancy-index triple
     ``(indices, old, new)`` or a masked atom (``slice_key``, ``mask``); None when unknown."""
     if hasattr(atom, "slice_key"):
-        bounds = [sl.indices(n)[:2] for sl, n in zip(atom.slice_key, shape)]
+        bounds = [(int(sl), int(sl) + 1) if isinstance(sl, (int, np.integer)) else sl.indices(n)[:2]
+                  for sl, n in zip(atom.slice_key, shape)]
         box = tuple(b - a for a, b in bounds)
-        local = np.nonzero(np.ones(box, bool) if atom.mask is None else np.asarray(atom.mask))
+        local = np.nonzero(np.ones(box, bool) if atom.mask is None else np.reshape(atom.mask, box))
         return tuple(np.asarray(ix) + a for ix, (a, _) in zip(local, bounds))
     try:
         idx = atom[0]
@@ -155,34 +156,38 @@ class ReviewDock(Container):
         self._rerun = PushButton(text="Re-run model on this slice (keeps painted voxels, accepted slices)")
         self._progress_line = Label(value="")
         self._progress_line.native.setWordWrap(True)
-        queue_tab = Container(widgets=[self._model, self._checkpoint, self._device, self._views, run_row,
-                                       self._run_progress, self._progress_line, self._queue, nav, self._rerun])
-        # ---- Metrics tab
         self._metrics = Table(value=_table([], list(STAT_COLUMNS)), label="metrics")
         self._update_metrics = PushButton(text="Update metrics")
-        self._csv_path = FileEdit(label="CSV", mode="w", filter="*.csv", value="review_metrics.csv")
         self._export = PushButton(text="Export CSV")
-        metrics_tab = Container(widgets=[self._metrics, self._update_metrics, self._csv_path, self._export])
+        metric_row = Container(widgets=[self._update_metrics, self._export], layout="horizontal", labels=False)
+        metric_row.margins = (0, 0, 0, 0)
+        review_tab = Container(widgets=[run_row, self._run_progress, self._progress_line, self._queue, nav,
+                                        self._rerun, self._metrics, metric_row])
+        # ---- Model tab: what "Compute uncertainty" and "Re-run" use
+        model_tab = Container(widgets=[self._model, self._checkpoint, self._device, self._views])
         # ---- Save tab
         self._reader = LineEdit(label="reader", value="", tooltip="your name, recorded in the review log")
         self._output = FileEdit(label="save as", mode="w", filter="*.nii.gz *.nii", value="reviewed_mask.nii.gz")
         self._save = PushButton(text="Save mask + review log")
+        self._csv_path = FileEdit(label="metrics CSV", mode="w", filter="*.csv", value="review_metrics.csv")
         self._autosave_dir = FileEdit(label="autosave folder", mode="d", value=str(default_autosave_dir()))
         self._every_edits = SpinBox(label="autosave every N edits", min=1, max=1000, value=10)
         self._every_seconds = SpinBox(label="or S seconds", min=5, max=3600, value=60)
+        save_tab = Container(widgets=[self._reader, self._output, self._save, self._csv_path, self._autosave_dir,
+                                      self._every_edits, self._every_seconds])
+        self._tab_containers = (review_tab, model_tab, save_tab)
+        self._tabs = QTabWidget()
+        for tab, title in zip(self._tab_containers, ("Review", "Model", "Save")):
+            self._tabs.addTab(tab.native, title)
+        # ---- an autosave of this image, when there is one
         self._restore_info = Label(value="")
         self._restore_info.native.setWordWrap(True)
         self._restore = PushButton(text="Restore autosave", visible=False)
-        save_tab = Container(widgets=[self._reader, self._output, self._save, self._autosave_dir,
-                                      self._every_edits, self._every_seconds, self._restore_info, self._restore])
-        self._tab_containers = (queue_tab, metrics_tab, save_tab)
-        self._tabs = QTabWidget()
-        for tab, title in zip(self._tab_containers, ("Queue", "Metrics", "Save")):
-            self._tabs.addTab(tab.native, title)
         self._status = Label(value="")
         self._status.native.setWordWrap(True)
-        self.extend([self._image, self._mask, self._reference, self._axis, self._status])
-        self.native.layout().insertWidget(4, self._tabs)
+        self.extend([self._image, self._mask, self._reference, self._axis, self._restore_info, self._restore,
+                     self._status])
+        self.native.layout().insertWidget(6, self._tabs)
 
         # ---- timers: debounced refresh after edits, metrics, periodic autosave check
         self._refresh_timer = QTimer()
@@ -210,9 +215,15 @@ class ReviewDock(Container):
         self._save.changed.connect(lambda *_: self.save())
         self._restore.changed.connect(lambda *_: self.restore_autosave())
         self._queue.native.cellClicked.connect(lambda row, col: self.go_to_row(row))
+        from qtpy.QtWidgets import QStyledItemDelegate
+
         for t in (self._queue, self._metrics):
+            t.native.setItemDelegate(QStyledItemDelegate(t.native))  # numbers as given, not 4 decimals
             t.native.verticalHeader().setVisible(False)
             t.read_only = True
+        self._queue.native.setMinimumHeight(260)
+        self._queue.native.setSelectionBehavior(self._queue.native.SelectionBehavior.SelectRows)
+        self._metrics.native.setMaximumHeight(170)
         for w in (self._image, self._mask, self._axis):
             w.changed.connect(self._on_target)
         self._reference.changed.connect(lambda *_: self._schedule(metrics=True))
@@ -458,7 +469,7 @@ class ReviewDock(Container):
         self._restore_info.value = f"Found an {info.describe()}." if info else ""
         self._restore.visible = info is not None
         if info is not None:
-            self._status.value = f"this image has an {info.describe()}: Save tab > Restore autosave"
+            self._status.value = f"this image has an {info.describe()}: press Restore autosave"
         self._offered = info
 
     @property
@@ -528,7 +539,7 @@ class ReviewDock(Container):
 
     def _fill_queue(self):
         st = self.state
-        rows = [[it.index, round(it.score, 3), st.status[it.index] if st else "", it.reasons] for it in self.items]
+        rows = [[it.index, round(it.score, 2), st.status[it.index] if st else "", it.reasons] for it in self.items]
         self._queue.value = _table(rows, ["slice", "score", "status", "why"])
         self._queue.native.resizeColumnsToContents()
         self._update_progress()
@@ -760,12 +771,12 @@ class ReviewDock(Container):
         cols = list(METRIC_COLUMNS if kind == "reference" else STAT_COLUMNS)
 
         def fmt(v):
-            return "" if isinstance(v, float) and not np.isfinite(v) else (round(v, 3) if isinstance(v, float) else v)
+            return ("" if not np.isfinite(v) else round(v, 3)) if isinstance(v, float) else v
 
         data = [[fmt(r[c]) for c in cols] for r in rows]
         if kind == "stats":  # HU as mean ± SD for the eye
             cols = ["class", "volume_ml", "HU mean ± SD", "voxels"]
-            data = [[r["class"], round(r["volume_ml"], 2), f"{r['hu_mean']:.1f} ± {r['hu_sd']:.1f}", r["voxels"]]
+            data = [[r["class"], round(r["volume_ml"], 1), f"{r['hu_mean']:.1f} ± {r['hu_sd']:.1f}", r["voxels"]]
                     for r in rows]
         self._metrics.value = _table(data, cols)
         self._metrics.native.resizeColumnsToContents()
