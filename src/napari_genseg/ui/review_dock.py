@@ -298,10 +298,13 @@ class ReviewDock(Container):
             mask.events.paint.connect(self._on_paint)
             self._bound = mask
         n = mask.data.shape[self.axis]
-        if self.state is None or self.state.n_slices != n or self.state.axis != self.axis:
-            self.state = ReviewState(n, self.axis)
-        if self.protect is None or self.protect.shape != mask.data.shape:
+        target = (id(mask), self.axis)
+        if self.state is None or getattr(self, "_state_for", None) != target or self.state.n_slices != n:
+            self.state = ReviewState(n, self.axis)  # a new mask or axis: a new review
+        if self.protect is None or getattr(self, "_state_for", (None,))[0] != id(mask) \
+                or self.protect.shape != mask.data.shape:
             self.protect = np.zeros(mask.data.shape, bool)
+        self._state_for = target
         image = self._image.value
         self.key = image_key(np.asarray(image.data), self._spacing())
         self.autosaver = Autosaver(self._autosave_folder(), self.key, int(self._every_edits.value),
@@ -584,12 +587,13 @@ class ReviewDock(Container):
             warnings.simplefilter("ignore")
             return load_model(self._model.value, self._checkpoint_path())
 
-    def _predictor(self, ckpt, uncertainty: bool):
+    @staticmethod
+    def _predictor(ckpt, uncertainty: bool, k: int, device: str):
+        """The predictor a run uses: TTA with ``k`` views (segmentation models) or ``k`` AR-Seg
+        samples for uncertainty; the plain predictor for a re-run. Built in the worker thread."""
         from ..predictors import ArSegPredictor, make_predictor, predictor_class
         from ..predictors.tta import TTAPredictor
 
-        k = int(self._views.value)
-        device = self._device.value
         if issubclass(predictor_class(ckpt.family), ArSegPredictor):
             return make_predictor(ckpt, device=device, n_samples=max(k, 2) if uncertainty else 8)
         if uncertainty:
@@ -614,11 +618,11 @@ class ReviewDock(Container):
             notify_error(exc)
             return None
         vol = self._volume()
-        views = int(self._views.value)
+        views, device = int(self._views.value), str(self._device.value)
 
         @thread_worker(start_thread=False, ignore_errors=True)
         def work():
-            pred = self._predictor(ckpt, uncertainty=True)
+            pred = self._predictor(ckpt, True, views, device)
             names = [v.name for v in getattr(pred, "views", ())]
             n = getattr(pred, "n", None)
             target = getattr(pred, "target_class", 1)
@@ -692,10 +696,11 @@ class ReviewDock(Container):
             notify_error(exc)
             return None
         vol = self._volume()
+        views, device = int(self._views.value), str(self._device.value)
 
         @thread_worker(start_thread=False, ignore_errors=True)
         def work():
-            pred = self._predictor(ckpt, uncertainty=False)
+            pred = self._predictor(ckpt, False, views, device)
             return (yield from run_volume(pred, vol, [z], batch_size=1))
 
         self.worker = work()
