@@ -259,3 +259,17 @@ def test_edits_autosave_every_n_and_save_writes_mask_and_log(make_napari_viewer_
     assert j["reader"] == "Dr. Reader" and j["review"]["counts"]["edited"] == 2
     assert j["metrics"]["kind"] == "stats" and j["image_sha256"] == w.key
     assert find_autosave(w._autosave_folder(), w.key) is None  # saved: nothing to offer next time
+
+
+def test_add_to_training_set_from_the_dock(make_napari_viewer_proxy, double_checkpoint, tmp_path):
+    viewer = make_napari_viewer_proxy()
+    img = _image(viewer, name="Patient Name CT")
+    mask = _mask(viewer, img)
+    mask.data[2:5, 10:20, 10:20] = 1
+    w = _dock(viewer, double_checkpoint, img, mask)
+    rep = w.add_to_training_set(tmp_path / "train")
+    assert rep["case"].startswith("genseg_") and "Patient" not in rep["case"]
+    assert "dropped patient name" in w._status.value
+    mask.data[2] = 0
+    again = w.add_to_training_set(tmp_path / "train")
+    assert again["replaced"] and json.loads((tmp_path / "train" / "dataset.json").read_text())["numTraining"] == 1

@@ -18,6 +18,9 @@ reference Labels layer. Then:
 * **Metrics**: against the reference, Dice / IoU / HD95 (mm) per class for the volume; without
   one, per-class volume (mL) and HU mean ± SD. Updated after edits (debounced, worker thread). CSV.
 * **Save**: NIfTI on the source geometry + ``<name>.review.json`` (``review.log``).
+* **Add to training set**: image + corrected mask as a case of a Decathlon-layout folder that
+  ``genseg train --data msd:FOLDER`` reads (``review.training_export``: never duplicated, patient
+  identifiers stripped unless unticked).
 * **Autosave** (``review.autosave``): mask, review state and protection mask every N edits or
   S seconds into the autosave folder; offered back when the same image (content hash) is reviewed
   again.
@@ -31,6 +34,7 @@ from typing import Optional
 
 import numpy as np
 from magicgui.widgets import (
+    CheckBox,
     ComboBox,
     Container,
     FileEdit,
@@ -173,8 +177,13 @@ class ReviewDock(Container):
         self._autosave_dir = FileEdit(label="autosave folder", mode="d", value=str(default_autosave_dir()))
         self._every_edits = SpinBox(label="autosave every N edits", min=1, max=1000, value=10)
         self._every_seconds = SpinBox(label="or S seconds", min=5, max=3600, value=60)
+        self._train_dir = FileEdit(label="training folder", mode="d", value="",
+                                   tooltip="a Decathlon-layout folder (imagesTr, labelsTr, dataset.json) for genseg train")
+        self._strip = CheckBox(text="strip patient identifiers (case named by content hash)", value=True)
+        self._add_train = PushButton(text="Add to training set")
         save_tab = Container(widgets=[self._reader, self._output, self._save, self._csv_path, self._autosave_dir,
-                                      self._every_edits, self._every_seconds])
+                                      self._every_edits, self._every_seconds, self._train_dir, self._strip,
+                                      self._add_train])
         self._tab_containers = (review_tab, model_tab, save_tab)
         self._tabs = QTabWidget()
         for tab, title in zip(self._tab_containers, ("Review", "Model", "Save")):
@@ -213,6 +222,7 @@ class ReviewDock(Container):
         self._update_metrics.changed.connect(self.update_metrics)
         self._export.changed.connect(lambda *_: self.export_csv())
         self._save.changed.connect(lambda *_: self.save())
+        self._add_train.changed.connect(lambda *_: self.add_to_training_set())
         self._restore.changed.connect(lambda *_: self.restore_autosave())
         self._queue.native.cellClicked.connect(lambda row, col: self.go_to_row(row))
         from qtpy.QtWidgets import QStyledItemDelegate
@@ -826,3 +836,29 @@ class ReviewDock(Container):
             self.autosaver.clear()
         self._status.value = f"saved {out[0].name} and {out[1].name} ({time.strftime('%H:%M:%S')})"
         return out
+
+    # ------------------------------------------------------------------ back to training
+    def add_to_training_set(self, folder=None) -> dict | None:
+        """Add the image and the mask as they are now to the training folder (``folder`` or the
+        Save tab's); returns ``review.training_export.add_training_case``'s report, None when refused."""
+        from ..review.training_export import add_training_case
+
+        if not self._valid_target():
+            notify_error("Choose an image and a mask first.")
+            return None
+        target = folder or self._train_dir.value
+        if not target or str(target) in ("", "."):
+            notify_error("Choose a training folder in the Save tab first.")
+            return None
+        vol = self._volume()
+        try:
+            rep = add_training_case(target, np.asarray(self._image.value.data), np.asarray(self._mask.value.data),
+                                    vol.spacing, vol.origin, self.class_names(), name=self._image.value.name,
+                                    strip_identifiers=bool(self._strip.value))
+        except InputError as exc:
+            notify_error(exc)
+            return None
+        verb = "updated" if rep["replaced"] else "added"
+        self._status.value = (f"{verb} training case {rep['case']} in {rep['dataset'].parent}; kept "
+                              f"{', '.join(rep['kept'])}; dropped {', '.join(rep['dropped'])}")
+        return rep
