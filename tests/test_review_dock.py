@@ -273,3 +273,24 @@ def test_add_to_training_set_from_the_dock(make_napari_viewer_proxy, double_chec
     mask.data[2] = 0
     again = w.add_to_training_set(tmp_path / "train")
     assert again["replaced"] and json.loads((tmp_path / "train" / "dataset.json").read_text())["numTraining"] == 1
+
+
+def test_model_agreement_layer_feeds_the_queue(make_napari_viewer_proxy, double_checkpoint):
+    from napari_genseg.run_record import RUN_KEY
+
+    viewer = make_napari_viewer_proxy()
+    img = _image(viewer)
+    mask = _mask(viewer, img)
+    mask.data[1:7, 10:20, 10:20] = 1
+    mask.metadata[RUN_KEY] = {"model": {"family": "msa2net"}}
+    w = _dock(viewer, double_checkpoint, img, mask)
+    assert "ct [testdouble] model disagreement" not in viewer.layers
+    other = _mask(viewer, img, "ct [arseg]")
+    other.data[:] = mask.data
+    other.data[4, 10:20, 10:15] = 0  # AR-Seg misses half of slice 4
+    other.metadata[RUN_KEY] = {"model": {"family": "arseg"}}
+    w.refresh()
+    md = viewer.layers["ct [testdouble] model disagreement"]
+    assert md.data[4, 12, 12] == 100.0 and md.data[4, 12, 17] == 0 and md.data[3].max() == 0
+    assert w.items[0].index == 4 and "models" in w.items[0].signals
+    assert [lay.name for lay in w.model_layers()] == ["ct [arseg]"]

@@ -130,3 +130,21 @@ def test_progress_line_exact_wording():
     for i in range(12):
         st.accept(i)
     assert st.progress(m, ["background", "liver"]) == "12 of 40 slices with liver reviewed"
+
+
+def test_model_disagreement_signal_ranks_where_models_differ():
+    from napari_genseg.review.uncertainty import model_disagreement
+
+    m = _liver()
+    other_a, other_b = m.copy(), m.copy()
+    other_a[4, 5:15, 5:10] = 2  # model A calls half of slice 4's liver spleen
+    d = model_disagreement(m, [other_a, other_b])
+    assert d[4, 6, 6] == 50.0 and d[4, 6, 12] == 0 and d[2].max() == 0
+    assert model_disagreement(m, [other_a])[4, 6, 6] == 100.0
+    from napari_genseg.predictors.uncertainty import slice_scores
+
+    items = rank_slices(m, models=slice_scores(d, m), weights={"area_jump": 0})
+    assert items[0].index == 4 and items[0].signals["models"] == pytest.approx(0.25)
+    assert "models disagree" in items[0].reasons
+    with pytest.raises(ValueError):
+        model_disagreement(m, [])

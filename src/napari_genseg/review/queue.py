@@ -14,6 +14,8 @@ volume (0 = axial, the default; any axis on request). Each slice gets signals in
   piece on that slice and smaller than ``min_component_mm2``: min(1, count / 2);
 * ``reference``: 1 − mean Dice (over the classes present in the mask or the reference on that
   slice) against a reference mask, when one is given;
+* ``models``: the slice's score (%) of the disagreement between the mask and other models' results
+  on the same image (``review.uncertainty.model_disagreement``), divided by 100;
 * ``flags``: 1 where an external check flagged the slice (e.g. the post-processing plausibility
   flags, issue 6), given as ``{slice index: reason}``.
 
@@ -56,6 +58,7 @@ DEFAULT_WEIGHTS: dict[str, float] = {
     "area_jump": 0.5,
     "small_components": 0.5,
     "reference": 1.0,
+    "models": 1.0,
     "flags": 1.0,
 }
 
@@ -168,7 +171,8 @@ def flag_scores(flags, n: int) -> tuple[np.ndarray, dict[int, str]]:
 
 #: how the dock names each signal in the "why" column
 SIGNAL_LABELS = {"uncertainty": "uncertain", "area_jump": "area jump", "small_components": "small pieces",
-                 "reference": "vs reference", "flags": "flagged"}
+                 "reference": "vs reference", "models": "models disagree",
+                 "flags": "flagged"}
 
 
 @dataclass
@@ -190,20 +194,22 @@ class QueueItem:
 
 
 def slice_signals(mask: np.ndarray, axis: int = 0, spacing=(1.0, 1.0, 1.0), uncertainty=None,
-                  reference=None, flags=None, min_component_mm2: float = 100.0) -> dict[str, np.ndarray]:
-    """Every signal of the module docstring, each (n,) in [0, 1]; ``uncertainty`` is the (n,)
-    per-slice score in % (absent signals are left out)."""
+                  reference=None, flags=None, min_component_mm2: float = 100.0, models=None) -> dict[str, np.ndarray]:
+    """Every signal of the module docstring, each (n,) in [0, 1]; ``uncertainty`` and ``models``
+    are (n,) per-slice scores in % (absent signals are left out)."""
     m = _slices_first(mask, axis)
     n = m.shape[0]
     sig = {
         "area_jump": area_jump_scores(mask, axis),
         "small_components": small_component_scores(mask, axis, spacing, min_component_mm2),
     }
-    if uncertainty is not None:
-        u = np.asarray(uncertainty, dtype=np.float64).ravel()
+    for key, val in (("uncertainty", uncertainty), ("models", models)):
+        if val is None:
+            continue
+        u = np.asarray(val, dtype=np.float64).ravel()
         if u.shape != (n,):
-            raise ValueError(f"uncertainty needs one score per slice ({n}); got {u.shape[0]}")
-        sig["uncertainty"] = np.clip(u / 100.0, 0.0, 1.0)
+            raise ValueError(f"{key} needs one score per slice ({n}); got {u.shape[0]}")
+        sig[key] = np.clip(u / 100.0, 0.0, 1.0)
     if reference is not None:
         sig["reference"] = reference_scores(mask, reference, axis)
     if flags is not None:
@@ -213,12 +219,12 @@ def slice_signals(mask: np.ndarray, axis: int = 0, spacing=(1.0, 1.0, 1.0), unce
 
 def rank_slices(mask: np.ndarray, axis: int = 0, spacing=(1.0, 1.0, 1.0), uncertainty=None,
                 reference=None, flags=None, weights: Mapping[str, float] | None = None,
-                min_component_mm2: float = 100.0) -> list[QueueItem]:
+                min_component_mm2: float = 100.0, models=None) -> list[QueueItem]:
     """The review queue: slices along ``axis`` that hold mask, reference or any signal, highest
     combined score first. See the module docstring for the signals; ``weights`` override
     :data:`DEFAULT_WEIGHTS` per signal. Raises ``ValueError`` for shapes that do not fit."""
     w = {**DEFAULT_WEIGHTS, **(weights or {})}
-    sig = slice_signals(mask, axis, spacing, uncertainty, reference, flags, min_component_mm2)
+    sig = slice_signals(mask, axis, spacing, uncertainty, reference, flags, min_component_mm2, models)
     m = _slices_first(mask, axis)
     n = m.shape[0]
     present = m.reshape(n, -1).any(1)

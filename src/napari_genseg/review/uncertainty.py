@@ -15,7 +15,7 @@ import numpy as np
 
 from ..predictors.uncertainty import class_vote_disagreement, slice_scores
 
-__all__ = ["VoteVolume", "votes_from_result"]
+__all__ = ["VoteVolume", "votes_from_result", "model_disagreement"]
 
 
 @dataclass
@@ -81,3 +81,22 @@ def votes_from_result(result, source: str = "tta", views=(), n: int | None = Non
             votes[0, z] = n - v
         return VoteVolume(votes, int(n), zs, "arseg", [])
     raise ValueError("the run produced no votes (need a TTA or AR-Seg predictor)")
+
+
+def model_disagreement(shown: np.ndarray, others) -> np.ndarray:
+    """Model agreement: (Z, H, W) float32 % of the other models' label volumes (each (Z, H, W),
+    e.g. MSA²Net's and AR-Seg's results on the same image) whose label differs from ``shown``,
+    the same definition as the uncertainty maps (the other models are the N predictions).
+    Raises ``ValueError`` without other models or for shapes that differ."""
+    shown = np.asarray(shown)
+    others = [np.asarray(o) for o in others]
+    if not others:
+        raise ValueError("model agreement needs at least one other model's result")
+    if any(o.shape != shown.shape for o in others):
+        raise ValueError(f"every model's result must have the mask's shape {shown.shape}")
+    c = int(max([shown.max(initial=0)] + [o.max(initial=0) for o in others])) + 1
+    votes = np.zeros((c, *shown.shape), np.uint8)
+    for o in others:
+        for k in range(c):
+            votes[k] += o == k
+    return class_vote_disagreement(votes, len(others), shown)

@@ -10,7 +10,9 @@ reference Labels layer. Then:
 * **Queue** (``review.queue``): slices along the chosen axis ranked by uncertainty, area jumps,
   small 2-D pieces, disagreement with the reference and external flags (:meth:`ReviewDock.set_flags`,
   or ``{slice: reason}`` under :data:`FLAGS_KEY` in the mask layer's metadata: the hook for the
-  post-processing plausibility checks). Click a row to go there; Previous / Next (Shift-B /
+  post-processing plausibility checks), and **model agreement**: where other models' results on
+  the same image (Labels layers with a run record, e.g. from the Segment dock) differ from the
+  mask, shown as ``<mask> model disagreement``. Click a row to go there; Previous / Next (Shift-B /
   Shift-N: Next skips reviewed slices), Accept (Shift-A), Flag (Shift-F). Painting a slice marks it
   edited. The progress line counts reviewed slices per class.
 * **Re-run model on this slice** (axial): never changes voxels the reader painted nor slices the
@@ -53,7 +55,8 @@ from ..review.autosave import Autosaver, default_autosave_dir, find_autosave, im
 from ..review.log import review_record, save_review
 from ..review.queue import ReviewState, rank_slices
 from ..review.report import METRIC_COLUMNS, STAT_COLUMNS, volume_metrics, volume_stats, write_csv
-from ..review.uncertainty import VoteVolume, votes_from_result
+from ..predictors.uncertainty import slice_scores
+from ..review.uncertainty import VoteVolume, model_disagreement, votes_from_result
 from ..run_record import RUN_KEY
 from ._run import LayerEdit, load_model, notify_error
 from .layers import volume_from_layer
@@ -240,10 +243,16 @@ class ReviewDock(Container):
         self._autosave_dir.changed.connect(lambda *_: self._on_target())
         self._every_edits.changed.connect(self._apply_autosave_settings)
         self._every_seconds.changed.connect(self._apply_autosave_settings)
-        self.viewer.layers.events.inserted.connect(lambda e: self.reset_choices())
-        self.viewer.layers.events.removed.connect(lambda e: self.reset_choices())
+        self.viewer.layers.events.inserted.connect(self._on_layers_changed)
+        self.viewer.layers.events.removed.connect(self._on_layers_changed)
         self._bind_keys()
         self._on_target()
+
+    def _on_layers_changed(self, event=None):
+        self.reset_choices()
+        lay = getattr(event, "value", None)
+        if lay is not None and (getattr(lay, "metadata", None) or {}).get(RUN_KEY):
+            self._schedule()  # another model's result: model agreement joins the queue
 
     def reset_choices(self, *_):
         """napari calls this on docked widgets when layers change: reach the tabs' widgets too."""
@@ -546,8 +555,16 @@ class ReviewDock(Container):
             unc = self.votes.slice_scores(mask, self.axis, dis)
         ref = self._reference.value
         ref_data = np.asarray(ref.data) if ref is not None and ref.data.shape == mask.shape else None
+        models = None
+        others = self.model_layers()
+        if others:  # model agreement: where the other models' results differ from the mask shown
+            md = model_disagreement(mask, [np.asarray(lay.data) for lay in others])
+            self._map_layer(f"{self._mask.value.name} model disagreement", md,
+                            f"% of the other models ({', '.join(lay.name for lay in others)}) "
+                            "disagreeing with the mask shown")
+            models = slice_scores(md, mask, self.axis)
         self.items = rank_slices(mask, self.axis, self._spacing(), uncertainty=unc, reference=ref_data,
-                                 flags=self._all_flags() or None)
+                                 flags=self._all_flags() or None, models=models)
         self._fill_queue()
 
     def _fill_queue(self):
@@ -568,20 +585,33 @@ class ReviewDock(Container):
         return self._progress_line.value
 
     def _uncertainty_layer(self, dis: np.ndarray):
+        src = self.votes.source if self.votes else "tta"
+        what = "TTA views" if src == "tta" else "AR-Seg samples"
+        return self._map_layer(f"{self._mask.value.name} uncertainty", dis,
+                               f"% of the {what} disagreeing with the mask shown")
+
+    def _map_layer(self, name: str, data: np.ndarray, units: str):
+        """An Image layer of percentages over the mask (inferno, 0 transparent), re-used by name."""
         from .arseg_explorer import variability_colormap
 
         mask = self._mask.value
-        name = f"{mask.name} uncertainty"
-        if name in self.viewer.layers and self.viewer.layers[name].data.shape == dis.shape:
+        if name in self.viewer.layers and self.viewer.layers[name].data.shape == data.shape:
             lay = self.viewer.layers[name]
-            lay.data = dis
+            lay.data = data
             return lay
-        src = self.votes.source if self.votes else "tta"
-        what = "TTA views" if src == "tta" else "AR-Seg samples"
         return self.viewer.add_image(
-            dis, name=name, scale=mask.scale, translate=mask.translate, colormap=variability_colormap(),
-            contrast_limits=(0, 100), opacity=0.8, blending="translucent",
-            metadata={"units": f"% of the {what} disagreeing with the mask shown"})
+            data, name=name, scale=mask.scale, translate=mask.translate, colormap=variability_colormap(),
+            contrast_limits=(0, 100), opacity=0.8, blending="translucent", metadata={"units": units})
+
+    def model_layers(self) -> list:
+        """Other models' results on this image: Labels layers of the mask's shape that carry a
+        model run record (``run_record.RUN_KEY``), other than the mask and the reference."""
+        mask, ref = self._mask.value, self._reference.value
+        import napari
+
+        return [lay for lay in self.viewer.layers
+                if isinstance(lay, napari.layers.Labels) and lay is not mask and lay is not ref
+                and lay.data.shape == mask.data.shape and (lay.metadata or {}).get(RUN_KEY)]
 
     # ------------------------------------------------------------------ model runs
     def _checkpoint_path(self):
