@@ -294,3 +294,23 @@ def test_model_agreement_layer_feeds_the_queue(make_napari_viewer_proxy, double_
     assert md.data[4, 12, 12] == 100.0 and md.data[4, 12, 17] == 0 and md.data[3].max() == 0
     assert w.items[0].index == 4 and "models" in w.items[0].signals
     assert [lay.name for lay in w.model_layers()] == ["ct [arseg]"]
+
+
+def test_closing_the_window_autosaves_unsaved_work(make_napari_viewer_proxy, double_checkpoint):
+    from qtpy.QtCore import QEvent
+
+    from napari_genseg.review.autosave import find_autosave
+
+    viewer = make_napari_viewer_proxy()
+    img = _image(viewer)
+    mask = _mask(viewer, img)
+    w = _dock(viewer, double_checkpoint, img, mask)
+    w._every_edits.value = 100  # not due by count or time
+    w.go_to(2)
+    w.flag()
+    assert w.dirty and find_autosave(w._autosave_folder(), w.key) is None
+    viewer.window.add_dock_widget(w, name="Review")
+    assert w._close_guard.watching == id(w.native.window())  # docked: it watches napari's window
+    w._close_guard.eventFilter(w.native.window(), QEvent(QEvent.Type.Close))  # that window's close event
+    info = find_autosave(w._autosave_folder(), w.key)
+    assert info is not None

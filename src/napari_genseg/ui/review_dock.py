@@ -130,6 +130,7 @@ class ReviewDock(Container):
         self._writing = False
         self._model_info: dict | None = None
         self._offered = None
+        self.dirty = False  # review work since the last Save
 
         # ---- always visible: what is reviewed
         self._image = create_widget(annotation=napari.layers.Image, label="image")
@@ -202,15 +203,15 @@ class ReviewDock(Container):
         self.native.layout().insertWidget(6, self._tabs)
 
         # ---- timers: debounced refresh after edits, metrics, periodic autosave check
-        self._refresh_timer = QTimer()
+        self._refresh_timer = QTimer(self.native)  # dies with the dock
         self._refresh_timer.setSingleShot(True)
         self._refresh_timer.setInterval(400)
         self._refresh_timer.timeout.connect(self.refresh)
-        self._metrics_timer = QTimer()
+        self._metrics_timer = QTimer(self.native)  # dies with the dock
         self._metrics_timer.setSingleShot(True)
         self._metrics_timer.setInterval(1500)
         self._metrics_timer.timeout.connect(self.update_metrics)
-        self._autosave_timer = QTimer()
+        self._autosave_timer = QTimer(self.native)  # dies with the dock
         self._autosave_timer.setInterval(5000)
         self._autosave_timer.timeout.connect(self._autosave_tick)
         self._autosave_timer.start()
@@ -246,7 +247,53 @@ class ReviewDock(Container):
         self.viewer.layers.events.inserted.connect(self._on_layers_changed)
         self.viewer.layers.events.removed.connect(self._on_layers_changed)
         self._bind_keys()
+        self._install_close_guard()
+        self.native.destroyed.connect(self._teardown)
         self._on_target()
+
+    def _install_close_guard(self):
+        """Unsaved review work is autosaved when napari's window closes (quitting closes it)."""
+        from qtpy.QtCore import QEvent, QObject
+
+        dock = self
+
+        class _CloseGuard(QObject):
+            def __init__(self):
+                super().__init__()
+                self.watching = 0  # id of the top-level window watched (no reference kept)
+
+            def eventFilter(self, obj, event):  # noqa: N802 (Qt name)
+                kind = event.type()
+                if kind == QEvent.Type.Close:
+                    dock.flush_unsaved()
+                elif kind in (QEvent.Type.Show, QEvent.Type.ParentChange):  # docked: watch napari's window
+                    top = dock.native.window()
+                    if top is not dock.native and id(top) != self.watching:
+                        top.installEventFilter(self)
+                        self.watching = id(top)
+                return False
+
+        self._close_guard = _CloseGuard()
+        self.native.installEventFilter(self._close_guard)
+
+    def _teardown(self, *_):
+        """The dock's Qt widget is gone (napari closed it): stop listening to the viewer."""
+        for t in (self._refresh_timer, self._metrics_timer, self._autosave_timer):
+            try:
+                t.stop()
+            except RuntimeError:
+                pass
+        for ev in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
+            ev.disconnect(self._on_layers_changed)
+        if self._bound is not None:
+            self._bound.events.paint.disconnect(self._on_paint)
+            self._bound = None
+
+    def flush_unsaved(self) -> Path | None:
+        """Autosave now when there is review work since the last Save (called on close/quit)."""
+        if self.dirty and self.autosaver is not None and self._valid_target():
+            return self._autosave(force=True)
+        return None
 
     def _on_layers_changed(self, event=None):
         self.reset_choices()
@@ -461,6 +508,7 @@ class ReviewDock(Container):
     def _note_work(self):
         if self.autosaver is None:
             return
+        self.dirty = True
         self.autosaver.note_edit()
         self._autosave(force=False)
         self._update_progress()
@@ -864,6 +912,7 @@ class ReviewDock(Container):
             return None
         if self.autosaver is not None:
             self.autosaver.clear()
+        self.dirty = False
         self._status.value = f"saved {out[0].name} and {out[1].name} ({time.strftime('%H:%M:%S')})"
         return out
 
