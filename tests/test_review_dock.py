@@ -314,3 +314,21 @@ def test_closing_the_window_autosaves_unsaved_work(make_napari_viewer_proxy, dou
     w._close_guard.eventFilter(w.native.window(), QEvent(QEvent.Type.Close))  # that window's close event
     info = find_autosave(w._autosave_folder(), w.key)
     assert info is not None
+
+
+def test_reference_from_a_label_file_with_a_label_map(make_napari_viewer_proxy, double_checkpoint, tmp_path):
+    from napari_genseg.io import write_mask
+
+    viewer = make_napari_viewer_proxy()
+    img = _image(viewer)
+    mask = _mask(viewer, img)
+    mask.data[2:5, 10:20, 10:20] = 1
+    ref = np.zeros(mask.data.shape, np.uint8)
+    ref[2:5, 10:20, 10:20] = 5  # ids of another map (TotalSegmentator liver = 5)
+    path = write_mask(tmp_path / "ref.nii.gz", ref, spacing=(3.0, 1.0, 1.0), origin=tuple(img.translate))
+    w = _dock(viewer, double_checkpoint, img, mask)
+    lay = w.load_reference(path, label_map="5:1")
+    assert lay.name == "ref (reference)" and w._reference.value.name == lay.name  # (the test viewer wraps layers)
+    np.testing.assert_array_equal(lay.data, (ref == 5).astype(np.uint8))
+    kind, rows = w.compute_metrics()
+    assert kind == "reference" and rows[0]["class"] == "soft" and rows[0]["dice"] == 1.0

@@ -172,7 +172,14 @@ class ReviewDock(Container):
         review_tab = Container(widgets=[run_row, self._run_progress, self._progress_line, self._queue, nav,
                                         self._rerun, self._metrics, metric_row])
         # ---- Model tab: what "Compute uncertainty" and "Re-run" use
-        model_tab = Container(widgets=[self._model, self._checkpoint, self._device, self._views])
+        self._ref_file = FileEdit(label="reference file", mode="r", filter="*.nii.gz *.nii",
+                                  tooltip="a label NIfTI; resampled onto the image grid when its grid differs")
+        self._ref_map = LineEdit(label="label map", value="",
+                                 tooltip='file id -> class id, e.g. "5:1,1:2" (TotalSegmentator liver, spleen); '
+                                         "empty = ids as they are")
+        self._load_ref = PushButton(text="Load reference")
+        model_tab = Container(widgets=[self._model, self._checkpoint, self._device, self._views, self._ref_file,
+                                       self._ref_map, self._load_ref])
         # ---- Save tab
         self._reader = LineEdit(label="reader", value="", tooltip="your name, recorded in the review log")
         self._output = FileEdit(label="save as", mode="w", filter="*.nii.gz *.nii", value="reviewed_mask.nii.gz")
@@ -190,7 +197,7 @@ class ReviewDock(Container):
                                       self._add_train])
         self._tab_containers = (review_tab, model_tab, save_tab)
         self._tabs = QTabWidget()
-        for tab, title in zip(self._tab_containers, ("Review", "Model", "Save")):
+        for tab, title in zip(self._tab_containers, ("Review", "Model / reference", "Save")):
             self._tabs.addTab(tab.native, title)
         # ---- an autosave of this image, when there is one
         self._restore_info = Label(value="")
@@ -227,6 +234,7 @@ class ReviewDock(Container):
         self._export.changed.connect(lambda *_: self.export_csv())
         self._save.changed.connect(lambda *_: self.save())
         self._add_train.changed.connect(lambda *_: self.add_to_training_set())
+        self._load_ref.changed.connect(lambda *_: self.load_reference())
         self._restore.changed.connect(lambda *_: self.restore_autosave())
         self._queue.native.cellClicked.connect(lambda row, col: self.go_to_row(row))
         from qtpy.QtWidgets import QStyledItemDelegate
@@ -941,3 +949,39 @@ class ReviewDock(Container):
         self._status.value = (f"{verb} training case {rep['case']} in {rep['dataset'].parent}; kept "
                               f"{', '.join(rep['kept'])}; dropped {', '.join(rep['dropped'])}")
         return rep
+
+    # ------------------------------------------------------------------ reference from a file
+    def load_reference(self, path=None, label_map: str | None = None):
+        """Read a label NIfTI onto the image's grid (``io.labels.labels_for_image``: resampled
+        nearest-neighbour when its grid differs, with a warning), map its ids (``"5:1,1:2"``),
+        add it as ``<file> (reference)`` and make it the reference. Returns the layer, or None when
+        refused (one notification line)."""
+        from napari.utils.notifications import show_warning
+
+        from ..io.labels import labels_for_image
+        from ..training.data import apply_label_map, parse_label_map
+        from ._run import add_class_labels
+
+        image = self._image.value
+        path = path or self._ref_file.value
+        if image is None or not path or str(path) in ("", ".") or Path(path).is_dir():
+            notify_error("Choose an image and a reference label file first.")
+            return None
+        names = self.class_names() or ["background"]
+        try:
+            ids, notes = labels_for_image(self._volume(), path)
+            mapping = parse_label_map(self._ref_map.value if label_map is None else label_map)
+            data = apply_label_map(ids, mapping, max(len(names), int(ids.max(initial=0)) + 1 if mapping is None else 256))
+        except InputError as exc:
+            notify_error(exc)
+            return None
+        for n in notes:
+            show_warning(n)
+        name = Path(path).name.replace(".nii.gz", "").replace(".nii", "") + " (reference)"
+        lay = add_class_labels(self.viewer, image, name, names, opacity=0.4, visible=False)
+        lay.data[:] = data
+        lay.refresh()
+        self.reset_choices()
+        self._reference.value = lay
+        self._status.value = f"reference {name} loaded ({len(np.unique(data)) - 1} classes)"
+        return lay
