@@ -332,3 +332,20 @@ def test_reference_from_a_label_file_with_a_label_map(make_napari_viewer_proxy, 
     np.testing.assert_array_equal(lay.data, (ref == 5).astype(np.uint8))
     kind, rows = w.compute_metrics()
     assert kind == "reference" and rows[0]["class"] == "soft" and rows[0]["dice"] == 1.0
+
+
+def test_switching_the_mask_autosaves_the_review_being_left(make_napari_viewer_proxy, double_checkpoint):
+    from napari_genseg.review.autosave import find_autosave, load_autosave
+
+    viewer = make_napari_viewer_proxy()
+    img = _image(viewer)
+    mask = _mask(viewer, img)
+    other = _mask(viewer, img, "another mask")
+    w = _dock(viewer, double_checkpoint, img, mask)
+    w._every_edits.value = 100
+    _paint(mask, 2, 5, 5, 1)
+    assert find_autosave(w._autosave_folder(), w.key) is None
+    w._mask.value = other
+    saved, meta = load_autosave(find_autosave(w._autosave_folder(), w.key).path)
+    assert saved[2, 5, 5] == 1 and meta["mask_name"] == mask.name and meta["review"]["status"][2] == "edited"
+    assert w.state.status[2] == "untouched" and not w.dirty  # the other mask starts its own review

@@ -299,7 +299,7 @@ class ReviewDock(Container):
 
     def flush_unsaved(self) -> Path | None:
         """Autosave now when there is review work since the last Save (called on close/quit)."""
-        if self.dirty and self.autosaver is not None and self._valid_target():
+        if self.dirty and self.autosaver is not None and self._bound is not None:
             return self._autosave(force=True)
         return None
 
@@ -358,10 +358,15 @@ class ReviewDock(Container):
         """New image / mask / axis: fresh review state and protection, follow the mask's edits,
         look for an autosave of this image."""
         mask = self._mask.value
+        self.flush_unsaved()  # the review being left (if any) is autosaved first
         if self._bound is not None and self._bound is not mask:
             self._bound.events.paint.disconnect(self._on_paint)
             self._bound = None
-        self.items, self.votes = [], None
+        self.items = []
+        image = self._image.value
+        if self.votes is not None and (getattr(self, "_votes_for", None) != id(image) or mask is None
+                                       or self.votes.shape != tuple(mask.data.shape)):
+            self.votes = None  # the uncertainty belongs to the image it was computed on
         if not self._valid_target():
             self.state = self.protect = self.autosaver = None
             self._status.value = ("choose an image and a mask of the same shape"
@@ -375,11 +380,11 @@ class ReviewDock(Container):
         target = (id(mask), self.axis)
         if self.state is None or getattr(self, "_state_for", None) != target or self.state.n_slices != n:
             self.state = ReviewState(n, self.axis)  # a new mask or axis: a new review
+            self.dirty = False
         if self.protect is None or getattr(self, "_state_for", (None,))[0] != id(mask) \
                 or self.protect.shape != mask.data.shape:
             self.protect = np.zeros(mask.data.shape, bool)
         self._state_for = target
-        image = self._image.value
         self.key = image_key(np.asarray(image.data), self._spacing())
         self.autosaver = Autosaver(self._autosave_folder(), self.key, int(self._every_edits.value),
                                    float(self._every_seconds.value), mask_name=mask.name)
@@ -522,9 +527,9 @@ class ReviewDock(Container):
         self._update_progress()
 
     def _autosave(self, force: bool) -> Path | None:
-        if self.autosaver is None or self.state is None:
+        mask = self._bound  # the mask this review state and autosaver belong to
+        if self.autosaver is None or self.state is None or mask is None:
             return None
-        mask = self._mask.value
         saver = self.autosaver
         if not (force or saver.due()):
             return None
@@ -754,6 +759,7 @@ class ReviewDock(Container):
             if not mask.metadata.get(RUN_KEY) and self._model_info:
                 mask.metadata[RUN_KEY] = {"model": self._model_info["model"]}
         self.votes = votes
+        self._votes_for = id(self._image.value)
         self.refresh()
         self._schedule(metrics=True)
         self._status.value = (f"uncertainty from {votes.n} {'views' if votes.source == 'tta' else 'samples'} "
