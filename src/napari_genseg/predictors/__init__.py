@@ -3,6 +3,7 @@
 * ``segmentation.SegmentationPredictor``: deterministic forward -> logits (MSA²Net; MARSeg through
   ``marseg.MarSegPredictor``, its lean inference build);
 * ``arseg.ArSegPredictor``: N autoregressive samples, consensus, votes, decodable tokens;
+* ``tta.TTAPredictor``: K named test-time views around a segmentation predictor (its uncertainty);
 * ``uncertainty``: the per-voxel disagreement every predictor's uncertainty is reported in;
 * ``ort``: the runtime choice (``resolve_backend``: torch or ONNX Runtime) and the predictors
   whose model steps are exported ONNX models (``OrtSegmentationPredictor``, ``OrtArSegPredictor``).
@@ -23,6 +24,7 @@ from .base import Predictor
 from .marseg import MarSegPredictor
 from .ort import BACKENDS, ORT_PREDICTORS, OrtArSegPredictor, OrtSegmentationPredictor, resolve_backend
 from .segmentation import SegmentationPredictor
+from .tta import TTA_VIEWS, TTAPredictor, View, tta_views
 
 __all__ = [
     "Predictor",
@@ -33,6 +35,10 @@ __all__ = [
     "OrtArSegPredictor",
     "BACKENDS",
     "resolve_backend",
+    "TTAPredictor",
+    "TTA_VIEWS",
+    "View",
+    "tta_views",
     "PREDICTORS",
     "register_predictor",
     "predictor_class",

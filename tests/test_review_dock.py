@@ -1,0 +1,351 @@
+"""Review dock through pytest-qt (test double model): uncertainty layer, ranking, navigation and
+shortcuts, statuses from paint events, protection on re-run + undo, metrics + CSV, autosave and
+restore after a killed process, Save with the review log."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_genseg.volume import Volume
+
+pytestmark = pytest.mark.gui
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+@pytest.fixture(autouse=True)
+def _autosave_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("GENSEG_AUTOSAVE_DIR", str(tmp_path / "autosave"))
+
+
+def _ct(z=8, hw=32):
+    data = np.full((z, hw, hw), -1000, np.int16)
+    data[:, 8:24, 8:24] = 0  # soft tissue (class 1 of the double)
+    data[:, 14:18, 14:18] = 900  # dense (class 2)
+    data[5, 8:24, 8:24] = -110  # slice 5: close to the double's band edge -> the HU views disagree
+    return data
+
+
+def _image(viewer, data=None, name="ct"):
+    from napari_genseg.ui.layers import image_layer_data
+
+    d, kw, _ = image_layer_data(Volume(_ct() if data is None else data, spacing=(3.0, 1.0, 1.0)), name)
+    return viewer.add_image(d, **kw)
+
+
+def _mask(viewer, image, name="ct [testdouble]"):
+    from napari_genseg.ui._run import add_class_labels
+
+    return add_class_labels(viewer, image, name, ["background", "soft", "dense"])
+
+
+def _dock(viewer, ckpt, image, mask, reference=None):
+    from napari_genseg.ui.review_dock import ReviewDock
+
+    w = ReviewDock(viewer)
+    w._model.value = "testdouble"
+    w._checkpoint.value = str(ckpt)
+    w._device.value = "cpu"
+    w._image.value = image
+    w._mask.value = mask
+    if reference is not None:
+        w._reference.value = reference
+    return w
+
+
+def _wait(qtbot, w, timeout=20000):
+    qtbot.waitUntil(lambda: w.worker is None, timeout=timeout)
+
+
+def _paint(layer, z, y, x, value):
+    """A reader's brush stroke (napari's paint path: one history item, a paint event)."""
+    layer.data_setitem((np.atleast_1d(z), np.atleast_1d(y), np.atleast_1d(x)), value)
+
+
+def test_uncertainty_fills_an_empty_mask_ranks_the_queue_and_navigates(make_napari_viewer_proxy, qtbot, double_checkpoint):
+    viewer = make_napari_viewer_proxy()
+    img = _image(viewer)
+    mask = _mask(viewer, img)
+    w = _dock(viewer, double_checkpoint, img, mask)
+    w._views.value = 8
+    assert w.compute_uncertainty() is not None
+    _wait(qtbot, w)
+    assert mask.data[0, 16, 16] == 2 and mask.data[0, 10, 10] == 1  # the model's result, shown
+    unc = viewer.layers["ct [testdouble] uncertainty"]
+    assert unc.data.shape == mask.data.shape and unc.data.max() > 0
+    np.testing.assert_array_equal(unc.scale, img.scale)
+    # slice 5 sits at the band edge: the HU views disagree there, so it leads the queue
+    assert w.items[0].index == 5 and "uncertainty" in w.items[0].signals
+    table = w._queue.value["data"]
+    assert table[0][0] == 5 and table[0][2] == "untouched"
+    # the mask mostly agrees with its own views away from slice 5
+    assert unc.data[2, 16, 16] == 0
+    mask.undo()  # the fill was one undo step
+    assert not mask.data.any()
+
+
+def test_click_next_previous_accept_flag_and_shortcuts(make_napari_viewer_proxy, qtbot, double_checkpoint):
+    from napari_genseg.ui.review_dock import SHORTCUTS
+
+    viewer = make_napari_viewer_proxy()
+    img = _image(viewer)
+    mask = _mask(viewer, img)
+    mask.data[1:7, 10:20, 10:20] = 1
+    mask.data[3] = 0  # a lost slice: area jump
+    mask.data[6, 0, 0] = 1  # a stray voxel: small component
+    w = _dock(viewer, double_checkpoint, img, mask)
+    w.set_flags({1: "liver volume implausible"})  # the plausibility hook
+    order = [it.index for it in w.items]
+    assert order[:3] == [1, 3, 6]  # flag 1.0, area jump 0.5 · 1, small pieces 0.5 · 0.5
+    w.go_to_row(1)
+    assert w.current_slice() == order[1]
+    w.accept()
+    assert w.state.status[order[1]] == "accepted"
+    assert w.next() == order[2] and w.current_slice() == order[2]
+    w.flag()
+    assert w.previous() == order[1]
+    assert w.state.status[order[2]] == "flagged"
+    # shortcuts are the viewer's
+    kb = viewer.keymap
+    assert all(any(str(k).replace("+", "-").lower() == v.lower() for k in kb) for v in SHORTCUTS.values())
+    w.go_to(order[0])
+    from napari.utils.key_bindings import KeyBinding
+
+    viewer.keymap[KeyBinding.from_str(SHORTCUTS["accept"])](viewer)
+    assert w.state.status[order[0]] == "accepted"
+    # slice 3 (accepted) holds no soft tissue; slice 6 is flagged, not reviewed
+    assert w.progress_text == "1 of 5 slices with soft reviewed, 1 flagged"
+    assert [r[2] for r in w._queue.value["data"][:3]] == ["accepted", "accepted", "flagged"]
+
+
+def test_painting_marks_edited_and_rerun_keeps_painted_voxels_and_accepted_slices(make_napari_viewer_proxy, qtbot, double_checkpoint):
+    viewer = make_napari_viewer_proxy()
+    img = _image(viewer)
+    mask = _mask(viewer, img)
+    w = _dock(viewer, double_checkpoint, img, mask)
+    # the reader paints on slices 2 and 4 (nothing was run: the mask is the reader's)
+    _paint(mask, 2, 0, 0, 2)
+    _paint(mask, 4, 16, 16, 1)  # relabels the dense marker as soft by hand
+    assert w.state.status[2] == w.state.status[4] == "edited" and w.state.edits[2] == 1
+    w.go_to(4)
+    w.accept()  # edited then accepted
+    before = mask.data.copy()
+    for z in (2, 4, 6):
+        assert w.rerun_slice(index=z) is not None or z == 4
+        _wait(qtbot, w)
+    # slice 6: fully the model's; slice 2: the model's except the painted voxel; slice 4 accepted: untouched
+    assert mask.data[6, 16, 16] == 2 and mask.data[6, 10, 10] == 1
+    assert mask.data[2, 0, 0] == 2 and mask.data[2, 16, 16] == 2
+    np.testing.assert_array_equal(mask.data[4], before[4])
+    assert w.state.status[6] == "untouched"  # a model write is no edit
+    mask.undo()  # one step per re-run: slice 6's (the last) goes, slice 2's stays
+    np.testing.assert_array_equal(mask.data[6], before[6])
+    assert mask.data[2, 16, 16] == 2
+    mask.undo()
+    np.testing.assert_array_equal(mask.data, before)
+
+
+def test_a_brush_stroke_marks_its_slice_edited_and_protects_its_voxels(make_napari_viewer_proxy, double_checkpoint):
+    from napari_genseg.ui.review_dock import painted_indices
+
+    viewer = make_napari_viewer_proxy()
+    img = _image(viewer)
+    mask = _mask(viewer, img)
+    w = _dock(viewer, double_checkpoint, img, mask)
+    w.go_to(3)
+    atoms = []
+    mask.events.paint.connect(lambda e: atoms.extend(e.value))
+    mask.brush_size = 3
+    mask.paint((3, 10, 12), 2)  # napari's brush (a masked history atom)
+    assert w.state.status[3] == "edited" and w.state.edits == [0, 0, 0, 1, 0, 0, 0, 0]
+    np.testing.assert_array_equal(w.protect, mask.data > 0)
+    assert w.protect[3, 10, 12] and w.protect.sum() == (mask.data > 0).sum() > 1
+    # both atom kinds give the voxels they changed
+    assert hasattr(atoms[0], "slice_key")
+    idx = painted_indices(atoms[0], mask.data.shape)
+    assert (mask.data[idx] == 2).all() and len(idx[0]) == (mask.data > 0).sum()
+    assert painted_indices(((np.array([1]), np.array([2]), np.array([3])), 0, 1), mask.data.shape)[2].tolist() == [3]
+
+
+def test_metrics_against_a_reference_and_without_one_and_csv(make_napari_viewer_proxy, qtbot, double_checkpoint, tmp_path):
+    viewer = make_napari_viewer_proxy()
+    img = _image(viewer)
+    mask = _mask(viewer, img)
+    mask.data[2:6, 10:20, 10:20] = 1
+    w = _dock(viewer, double_checkpoint, img, mask)
+    kind, rows = w.compute_metrics()
+    assert kind == "stats" and rows[0]["class"] == "soft"
+    assert rows[0]["volume_ml"] == pytest.approx(400 * 3.0 / 1000)
+    ref = viewer.add_labels(mask.data.copy(), name="reference", scale=img.scale)
+    ref.data[2:6, 10:20, 15:20] = 0
+    w._reference.value = ref
+    w.update_metrics()  # in a worker (the reference change also schedules one, debounced)
+    qtbot.waitUntil(lambda: w.metric_kind == "reference" and w.metrics_worker is None, timeout=10000)
+    assert w.metric_kind == "reference" and w.metric_rows[0]["dice"] == pytest.approx(2 * 200 / 600)
+    assert list(w._metrics.value["columns"]) == ["class", "dice", "iou", "hd95_mm"]
+    out = w.export_csv(tmp_path / "m.csv")
+    assert out.read_text().splitlines()[1].startswith("soft,0.666667,0.5,")
+    # the reference also ranks the queue
+    w.refresh()
+    assert all("reference" in it.signals for it in w.items[:4])
+
+
+def test_autosave_after_a_killed_session_is_offered_and_restored(make_napari_viewer_proxy, qtbot, double_checkpoint, tmp_path):
+    """A reviewing process autosaves and is killed; the same voxels opened again (another layer
+    name) get the work back: mask, statuses and protection."""
+    from napari_genseg.review.autosave import default_autosave_dir
+
+    data = _ct()
+    np.save(tmp_path / "ct.npy", data)
+    code = textwrap.dedent(f"""
+        import os, signal, numpy as np
+        from napari_genseg.review.autosave import Autosaver, image_key, default_autosave_dir
+        from napari_genseg.review.queue import ReviewState
+        data = np.load({str(tmp_path / 'ct.npy')!r})
+        saver = Autosaver(default_autosave_dir(), image_key(data, (3.0, 1.0, 1.0)), every_edits=1, mask_name="ct [testdouble]")
+        mask = np.zeros(data.shape, np.uint8); mask[3, 5:9, 5:9] = 2
+        st = ReviewState(data.shape[0]); st.mark_edited(3); st.accept(1)
+        saver.note_edit(); saver.maybe_save(mask, st.to_dict(), protect=mask > 0)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    assert list(default_autosave_dir().glob("*.npz"))
+    viewer = make_napari_viewer_proxy()
+    img = _image(viewer, data.copy(), name="same CT opened again")
+    mask = _mask(viewer, img, "new mask")
+    w = _dock(viewer, double_checkpoint, img, mask)
+    assert w.restore_available and not w._restore.native.isHidden() and "1 edits" in w._restore_info.value
+    assert w.restore_autosave()
+    assert mask.data[3, 6, 6] == 2 and mask.data.sum() == 32
+    assert w.state.status[3] == "edited" and w.state.status[1] == "accepted"
+    assert w.protection()[3, 6, 6] and w.protection()[1].all() and not w.protection()[2].any()
+    mask.undo()  # the restore is one undo step
+    assert not mask.data.any()
+    # a different image gets nothing
+    other = _ct()
+    other[0, 0, 0] += 1
+    img2 = _image(viewer, other, name="another CT")
+    w._image.value = img2
+    assert not w.restore_available
+
+
+def test_edits_autosave_every_n_and_save_writes_mask_and_log(make_napari_viewer_proxy, qtbot, double_checkpoint, tmp_path):
+    import nibabel as nib
+
+    from napari_genseg.review.autosave import find_autosave
+
+    viewer = make_napari_viewer_proxy()
+    img = _image(viewer)
+    mask = _mask(viewer, img)
+    w = _dock(viewer, double_checkpoint, img, mask)
+    w._every_edits.value = 2
+    _paint(mask, 1, 3, 3, 1)
+    assert find_autosave(w._autosave_folder(), w.key) is None
+    _paint(mask, 2, 3, 3, 1)
+    assert find_autosave(w._autosave_folder(), w.key).edits == 2
+    w._reader.value = "Dr. Reader"
+    out, log = w.save(tmp_path / "reviewed.nii.gz")
+    assert np.asarray(nib.load(out).dataobj).sum() == 2
+    j = json.loads(log.read_text())
+    assert j["reader"] == "Dr. Reader" and j["review"]["counts"]["edited"] == 2
+    assert j["metrics"]["kind"] == "stats" and j["image_sha256"] == w.key
+    assert find_autosave(w._autosave_folder(), w.key) is None  # saved: nothing to offer next time
+
+
+def test_add_to_training_set_from_the_dock(make_napari_viewer_proxy, double_checkpoint, tmp_path):
+    viewer = make_napari_viewer_proxy()
+    img = _image(viewer, name="Patient Name CT")
+    mask = _mask(viewer, img)
+    mask.data[2:5, 10:20, 10:20] = 1
+    w = _dock(viewer, double_checkpoint, img, mask)
+    rep = w.add_to_training_set(tmp_path / "train")
+    assert rep["case"].startswith("genseg_") and "Patient" not in rep["case"]
+    assert "dropped patient name" in w._status.value
+    mask.data[2] = 0
+    again = w.add_to_training_set(tmp_path / "train")
+    assert again["replaced"] and json.loads((tmp_path / "train" / "dataset.json").read_text())["numTraining"] == 1
+
+
+def test_model_agreement_layer_feeds_the_queue(make_napari_viewer_proxy, double_checkpoint):
+    from napari_genseg.run_record import RUN_KEY
+
+    viewer = make_napari_viewer_proxy()
+    img = _image(viewer)
+    mask = _mask(viewer, img)
+    mask.data[1:7, 10:20, 10:20] = 1
+    mask.metadata[RUN_KEY] = {"model": {"family": "msa2net"}}
+    w = _dock(viewer, double_checkpoint, img, mask)
+    assert "ct [testdouble] model disagreement" not in viewer.layers
+    other = _mask(viewer, img, "ct [arseg]")
+    other.data[:] = mask.data
+    other.data[4, 10:20, 10:15] = 0  # AR-Seg misses half of slice 4
+    other.metadata[RUN_KEY] = {"model": {"family": "arseg"}}
+    w.refresh()
+    md = viewer.layers["ct [testdouble] model disagreement"]
+    assert md.data[4, 12, 12] == 100.0 and md.data[4, 12, 17] == 0 and md.data[3].max() == 0
+    assert w.items[0].index == 4 and "models" in w.items[0].signals
+    assert [lay.name for lay in w.model_layers()] == ["ct [arseg]"]
+
+
+def test_closing_the_window_autosaves_unsaved_work(make_napari_viewer_proxy, double_checkpoint):
+    from qtpy.QtCore import QEvent
+
+    from napari_genseg.review.autosave import find_autosave
+
+    viewer = make_napari_viewer_proxy()
+    img = _image(viewer)
+    mask = _mask(viewer, img)
+    w = _dock(viewer, double_checkpoint, img, mask)
+    w._every_edits.value = 100  # not due by count or time
+    w.go_to(2)
+    w.flag()
+    assert w.dirty and find_autosave(w._autosave_folder(), w.key) is None
+    viewer.window.add_dock_widget(w, name="Review")
+    assert w._close_guard.watching == id(w.native.window())  # docked: it watches napari's window
+    w._close_guard.eventFilter(w.native.window(), QEvent(QEvent.Type.Close))  # that window's close event
+    info = find_autosave(w._autosave_folder(), w.key)
+    assert info is not None
+
+
+def test_reference_from_a_label_file_with_a_label_map(make_napari_viewer_proxy, double_checkpoint, tmp_path):
+    from napari_genseg.io import write_mask
+
+    viewer = make_napari_viewer_proxy()
+    img = _image(viewer)
+    mask = _mask(viewer, img)
+    mask.data[2:5, 10:20, 10:20] = 1
+    ref = np.zeros(mask.data.shape, np.uint8)
+    ref[2:5, 10:20, 10:20] = 5  # ids of another map (TotalSegmentator liver = 5)
+    path = write_mask(tmp_path / "ref.nii.gz", ref, spacing=(3.0, 1.0, 1.0), origin=tuple(img.translate))
+    w = _dock(viewer, double_checkpoint, img, mask)
+    lay = w.load_reference(path, label_map="5:1")
+    assert lay.name == "ref (reference)" and w._reference.value.name == lay.name  # (the test viewer wraps layers)
+    np.testing.assert_array_equal(lay.data, (ref == 5).astype(np.uint8))
+    kind, rows = w.compute_metrics()
+    assert kind == "reference" and rows[0]["class"] == "soft" and rows[0]["dice"] == 1.0
+
+
+def test_switching_the_mask_autosaves_the_review_being_left(make_napari_viewer_proxy, double_checkpoint):
+    from napari_genseg.review.autosave import find_autosave, load_autosave
+
+    viewer = make_napari_viewer_proxy()
+    img = _image(viewer)
+    mask = _mask(viewer, img)
+    other = _mask(viewer, img, "another mask")
+    w = _dock(viewer, double_checkpoint, img, mask)
+    w._every_edits.value = 100
+    _paint(mask, 2, 5, 5, 1)
+    assert find_autosave(w._autosave_folder(), w.key) is None
+    w._mask.value = other
+    saved, meta = load_autosave(find_autosave(w._autosave_folder(), w.key).path)
+    assert saved[2, 5, 5] == 1 and meta["mask_name"] == mask.name and meta["review"]["status"][2] == "edited"
+    assert w.state.status[2] == "untouched" and not w.dirty  # the other mask starts its own review
