@@ -349,3 +349,26 @@ def test_switching_the_mask_autosaves_the_review_being_left(make_napari_viewer_p
     saved, meta = load_autosave(find_autosave(w._autosave_folder(), w.key).path)
     assert saved[2, 5, 5] == 1 and meta["mask_name"] == mask.name and meta["review"]["status"][2] == "edited"
     assert w.state.status[2] == "untouched" and not w.dirty  # the other mask starts its own review
+
+
+def test_the_segment_docks_clean_up_report_feeds_the_queue(make_napari_viewer_proxy, double_checkpoint):
+    """Plausibility findings of the 3-D clean-up (removed stray components, a wrong-side organ) in
+    the mask layer's run record become queue signals on their axial slices."""
+    from napari_genseg.postprocessing import postprocess
+    from napari_genseg.run_record import RUN_KEY
+
+    viewer = make_napari_viewer_proxy()
+    img = _image(viewer)
+    mask = _mask(viewer, img)
+    raw = np.zeros(mask.data.shape, np.uint8)
+    raw[1:7, 10:20, 10:20] = 1
+    raw[3, 2:4, 28:30] = 1  # a stray piece on slice 3, removed by the clean-up
+    clean, rep = postprocess(raw, ["background", "soft", "dense"], {"soft": {"single_component": True}},
+                             (3.0, 1.0, 1.0))
+    mask.data[:] = clean
+    mask.metadata[RUN_KEY] = {"model": {"family": "testdouble"}, "postprocessing": rep.to_dict()}
+    w = _dock(viewer, double_checkpoint, img, mask)
+    w.refresh()
+    top = {it.index: it for it in w.items}
+    assert top[3].signals.get("flags") == 1.0 and "stray component removed" in top[3].note
+    assert w.items[0].index == 3

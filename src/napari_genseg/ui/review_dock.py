@@ -411,6 +411,15 @@ class ReviewDock(Container):
         mask = self._mask.value
         meta = dict(((mask.metadata or {}).get(FLAGS_KEY) or {}) if mask is not None else {})
         out = {int(k): str(v) for k, v in meta.items()}
+        if mask is not None and self.axis == 0:
+            # the Segment dock's 3-D clean-up report (postprocessing.py): slices that lost stray
+            # components, second large components, an organ on the wrong side (axial slices)
+            rep = ((mask.metadata or {}).get(RUN_KEY) or {}).get("postprocessing")
+            if isinstance(rep, dict) and rep.get("enabled"):
+                from ..postprocessing import slice_flags
+
+                for z, reasons in slice_flags(np.asarray(mask.data), rep).items():
+                    out[z] = "; ".join([out[z], *reasons] if z in out else reasons)
         out.update(self.flags)
         n = self.state.n_slices if self.state else 0
         return {k: v for k, v in out.items() if 0 <= k < n}
