@@ -32,7 +32,10 @@ def _worker(rank, world, port, outdir):
                    device="cpu", seed=0, quiet=True, val_fraction=0.5, threads=1, grid="resize", val_every=1000,
                    augment={"off": True}, out=str(Path(outdir) / f"s{stage}.safetensors"))
         s = train(cfg, on_step=lambda st, l: steps.append(st))
-        res[stage] = {"rank": s["rank"], "world": s["world_size"], "steps": steps}
+        # the group outlives the run: stage 2 must not rendezvous again on the same MASTER_PORT
+        # (a fast rank could reach the master's old store; both ranks then hang in DDP's init)
+        res[stage] = {"rank": s["rank"], "world": s["world_size"], "steps": steps,
+                      "group_kept": torch.distributed.is_initialized()}
     Path(outdir, f"rank{rank}.json").write_text(json.dumps(res))
 
 
@@ -42,6 +45,7 @@ def test_marseg_stages_1_and_2_under_ddp(tmp_path):
         res = json.loads((tmp_path / f"rank{r}.json").read_text())
         for stage in ("1", "2"):
             assert res[stage]["rank"] == r and res[stage]["world"] == 2 and res[stage]["steps"] == [1, 2, 3]
+            assert res[stage]["group_kept"]
     from napari_genseg.models.checkpoints import load_checkpoint
 
     for stage, module in ((1, "pretrain"), (2, "segmentation")):

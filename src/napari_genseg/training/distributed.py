@@ -12,6 +12,7 @@ saves. Single-process runs never touch ``torch.distributed``.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass, field
 
@@ -51,7 +52,13 @@ class Dist:
     @classmethod
     def from_env(cls, device: torch.device) -> "Dist":
         """Join the ``torchrun`` group (``WORLD_SIZE``/``RANK``/``LOCAL_RANK``/``MASTER_*``) with the
-        backend of ``device``; world size 1 without ``WORLD_SIZE``."""
+        backend of ``device``; world size 1 without ``WORLD_SIZE``.
+
+        The group is created once per process and left at process exit (``atexit``), not after
+        each run: several runs in one process (the MARSeg stages one after another) then share
+        it. Destroying and re-creating it on the same ``MASTER_PORT`` races: a fast rank can
+        reach the master's old store before the master has replaced it, and both ranks then
+        wait forever in DDP's first collective."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls(device=device)
@@ -60,6 +67,7 @@ class Dist:
         if not dist.is_initialized():
             kw = {"device_id": device} if device.type == "cuda" else {}
             dist.init_process_group(backend=backend_for(device), **kw)
+            atexit.register(_leave_group)
         return cls(dist.get_world_size(), dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), device)
 
     @property
@@ -100,10 +108,15 @@ class Dist:
             dist.barrier()
 
     def close(self) -> None:
-        """Last barrier, then leave the process group."""
+        """Last barrier of a run (the group stays for the next run in this process; see ``from_env``)."""
         if self.world <= 1:
             return
-        import torch.distributed as dist
-
         self.barrier()
+
+
+def _leave_group() -> None:
+    """Leave the process group at exit (registered by ``Dist.from_env``)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
         dist.destroy_process_group()
