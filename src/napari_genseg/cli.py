@@ -257,7 +257,8 @@ def cmd_segment(args) -> int:
 
     found = _cases(args.input)
     cases = found.cases
-    single = len(cases) == 1 and not Path(args.out).is_dir() and str(args.out).endswith((".nii", ".nii.gz"))
+    single = (len(cases) == 1 and not Path(args.out).is_dir()
+              and str(args.out).lower().endswith((".nii", ".nii.gz", ".dcm")))
     if args.series and len(cases) > 1:
         _fail(f"--series picks a series of one case; the inputs hold {len(cases)} cases")
     out_dir = Path(args.out)
@@ -271,6 +272,8 @@ def cmd_segment(args) -> int:
     _check_outputs(targets, [c.path for c in cases])
     if single:
         vol = _load(cases[0], args.series)
+        if str(args.out).lower().endswith(".dcm") and vol.meta.get("format") != "dicom":
+            _fail("DICOM SEG needs a DICOM source: use --out NAME.nii.gz for this input")
         _slices(args.slices, vol)
         _check_device(args.device)
         ckpt = _resolve(args.model, args.checkpoint)
@@ -278,7 +281,15 @@ def cmd_segment(args) -> int:
         args.threads = configure_threads(args.threads)
         vol, report = _checked(vol, ckpt, args)
         res = segment_volume(vol, ckpt, args, cases[0].name)
-        write_mask(args.out, res.labels, like=vol, record=_record(vol, ckpt, args, res, report))
+        rec = _record(vol, ckpt, args, res, report)
+        if str(args.out).lower().endswith(".dcm"):  # DICOM SEG of the source series (io/dicom_seg.py)
+            from .io.dicom_seg import write_dicom_seg
+
+            write_dicom_seg(args.out, res.labels, vol, ckpt.class_names, record=rec,
+                            algorithm={"name": f"{ckpt.family} {ckpt.config_name}",
+                                       "checkpoint_sha256": rec["model"].get("checkpoint_sha256")})
+        else:
+            write_mask(args.out, res.labels, like=vol, record=rec)
         print(f"wrote {args.out} ({len(res.z)} slices, {res.slices_per_second:.2f} slices/s, "
               f"classes {', '.join(ckpt.class_names)})", file=sys.stderr)
         return 0
@@ -471,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", nargs="+")
     p.add_argument("--model", default="msa2net", help="family (uses its shipped demo weights) or config name")
     p.add_argument("--checkpoint", default=None)
-    p.add_argument("--out", required=True, help="mask .nii.gz (one case) or output folder (cohort)")
+    p.add_argument("--out", required=True, help="mask .nii.gz or DICOM SEG .dcm (one case; .dcm needs a DICOM input) or output folder (cohort)")
     p.add_argument("--series", default=None, help="DICOM SeriesInstanceUID when a folder holds several")
     p.add_argument("--overwrite", action="store_true", help="cohorts: redo cases whose mask exists")
     run_opts(p)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +162,8 @@ def _with_type2(ds):
     import copy
 
     out = copy.copy(ds)
+    if "SpecificCharacterSet" in out and not str(out.SpecificCharacterSet or "").strip():
+        del out.SpecificCharacterSet  # an empty value is the default repertoire; highdicom refuses ''
     for key in _TYPE2:
         if key not in out:
             setattr(out, key, "")
@@ -299,16 +302,19 @@ def write_dicom_seg(path: str | os.PathLike, labels: np.ndarray, like: Volume, c
     src_no = first.get("SeriesNumber")
     series_number = int(src_no) + 1000 if src_no not in (None, "") else SEG_SERIES_NUMBER
     try:
-        seg = hd.seg.Segmentation(
-            source_images=sources, pixel_array=pix, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=descriptions, series_instance_uid=generate_uid(), series_number=series_number,
-            sop_instance_uid=generate_uid(), instance_number=1, manufacturer="napari-genseg",
-            manufacturer_model_name=str(alg.get("name") or "napari-genseg")[:64],
-            software_versions=package_version(), device_serial_number="0",
-            content_label="GENSEG", content_description="napari-genseg segmentation"[:64],
-            series_description=f"SEG {str(first.get('SeriesDescription') or '')}".strip()[:64],
-            omit_empty_frames=True,
-        )
+        with warnings.catch_warnings():
+            # highdicom's note on one-component PatientName values copied from the source
+            warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
+            seg = hd.seg.Segmentation(
+                source_images=sources, pixel_array=pix, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+                segment_descriptions=descriptions, series_instance_uid=generate_uid(), series_number=series_number,
+                sop_instance_uid=generate_uid(), instance_number=1, manufacturer="napari-genseg",
+                manufacturer_model_name=str(alg.get("name") or "napari-genseg")[:64],
+                software_versions=package_version(), device_serial_number="0",
+                content_label="GENSEG", content_description="napari-genseg segmentation"[:64],
+                series_description=f"SEG {str(first.get('SeriesDescription') or '')}".strip()[:64],
+                omit_empty_frames=True,
+            )
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise MaskWriteError(f"DICOM SEG: highdicom refused the source series ({exc})") from None
     if atomic:
