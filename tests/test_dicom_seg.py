@@ -189,3 +189,54 @@ def test_cli_refuses_seg_for_nifti_input(tmp_path, ct_case, double_checkpoint, c
     assert rc != 0
     assert "DICOM SEG needs a DICOM source" in capsys.readouterr().err
     assert not (tmp_path / "x.dcm").exists()
+
+
+def test_napari_writer_writes_seg_for_a_dicom_layer_and_refuses_others(tmp_path):
+    import pandas as pd
+
+    from napari_genseg.ui._io import write_dicom_seg_labels
+    from napari_genseg.ui.layers import geometry_metadata
+
+    Series(iop=(-1.0, 0, 0, 0, 1.0, 0), extra=FOR).write(tmp_path / "ct")
+    vol = _read(tmp_path / "ct")
+    lab = _markers(vol)
+    meta = {"metadata": geometry_metadata(vol), **vol.layer_kwargs(),
+            "features": pd.DataFrame({"index": range(4), "class": NAMES})}
+    [out] = write_dicom_seg_labels(str(tmp_path / "w.dcm"), lab, meta)
+    assert np.array_equal(read_seg_labels(out, vol, segments=segment_classes(out, NAMES)), lab)
+    plain = {"metadata": {}, "scale": (1, 1, 1), "translate": (0, 0, 0)}
+    with pytest.raises(InputError, match="DICOM SEG needs a DICOM source"):
+        write_dicom_seg_labels(str(tmp_path / "p.dcm"), lab, plain)
+
+
+@pytest.mark.gui
+def test_review_dock_save_writes_seg_with_edited_class_semiautomatic(make_napari_viewer_proxy, double_checkpoint,
+                                                                     tmp_path, monkeypatch):
+    import pydicom
+
+    from napari_genseg.ui._run import add_class_labels
+    from napari_genseg.ui.layers import image_layer_data
+    from napari_genseg.ui.review_dock import ReviewDock
+
+    monkeypatch.setenv("GENSEG_AUTOSAVE_DIR", str(tmp_path / "autosave"))
+    Series(extra=FOR).write(tmp_path / "ct")
+    vol = _read(tmp_path / "ct")
+    viewer = make_napari_viewer_proxy()
+    d, kw, _ = image_layer_data(vol, "ct")
+    img = viewer.add_image(d, **kw)
+    mask = add_class_labels(viewer, img, "ct [model]", ["background", "liver", "spleen"])
+    mask.data[2, 5, 6] = 1
+    mask.data[4, 7, 8] = 2
+    w = ReviewDock(viewer)
+    w._image.value = img
+    w._mask.value = mask
+    mask.data_setitem((np.array([4]), np.array([7]), np.array([9])), 2)  # the reader paints spleen
+    assert w.edited_classes == {2}
+    w.save(tmp_path / "reviewed.nii.gz")
+    seg = tmp_path / "reviewed.seg.dcm"
+    assert w.last_seg == seg and seg.is_file()
+    ds = pydicom.dcmread(seg)
+    assert {str(s.SegmentLabel): s.SegmentAlgorithmType for s in ds.SegmentSequence} == {
+        "liver": "AUTOMATIC", "spleen": "SEMIAUTOMATIC"}
+    names = ["background", "liver", "spleen"]
+    assert np.array_equal(read_seg_labels(seg, vol, segments=segment_classes(seg, names)), np.asarray(mask.data))
