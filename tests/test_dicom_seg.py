@@ -17,7 +17,9 @@ from napari_genseg.io import read_dicom_series  # noqa: E402
 from napari_genseg.io.dicom_seg import segment_classes, write_dicom_seg  # noqa: E402
 from napari_genseg.io.seg_reference import read_seg_labels  # noqa: E402
 
-GE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "dicom-robustness" / "ge-ct-3slice-liver"
+ROBUST = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "dicom-robustness"
+GE = ROBUST / "ge-ct-3slice-liver"
+ENHANCED = ROBUST / "enhanced-ct" / "eCT_Supplemental.dcm"
 FOR = {"FrameOfReferenceUID": "1.2.826.0.1.3680043.9.7.1.9"}
 NAMES = ["background", "liver", "kidney_right", "lesion"]
 
@@ -139,7 +141,42 @@ def test_non_dicom_source_is_refused_in_one_line(tmp_path):
         write_dicom_seg(tmp_path / "x.dcm", np.ones((3, 4, 5), np.uint8), vol, ["bg", "liver"])
 
 
+def test_source_without_frame_of_reference_is_refused_in_one_line(tmp_path):
+    from napari_genseg.io import MaskWriteError
+
+    Series().write(tmp_path / "ct")
+    vol = _read(tmp_path / "ct")
+    with pytest.raises(MaskWriteError, match="no FrameOfReferenceUID"):
+        write_dicom_seg(tmp_path / "x.dcm", _markers(vol), vol, NAMES)
+    assert not (tmp_path / "x.dcm").exists()
+
+
 needs_ge = pytest.mark.skipif(not GE.is_dir(), reason="../shared/data/dicom-robustness is absent")
+
+
+@pytest.mark.skipif(not ENHANCED.is_file(), reason="../shared/data/dicom-robustness is absent")
+def test_enhanced_ct_with_negated_rows_markers_round_trip(tmp_path):
+    """The corpus' Enhanced (multi-frame) CT has row direction -1,0,0: one source file, frames by index."""
+    import pydicom
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from napari_genseg.io import load_volume
+
+        vol = load_volume(ENHANCED)
+    assert vol.source_affine[0, 0] > 0  # stored columns run to the patient's right
+    lab = np.zeros(vol.shape, np.uint8)
+    z, y, x = vol.shape
+    lab[0, y // 3, x // 4] = 1
+    lab[z - 1, 2 * y // 3, 3 * x // 4] = 1
+    lab[z - 1, y // 2, x // 2] = 2
+    out = write_dicom_seg(tmp_path / "seg.dcm", lab, vol, ["background", "liver", "spleen"])
+    assert np.array_equal(read_seg_labels(out, vol), lab)
+    src = pydicom.dcmread(ENHANCED, stop_before_pixels=True)
+    ds = pydicom.dcmread(out)
+    refs = {str(fr.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+            for fr in ds.PerFrameFunctionalGroupsSequence}
+    assert refs == {str(src.SOPInstanceUID)}
 
 
 @needs_ge

@@ -217,7 +217,8 @@ def write_dicom_seg(path: str | os.PathLike, labels: np.ndarray, like: Volume, c
 
     Returns the path written. Raises :class:`InputError` (one line) for a non-DICOM source
     ("DICOM SEG needs a DICOM source") and :class:`MaskWriteError` for a bad name/folder, labels
-    of another shape or not integer, an empty mask, or source files that can no longer be read.
+    of another shape or not integer, an empty mask, source files that can no longer be read, or
+    a source without FrameOfReferenceUID.
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -273,6 +274,9 @@ def write_dicom_seg(path: str | os.PathLike, labels: np.ndarray, like: Volume, c
             raise MaskWriteError("DICOM SEG: no source image lies on the volume's slices")
         sources = [headers[i][1] for i in keep]
         frame_slots = [slots[i][0] for i in keep]
+    if not str(sources[0].get("FrameOfReferenceUID", "") or "").strip():
+        raise MaskWriteError("DICOM SEG: the source images have no FrameOfReferenceUID (0020,0052), which a "
+                             "SEG must share with them; save the mask as NIfTI instead")
     sources = [_with_type2(ds) for ds in sources]
     ni, nj, _ = like.source_shape
     pix = np.zeros((len(frame_slots), nj, ni), lut.dtype)
