@@ -277,3 +277,20 @@ def test_review_dock_save_writes_seg_with_edited_class_semiautomatic(make_napari
         "liver": "AUTOMATIC", "spleen": "SEMIAUTOMATIC"}
     names = ["background", "liver", "spleen"]
     assert np.array_equal(read_seg_labels(seg, vol, segments=segment_classes(seg, names)), np.asarray(mask.data))
+
+
+@needs_ge
+def test_cli_cohort_out_format_dicom_seg(tmp_path, ct_case, double_checkpoint, capsys):
+    """--out-format dicom-seg: <case>_seg.dcm per DICOM case; a NIfTI case fails alone, in one line."""
+    import json
+
+    from napari_genseg.cli import main
+
+    rc = main(["segment", str(GE), str(ct_case.path), "--model", "testdouble", "--checkpoint",
+               str(double_checkpoint), "--out", str(tmp_path / "out"), "--out-format", "dicom-seg", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "DICOM SEG needs a DICOM source" in err
+    seg = tmp_path / "out" / f"{GE.name}_seg.dcm"
+    assert read_seg_labels(seg, _read(GE)).any()
+    cases = {c["input"]: c["status"] for c in json.loads((tmp_path / "out" / "genseg_run.json").read_text())["cases"]}
+    assert cases[str(GE)] == "written" and cases[str(ct_case.path)] == "failed"
