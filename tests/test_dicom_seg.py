@@ -294,3 +294,27 @@ def test_cli_cohort_out_format_dicom_seg(tmp_path, ct_case, double_checkpoint, c
     assert read_seg_labels(seg, _read(GE)).any()
     cases = {c["input"]: c["status"] for c in json.loads((tmp_path / "out" / "genseg_run.json").read_text())["cases"]}
     assert cases[str(GE)] == "written" and cases[str(ct_case.path)] == "failed"
+
+
+def test_every_shipped_class_has_its_snomed_code():
+    """Classes of the shipped checkpoints, the phantoms and the Synapse configuration: SCT codes
+    (values checked against pydicom's code dictionary, meaning included), none falls back to Tissue."""
+    import json
+
+    from pydicom.sr.codedict import codes
+
+    from napari_genseg.io.dicom_seg import class_codes
+    from napari_genseg.phantom_regions import TORSO_CLASSES
+
+    expected = {"liver": "10200004", "spleen": "78961009", "kidney_right": "64033007", "kidney_left": "64033007",
+                "bone": "272673000", "liver_lesion": "52988006", "urinary_bladder": "89837001", "lung": "39607008",
+                "heart": "80891009", "bowel": "113276009", "pancreas": "15776009", "stomach": "69695003",
+                "gallbladder": "28231008", "aorta": "15825003"}
+    models = Path(__file__).resolve().parents[1] / "models"
+    shipped = {n for f in models.glob("*.json") for n in json.loads(f.read_text()).get("class_names", [])}
+    for name in (set(TORSO_CLASSES) | shipped | set(expected)) - {"background"}:
+        category, ptype, lat, known = class_codes(name)
+        assert known and ptype.scheme_designator == "SCT" and ptype.value == expected[name], name
+        assert category.value == ("49755003" if name == "liver_lesion" else "91723000"), name
+        assert lat == {"kidney_right": codes.SCT.Right, "kidney_left": codes.SCT.Left}.get(name), name
+    assert class_codes("liver")[1] == codes.SCT.Liver and class_codes("soft")[3] is False

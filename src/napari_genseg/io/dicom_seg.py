@@ -301,6 +301,8 @@ def write_dicom_seg(path: str | os.PathLike, labels: np.ndarray, like: Volume, c
             display_color=_colour(names[c], c))
         if lat is not None:
             d.SegmentedPropertyTypeModifierCodeSequence = [hd.sr.CodedConcept.from_code(lat)]
+        if _norm(names[c]).startswith("liver_") and ptype == codes.SCT.Lesion:  # liver_lesion/_tumor
+            d.AnatomicRegionSequence = [hd.sr.CodedConcept.from_code(codes.SCT.Liver)]
         descriptions.append(d)
     first = sources[0]
     src_no = first.get("SeriesNumber")
