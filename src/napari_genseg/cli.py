@@ -493,7 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", nargs="+")
     p.add_argument("--model", default="msa2net", help="family (uses its shipped demo weights) or config name")
     p.add_argument("--checkpoint", default=None)
-    p.add_argument("--out", required=True, help="mask .nii.gz or DICOM SEG .dcm (one case; .dcm needs a DICOM input) or output folder (cohort)")
+    p.add_argument("--out", required=True,
+                   help="mask .nii.gz or DICOM SEG .dcm (one case; .dcm needs a DICOM input) or output folder (cohort)")
     p.add_argument("--series", default=None, help="DICOM SeriesInstanceUID when a folder holds several")
     p.add_argument("--out-format", choices=("auto", "nifti", "dicom-seg"), default="auto",
                    help="auto: by --out's suffix (.dcm = DICOM SEG), NIfTI for a cohort; dicom-seg: "

@@ -920,7 +920,8 @@ class ReviewDock(Container):
     # ------------------------------------------------------------------ save
     def save(self, path=None) -> tuple[Path, Path] | None:
         """Write the mask (NIfTI on the source geometry) and ``<name>.review.json`` (and for a DICOM
-        source ``<name>.seg.dcm``, a DICOM SEG: :meth:`_save_seg`); clears the autosave. Returns (mask path, log path), None when refused (one notification line)."""
+        source ``<name>.seg.dcm``, a DICOM SEG: :meth:`_save_seg`); clears the autosave. Returns
+        (mask path, log path), None when refused (one notification line)."""
         if not self._valid_target() or self.state is None:
             notify_error("Choose an image and a mask first.")
             return None
