@@ -260,7 +260,10 @@ def write_dicom_seg(path: str | os.PathLike, labels: np.ndarray, like: Volume, c
     lut = np.zeros(max(present) + 1, np.uint8 if len(present) < 256 else np.uint16)
     for c, s in seg_no.items():
         lut[c] = s
-    stored = labels_to_stored(labels.astype(np.int64, copy=False), like, np.int64)  # (i=col, j=row, k)
+    small = np.uint8 if max(present) < 256 else np.uint16 if max(present) < 65536 else None
+    if small is None:
+        raise MaskWriteError(f"label id {max(present)} does not fit uint16")
+    stored = labels_to_stored(labels.astype(small, copy=False), like, small)  # (i=col, j=row, k)
     multi = [i for i, (_, ds) in enumerate(headers) if int(ds.get("NumberOfFrames", 1) or 1) > 1
              or "PerFrameFunctionalGroupsSequence" in ds]
     if multi:
