@@ -252,12 +252,12 @@ def _cases(inputs: list[str]):
 
 
 def cmd_segment(args) -> int:
-    from .io import write_mask
     from .threads import configure_threads
 
     found = _cases(args.input)
     cases = found.cases
-    single = len(cases) == 1 and not Path(args.out).is_dir() and str(args.out).endswith((".nii", ".nii.gz"))
+    single = (len(cases) == 1 and not Path(args.out).is_dir()
+              and str(args.out).lower().endswith((".nii", ".nii.gz", ".dcm")))
     if args.series and len(cases) > 1:
         _fail(f"--series picks a series of one case; the inputs hold {len(cases)} cases")
     out_dir = Path(args.out)
@@ -265,12 +265,19 @@ def cmd_segment(args) -> int:
         _fail("several cases need --out to be a folder")
     rank, world = _dist_rank_world()
     mine = cases if single else cases[rank::world]
-    targets = [out_dir] if single else [out_dir / f"{c.name}_mask.nii.gz" for c in mine]
+    fmt = getattr(args, "out_format", "auto")
+    seg = fmt == "dicom-seg" or (fmt == "auto" and single and str(args.out).lower().endswith(".dcm"))
+    if single and seg != str(args.out).lower().endswith(".dcm"):
+        _fail(f"--out-format {fmt} does not match --out {Path(args.out).name}: a DICOM SEG ends with .dcm")
+    targets = [out_dir] if single else [out_dir / (f"{c.name}_seg.dcm" if seg else f"{c.name}_mask.nii.gz")
+                                        for c in mine]
     # files and folders first: no torch import, no model load for a typo
     _check_inputs_exist([c.path for c in mine])
     _check_outputs(targets, [c.path for c in cases])
     if single:
         vol = _load(cases[0], args.series)
+        if seg and vol.meta.get("format") != "dicom":
+            _fail("DICOM SEG needs a DICOM source: use --out NAME.nii.gz for this input")
         _slices(args.slices, vol)
         _check_device(args.device)
         ckpt = _resolve(args.model, args.checkpoint)
@@ -278,7 +285,7 @@ def cmd_segment(args) -> int:
         args.threads = configure_threads(args.threads)
         vol, report = _checked(vol, ckpt, args)
         res = segment_volume(vol, ckpt, args, cases[0].name)
-        write_mask(args.out, res.labels, like=vol, record=_record(vol, ckpt, args, res, report))
+        _write_result(args.out, res, vol, ckpt, _record(vol, ckpt, args, res, report), seg)
         print(f"wrote {args.out} ({len(res.z)} slices, {res.slices_per_second:.2f} slices/s, "
               f"classes {', '.join(ckpt.class_names)})", file=sys.stderr)
         return 0
@@ -301,7 +308,7 @@ def cmd_segment(args) -> int:
             vol, report = _checked(vol, ckpt, args)
             res = segment_volume(vol, ckpt, args, case.name)
             rec = _record(vol, ckpt, args, res, report)
-            write_mask(target, res.labels, like=vol, record=rec)
+            _write_result(target, res, vol, ckpt, rec, seg)
             entry.update(status="written", warnings=rec["warnings"])
             print(f"wrote {target}", file=sys.stderr)
         except InputError as exc:  # one bad case does not stop a cohort; a bug does
@@ -315,6 +322,21 @@ def cmd_segment(args) -> int:
         print(f"{failed} of {len(mine)} cases failed", file=sys.stderr)
         return 1
     return 0
+
+
+def _write_result(target, res, vol, ckpt, rec: dict, seg: bool) -> None:
+    """The model's labels as NIfTI on the source geometry, or (``seg``) as a DICOM SEG of the
+    source series (``io.dicom_seg``; InputError for a non-DICOM source); sidecar beside either."""
+    from .io import write_mask
+
+    if not seg:
+        write_mask(target, res.labels, like=vol, record=rec)
+        return
+    from .io.dicom_seg import write_dicom_seg
+
+    write_dicom_seg(target, res.labels, vol, ckpt.class_names, record=rec,
+                    algorithm={"name": f"{ckpt.family} {ckpt.config_name}",
+                               "checkpoint_sha256": rec["model"].get("checkpoint_sha256")})
 
 
 def _cohort_record(out_dir, ckpt, args, rank, world) -> dict:
@@ -471,8 +493,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", nargs="+")
     p.add_argument("--model", default="msa2net", help="family (uses its shipped demo weights) or config name")
     p.add_argument("--checkpoint", default=None)
-    p.add_argument("--out", required=True, help="mask .nii.gz (one case) or output folder (cohort)")
+    p.add_argument("--out", required=True,
+                   help="mask .nii.gz or DICOM SEG .dcm (one case; .dcm needs a DICOM input) or output folder (cohort)")
     p.add_argument("--series", default=None, help="DICOM SeriesInstanceUID when a folder holds several")
+    p.add_argument("--out-format", choices=("auto", "nifti", "dicom-seg"), default="auto",
+                   help="auto: by --out's suffix (.dcm = DICOM SEG), NIfTI for a cohort; dicom-seg: "
+                        "<case>_seg.dcm per case (DICOM inputs only)")
     p.add_argument("--overwrite", action="store_true", help="cohorts: redo cases whose mask exists")
     run_opts(p)
     p.set_defaults(func=cmd_segment)

@@ -27,6 +27,7 @@ __all__ = [
     "read_nifti",
     "volume_from_array",
     "write_mask",
+    "labels_to_stored",
     "is_nifti_path",
 ]
 
@@ -274,6 +275,28 @@ def _label_dtype(max_label: int):
     raise MaskWriteError(f"label id {max_label} does not fit uint16")
 
 
+def labels_to_stored(labels: np.ndarray, like: Volume, dtype=None) -> np.ndarray:
+    """Display-grid labels ``(z, y, x)`` of ``like`` -> its source's stored ``(i, j, k)`` voxels.
+
+    Reorients back (no resampling) for an orthogonal source; pulls a resampled (sheared, gantry
+    tilt) display grid back onto the source voxels by nearest neighbour
+    (:func:`napari_genseg.io.shear.labels_to_source`). Used by every mask writer (NIfTI, DICOM SEG).
+    """
+    import nibabel.orientations as no
+
+    labels = np.asarray(labels)
+    dtype = labels.dtype if dtype is None else dtype
+    if like.resampled:
+        grid = DisplayGrid(like.shape, like.spacing, like.origin)
+        stored = labels_to_source(labels, grid, like.source_affine, like.source_shape, dtype)
+    else:
+        xyz = np.transpose(labels, (2, 1, 0))
+        back = no.ornt_transform(no.axcodes2ornt(DISPLAY_AXCODES), no.io_orientation(like.source_affine))
+        stored = no.apply_orientation(xyz, back).astype(dtype)
+    assert like.source_shape is None or stored.shape == tuple(like.source_shape)
+    return stored
+
+
 def write_mask(
     path: str | os.PathLike,
     labels: np.ndarray,
@@ -292,7 +315,6 @@ def write_mask(
     with the package version, the input's geometry and ``record`` (model, inference settings,
     input checks, warnings, post-processing: see ``run_record.py``)."""
     import nibabel as nib
-    import nibabel.orientations as no
 
     from .sidecar import write_output_sidecar
 
@@ -317,14 +339,7 @@ def write_mask(
     if like is not None:
         if labels.shape != like.shape:
             raise MaskWriteError(f"labels shape {labels.shape} differs from the image {like.shape}")
-        if like.resampled:
-            grid = DisplayGrid(like.shape, like.spacing, like.origin)
-            stored = labels_to_source(labels, grid, like.source_affine, like.source_shape, dtype)
-        else:
-            xyz = np.transpose(labels, (2, 1, 0))
-            back = no.ornt_transform(no.axcodes2ornt(DISPLAY_AXCODES), no.io_orientation(like.source_affine))
-            stored = no.apply_orientation(xyz, back).astype(dtype)
-        assert like.source_shape is None or stored.shape == tuple(like.source_shape)
+        stored = labels_to_stored(labels, like, dtype)
         affine = like.source_affine
         if like.source_header is not None and isinstance(like.source_header, nib.Nifti1Header):
             hdr = like.source_header.copy()

@@ -10,7 +10,7 @@ import numpy as np
 from ..io import discover, looks_like_case, write_mask
 from .layers import image_layer_data, volume_from_layer
 
-__all__ = ["get_reader", "write_labels", "phantom_sample", "real_ct_sample"]
+__all__ = ["get_reader", "write_labels", "write_dicom_seg_labels", "phantom_sample", "real_ct_sample"]
 
 
 def get_reader(path):
@@ -49,6 +49,47 @@ def write_labels(path: str, data, meta: dict) -> list[str]:
     run["written_by"] = ("napari writer: the model's result as it is in the layer now (edits made in napari "
                          "included)" if run else "napari writer: no model run is recorded for this layer")
     out = write_mask(path, vol.data, like=like, spacing=vol.spacing, origin=vol.origin, record=run)
+    return [os.fspath(out)]
+
+
+def _layer_class_names(meta: dict, data) -> list[str]:
+    """Label id -> name: the layer's ``class`` feature, else the recorded run's classes, else "label N"."""
+    from ..run_record import RUN_KEY
+
+    names: list[str] = []
+    feats = meta.get("features")
+    try:
+        if feats is not None and "class" in feats:
+            names = [str(v) for v in list(feats["class"])]
+    except TypeError:
+        names = []
+    if not names:
+        run = (meta.get("metadata") or {}).get(RUN_KEY) or {}
+        names = [str(v) for v in ((run.get("model") or {}).get("class_names") or [])]
+    names = names or ["background"]
+    return names + [f"label {i}" for i in range(len(names), int(np.max(data, initial=0)) + 1)]
+
+
+def write_dicom_seg_labels(path: str, data, meta: dict) -> list[str]:
+    """npe2 single-layer writer "DICOM SEG": a Labels layer on an image read from a DICOM series ->
+    a DICOM Segmentation of that series (``io.dicom_seg.write_dicom_seg``: one segment per class,
+    frames on the source slices), plus its JSON sidecar. Classes come from the layer's ``class``
+    feature (or the recorded run); all are AUTOMATIC here (the Review dock's Save knows edits).
+    Raises InputError ("DICOM SEG needs a DICOM source") for a layer without DICOM geometry."""
+    from ..errors import InputError
+    from ..io.dicom_seg import write_dicom_seg
+    from ..run_record import RUN_KEY
+
+    data = np.asarray(data)
+    vol = volume_from_layer(data, meta.get("metadata"), meta.get("scale"), meta.get("translate"))
+    if vol.source_affine is None or vol.meta.get("format") != "dicom":
+        raise InputError("DICOM SEG needs a DICOM source")
+    run = dict((meta.get("metadata") or {}).get(RUN_KEY) or {})
+    model = run.get("model") or {}
+    alg = {"name": " ".join(str(model[k]) for k in ("family", "config_name") if model.get(k)) or None,
+           "checkpoint_sha256": model.get("checkpoint_sha256")}
+    run["written_by"] = "napari writer (DICOM SEG): the layer as it is now"
+    out = write_dicom_seg(path, vol.data, vol, _layer_class_names(meta, data), algorithm=alg, record=run)
     return [os.fspath(out)]
 
 

@@ -86,6 +86,19 @@ def painted_indices(atom, shape) -> tuple[np.ndarray, ...] | None:
         return None
 
 
+def painted_classes(atom) -> set[int]:
+    """Label ids one napari Labels history atom removed or painted (its old and new values, 0 dropped)."""
+    if hasattr(atom, "old_values"):
+        old, new = atom.old_values, atom.new_value
+    else:
+        try:
+            _, old, new = atom
+        except (TypeError, ValueError):
+            return set()
+    vals = set(np.unique(np.asarray(old)).tolist()) | set(np.unique(np.asarray(new)).tolist())
+    return {int(v) for v in vals} - {0}
+
+
 def _table(rows: list, columns: list) -> dict:
     """A magicgui Table value in its "split" form (rows, row index, column names)."""
     return {"data": rows, "index": list(range(len(rows))), "columns": list(columns)}
@@ -120,6 +133,8 @@ class ReviewDock(Container):
         self.state: ReviewState | None = None
         self.votes: VoteVolume | None = None
         self.protect: np.ndarray | None = None
+        self.edited_classes: set[int] = set()  # label ids painted or erased in this review
+        self.last_seg: Path | None = None  # the DICOM SEG the last Save wrote
         self.items = []
         self.flags: dict[int, str] = {}
         self.metric_rows: list[dict] = []
@@ -384,6 +399,7 @@ class ReviewDock(Container):
         if self.protect is None or getattr(self, "_state_for", (None,))[0] != id(mask) \
                 or self.protect.shape != mask.data.shape:
             self.protect = np.zeros(mask.data.shape, bool)
+            self.edited_classes = set()  # classes painted or erased: SEMIAUTOMATIC in a DICOM SEG
         self._state_for = target
         self.key = image_key(np.asarray(image.data), self._spacing())
         self.autosaver = Autosaver(self._autosave_folder(), self.key, int(self._every_edits.value),
@@ -522,6 +538,7 @@ class ReviewDock(Container):
                 continue
             self.protect[idx] = True
             touched |= {int(v) for v in np.unique(idx[self.axis])}
+            self.edited_classes |= painted_classes(atom)
         if touched:
             self.state.mark_edited(sorted(touched))
             self._note_work()
@@ -586,6 +603,7 @@ class ReviewDock(Container):
             self._axis.value = self.state.axis
         prot = meta.get("protect")
         self.protect = prot if prot is not None and prot.shape == data.shape else np.zeros(data.shape, bool)
+        self.edited_classes = {int(v) for v in np.unique(data[self.protect])} - {0}  # erased ones unknown
         self._restore.visible = False
         self._restore_info.value = f"restored the {info.describe()}"
         self._status.value = self._restore_info.value
@@ -910,8 +928,9 @@ class ReviewDock(Container):
 
     # ------------------------------------------------------------------ save
     def save(self, path=None) -> tuple[Path, Path] | None:
-        """Write the mask (NIfTI on the source geometry) and ``<name>.review.json``; clears the
-        autosave. Returns (mask path, log path), None when refused (one notification line)."""
+        """Write the mask (NIfTI on the source geometry) and ``<name>.review.json`` (and for a DICOM
+        source ``<name>.seg.dcm``, a DICOM SEG: :meth:`_save_seg`); clears the autosave. Returns
+        (mask path, log path), None when refused (one notification line)."""
         if not self._valid_target() or self.state is None:
             notify_error("Choose an image and a mask first.")
             return None
@@ -937,7 +956,33 @@ class ReviewDock(Container):
             self.autosaver.clear()
         self.dirty = False
         self._status.value = f"saved {out[0].name} and {out[1].name} ({time.strftime('%H:%M:%S')})"
+        if vol.meta.get("format") == "dicom":
+            self._save_seg(out[0], np.asarray(mask.data), vol, run)
         return out
+
+    def _save_seg(self, mask_path: Path, data, vol, run: dict) -> Path | None:
+        """Beside the NIfTI ``x.nii.gz``: ``x.seg.dcm``, a DICOM SEG of the source series (classes the
+        reader painted or erased are SEMIAUTOMATIC, the others AUTOMATIC); None when refused."""
+        from ..io.dicom_seg import write_dicom_seg
+
+        self.last_seg = None
+        name = mask_path.name
+        stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else mask_path.stem
+        names = self.class_names() or ["background"]
+        names += [f"label {i}" for i in range(len(names), int(np.max(data, initial=0)) + 1)]
+        model = run.get("model") or {}
+        alg = {"name": " ".join(str(model[k]) for k in ("family", "config_name") if model.get(k)) or None,
+               "checkpoint_sha256": model.get("checkpoint_sha256")}
+        try:
+            seg = write_dicom_seg(mask_path.with_name(stem + ".seg.dcm"), data, vol, names, algorithm=alg,
+                                  edited_classes=set(self.edited_classes),
+                                  record={**run, "written_by": "Review dock: the reviewed mask as DICOM SEG"})
+        except InputError as exc:
+            notify_error(f"DICOM SEG not written: {exc}")
+            return None
+        self.last_seg = seg
+        self._status.value += f"; {seg.name}"
+        return seg
 
     # ------------------------------------------------------------------ back to training
     def add_to_training_set(self, folder=None) -> dict | None:
