@@ -209,8 +209,9 @@ def test_decoding_runs_off_the_gui_thread(make_napari_viewer_proxy, qtbot, arseg
     w._show.value = "scales"
     for z in (1, 3, 4):
         viewer.dims.set_current_step(0, z)
-        qtbot.waitUntil(lambda z=z: w.results.scale_votes(z, 8) is not None, timeout=20000)
-        assert f"slice {z}," in w.text_overlay().text
+        # the votes arrive from the worker first, the overlay follows on the GUI thread's next turn
+        qtbot.waitUntil(lambda z=z: w.results.scale_votes(z, 8) is not None
+                        and f"slice {z}," in w.text_overlay().text, timeout=20000)
         np.testing.assert_array_equal(w._layer("scales").data[z] > 0, w.results.votes[z] / 4 > 0.5)
     assert calls and all(t is not threading.main_thread() for t, _ in calls)
     assert calls[0][1] == 8  # the scale shown first, then the others for the animation
