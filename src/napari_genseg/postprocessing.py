@@ -54,6 +54,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from .errors import InputError
+from .run_record import slice_ranges
 
 __all__ = [
     "CONNECTIVITY",
@@ -402,7 +403,7 @@ def postprocess(
     report = PostprocessReport(
         enabled=True, spacing_mm=list(spacing), voxel_ml=voxel_ml,
         declared={str(class_names[c]): r.to_dict() for c, r in rules.items()}, midline=mid,
-        editable_slices=_ranges(np.nonzero(editable)[0]) if editable is not None else None,
+        editable_slices=slice_ranges(np.nonzero(editable)[0]) if editable is not None else None,
     )
     n_ids = max(len(class_names), int(labels.max(initial=0)) + 1)
     reps: dict[int, ClassReport] = {}
@@ -518,18 +519,3 @@ def slice_flags(labels: np.ndarray, report: PostprocessReport | dict) -> dict[in
             present = np.nonzero((labels == ids[f["class_name"]]).any(axis=(1, 2)))[0]
             add(present, f"{f['class_name']}: on the wrong side")
     return {z: sorted(v) for z, v in sorted(out.items())}
-
-
-def _ranges(zs) -> str:
-    zs = sorted(int(z) for z in zs)
-    if not zs:
-        return ""
-    parts, a, b = [], zs[0], zs[0]
-    for z in zs[1:]:
-        if z == b + 1:
-            b = z
-            continue
-        parts.append(f"{a}-{b}" if b > a else f"{a}")
-        a = b = z
-    parts.append(f"{a}-{b}" if b > a else f"{a}")
-    return ",".join(parts)

@@ -14,7 +14,7 @@ import os
 import platform
 from pathlib import Path
 
-__all__ = ["RUN_KEY", "file_sha256", "model_record", "inference_record"]
+__all__ = ["RUN_KEY", "file_sha256", "model_record", "inference_record", "slice_ranges"]
 
 #: key of the run record in a result layer's metadata (napari)
 RUN_KEY = "genseg_run"
@@ -99,12 +99,14 @@ def inference_record(ckpt, device="auto", precision="auto", grid_mode=None, batc
         "grid": {"mode": grid.mode, "size": grid.size,
                  "spacing_mm": list(grid.target_spacing) if grid.target_spacing else None},
         "batch_size": batch_size,
-        "slices": _ranges(slices) if slices is not None else "all",
+        "slices": slice_ranges(slices) if slices is not None else "all",
         "elapsed_s": round(float(elapsed_s), 3) if elapsed_s is not None else None,
     }
 
 
-def _ranges(zs) -> str:
+def slice_ranges(zs) -> str:
+    """Slice indices as compact ranges: ``[0, 1, 2, 5, 6, 9]`` -> ``"0-2,5-6,9"`` ("" when empty).
+    The one format of slice lists in run records, sidecars, splits and clean-up reports."""
     zs = sorted(int(z) for z in zs)
     if not zs:
         return ""

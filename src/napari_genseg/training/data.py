@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from ..preprocessing import Normalization, SliceGrid, as_float_hu
+from ..run_record import slice_ranges
 from ..volume import Volume
 from .config import DEFAULT_CLASSES
 
@@ -363,25 +364,9 @@ class Split:
 
     def to_dict(self, cases: list[Case]) -> dict:
         def d(items):
-            return [{"case": cases[i].name, "source": cases[i].source, "slices": _ranges(zs)} for i, zs in items]
+            return [{"case": cases[i].name, "source": cases[i].source, "slices": slice_ranges(zs)} for i, zs in items]
 
         return {"train": d(self.train), "val": d(self.val), **self.description}
-
-
-def _ranges(zs: list[int]) -> str:
-    """[0,1,2,5,6] -> "0-2,5-6"."""
-    zs = sorted(zs)
-    if not zs:
-        return ""
-    out, a, b = [], zs[0], zs[0]
-    for z in zs[1:]:
-        if z == b + 1:
-            b = z
-        else:
-            out.append(f"{a}-{b}" if b > a else f"{a}")
-            a = b = z
-    out.append(f"{a}-{b}" if b > a else f"{a}")
-    return ",".join(out)
 
 
 def slice_block_holdout(n: int, block="auto", gap: int = 2, size: int = 8) -> tuple[list[int], list[int]]:
@@ -439,7 +424,7 @@ def make_split(sources: list[list[Case]], val_fraction: float = 0.2, seed: int =
                 tz, vz = slice_block_holdout(c.n_slices, holdout, holdout_gap, holdout_size)
                 train.append((idx0, tz))
                 val.append((idx0, vz))
-                desc["strategy"].append({"source": c.source, "kind": "slice-block", "val": _ranges(vz),
+                desc["strategy"].append({"source": c.source, "kind": "slice-block", "val": slice_ranges(vz),
                                          "gap": holdout_gap})
             continue
         order = sorted(range(n), key=lambda i: src[i].name)
@@ -465,7 +450,7 @@ def make_split(sources: list[list[Case]], val_fraction: float = 0.2, seed: int =
     train, val = drop(train), drop(val)
     for c in cases:
         if c.meta.get("exclude"):
-            desc["strategy"].append({"source": c.source, "kind": "excluded", "slices": _ranges(c.meta["exclude"])})
+            desc["strategy"].append({"source": c.source, "kind": "excluded", "slices": slice_ranges(c.meta["exclude"])})
     return cases, Split(train, val, desc)
 
 

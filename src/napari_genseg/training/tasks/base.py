@@ -178,6 +178,23 @@ class SliceTask(Task):
     """A task whose model sees single slices on a ``SliceGrid`` after a ``Normalization`` (the
     engine's inference path): the checkpoint's ``input`` records both."""
 
+    def slice_dataset(self, cases, split) -> "D.SliceDataset":
+        """The training slices of ``split`` on the task's grid, augmented (``cfg.augment``) and
+        oversampled per data spec or case kind (``cfg.repeat``). Raises DataSpecError when empty."""
+        from .. import data as D
+
+        cfg = self.cfg
+        repeats = {}
+        for ci, c in enumerate(cases):
+            r = cfg.repeat.get(c.source, cfg.repeat.get(c.kind))
+            if r:
+                repeats[ci] = int(r)
+        ds = D.SliceDataset(cases, split.train, self.grid, self.norm, D.Augment.from_options(cfg.augment), repeats,
+                            seed=cfg.seed)
+        if len(ds) == 0:
+            raise D.DataSpecError("no training slices")
+        return ds
+
     def set_input(self, img_size: int) -> None:
         """``norm`` from ``cfg.normalization``; ``grid`` of ``img_size`` in ``cfg.grid`` mode."""
         self.norm = Normalization.from_dict(self.cfg.normalization)

@@ -233,15 +233,7 @@ class MarSegTask(SliceTask):
     def data(self) -> TaskData:
         cfg = self.cfg
         cases, split = self.split_sources(cfg.holdout_slices, unlabelled_ok=self.stage < 2)
-        repeats = {}
-        for ci, c in enumerate(cases):
-            r = cfg.repeat.get(c.source, cfg.repeat.get(c.kind))
-            if r:
-                repeats[ci] = int(r)
-        ds = D.SliceDataset(cases, split.train, self.grid, self.norm, D.Augment.from_options(cfg.augment), repeats,
-                            seed=cfg.seed)
-        if len(ds) == 0:
-            raise D.DataSpecError("no training slices")
+        ds = self.slice_dataset(cases, split)
         self.cases, self.split = cases, split
         self.val = None
         if self.stage < 2 and split.val:

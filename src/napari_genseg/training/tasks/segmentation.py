@@ -101,15 +101,7 @@ class SegmentationTask(SliceTask):
     def data(self) -> TaskData:
         cfg = self.cfg
         cases, split = self.split_sources(cfg.holdout_slices)
-        repeats = {}
-        for ci, c in enumerate(cases):
-            r = cfg.repeat.get(c.source, cfg.repeat.get(c.kind))
-            if r:
-                repeats[ci] = int(r)
-        ds = D.SliceDataset(cases, split.train, self.grid, self.norm, D.Augment.from_options(cfg.augment), repeats,
-                            seed=cfg.seed)
-        if len(ds) == 0:
-            raise D.DataSpecError("no training slices")
+        ds = self.slice_dataset(cases, split)
         self.cases, self.split = cases, split
         n_train = sum(len(z) for _, z in split.train)
         n_val = sum(len(z) for _, z in split.val)
