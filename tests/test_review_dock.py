@@ -296,24 +296,75 @@ def test_model_agreement_layer_feeds_the_queue(make_napari_viewer_proxy, double_
     assert [lay.name for lay in w.model_layers()] == ["ct [arseg]"]
 
 
-def test_closing_the_window_autosaves_unsaved_work(make_napari_viewer_proxy, double_checkpoint):
-    from qtpy.QtCore import QEvent
+@pytest.mark.parametrize("answer", ["cancel", "discard", "save"])
+def test_closing_napari_with_unsaved_work_asks(make_napari_viewer_proxy, double_checkpoint, tmp_path, monkeypatch,
+                                               answer):
+    """Closing the (shown) napari window with unsaved work asks Save / Discard / Cancel (the
+    dialog's answer patched): Cancel keeps the window open, Discard closes and leaves the
+    autosave on disk, Save writes the mask + log as the Save button does and closes."""
+    from qtpy.QtGui import QCloseEvent
+    from qtpy.QtWidgets import QMessageBox
 
     from napari_genseg.review.autosave import find_autosave
 
-    viewer = make_napari_viewer_proxy()
+    asked = []
+    buttons = {"cancel": QMessageBox.StandardButton.Cancel, "discard": QMessageBox.StandardButton.Discard,
+               "save": QMessageBox.StandardButton.Save}
+    monkeypatch.setattr(QMessageBox, "question", staticmethod(lambda *a, **k: asked.append(a[1]) or buttons[answer]))
+    viewer = make_napari_viewer_proxy(show=True)
     img = _image(viewer)
     mask = _mask(viewer, img)
     w = _dock(viewer, double_checkpoint, img, mask)
     w._every_edits.value = 100  # not due by count or time
+    w._output.value = str(tmp_path / "closing.nii.gz")
+    viewer.window.add_dock_widget(w, name="Review")
+    qt_window = w.native.window()
+    assert qt_window.isVisible() and w._close_guard.watching == id(qt_window)
+
+    def close_event():  # the close event napari's window gets (close button, Ctrl+Q), through the guard
+        ev = QCloseEvent()
+        return not w._close_guard.eventFilter(qt_window, ev) and ev.isAccepted()
+
+    assert close_event() and asked == []  # nothing unsaved: no question
+    _paint(mask, 2, 5, 5, 1)
+    assert w.dirty and find_autosave(w._autosave_folder(), w.key) is None
+    if answer == "cancel":
+        closed = qt_window.close()  # a real close: refused
+    else:
+        closed = close_event()  # (a real close would delete the viewer under the fixture)
+    assert asked == ["Unsaved review work"]
+    info = find_autosave(w._autosave_folder(), w.key)
+    if answer == "cancel":
+        assert not closed and qt_window.isVisible() and w.dirty and info is None
+        assert not (tmp_path / "closing.nii.gz").exists()
+        w.dirty = False  # let the fixture close it
+    elif answer == "discard":
+        assert closed and info is not None and info.edits == 1
+        assert not (tmp_path / "closing.nii.gz").exists()
+    else:
+        assert closed and info is None and not w.dirty
+        assert (tmp_path / "closing.nii.gz").exists() and (tmp_path / "closing.review.json").exists()
+
+
+def test_a_hidden_window_closing_autosaves_without_asking(make_napari_viewer_proxy, double_checkpoint, monkeypatch):
+    from qtpy.QtCore import QEvent
+    from qtpy.QtWidgets import QMessageBox
+
+    from napari_genseg.review.autosave import find_autosave
+
+    monkeypatch.setattr(QMessageBox, "question", staticmethod(lambda *a, **k: pytest.fail("asked")))
+    viewer = make_napari_viewer_proxy()
+    img = _image(viewer)
+    mask = _mask(viewer, img)
+    w = _dock(viewer, double_checkpoint, img, mask)
+    w._every_edits.value = 100
     w.go_to(2)
     w.flag()
     assert w.dirty and find_autosave(w._autosave_folder(), w.key) is None
     viewer.window.add_dock_widget(w, name="Review")
-    assert w._close_guard.watching == id(w.native.window())  # docked: it watches napari's window
-    w._close_guard.eventFilter(w.native.window(), QEvent(QEvent.Type.Close))  # that window's close event
-    info = find_autosave(w._autosave_folder(), w.key)
-    assert info is not None
+    assert w._close_guard.watching == id(w.native.window())
+    w._close_guard.eventFilter(w.native.window(), QEvent(QEvent.Type.Close))
+    assert find_autosave(w._autosave_folder(), w.key) is not None
 
 
 def test_reference_from_a_label_file_with_a_label_map(make_napari_viewer_proxy, double_checkpoint, tmp_path):

@@ -25,7 +25,8 @@ reference Labels layer. Then:
   identifiers stripped unless unticked).
 * **Autosave** (``review.autosave``): mask, review state and protection mask every N edits or
   S seconds into the autosave folder; offered back when the same image (content hash) is reviewed
-  again.
+  again. Closing napari's window with unsaved review work asks: Save / Discard (the autosave
+  stays on disk) / Cancel.
 """
 
 from __future__ import annotations
@@ -275,7 +276,8 @@ class ReviewDock(Container):
         self._on_target()
 
     def _install_close_guard(self):
-        """Unsaved review work is autosaved when napari's window closes (quitting closes it)."""
+        """Closing napari's window (quitting closes it) with unsaved review work asks first
+        (:meth:`confirm_close`); a window that is not shown is autosaved without asking."""
         from qtpy.QtCore import QEvent, QObject
 
         dock = self
@@ -288,7 +290,11 @@ class ReviewDock(Container):
             def eventFilter(self, obj, event):  # noqa: N802 (Qt name)
                 kind = event.type()
                 if kind == QEvent.Type.Close:
-                    dock.flush_unsaved()
+                    if not obj.isVisible():  # nobody to ask (a hidden or never shown window)
+                        dock.flush_unsaved()
+                    elif not dock.confirm_close():
+                        event.ignore()  # Cancel (or a failed Save): the window stays open
+                        return True
                 elif kind in (QEvent.Type.Show, QEvent.Type.ParentChange):  # docked: watch napari's window
                     top = dock.native.window()
                     if top is not dock.native and id(top) != self.watching:
@@ -311,6 +317,39 @@ class ReviewDock(Container):
         if self._bound is not None:
             self._bound.events.paint.disconnect(self._on_paint)
             self._bound = None
+
+    def ask_unsaved(self) -> str:
+        """Ask the reader what to do with unsaved review work: "save", "discard" or "cancel"
+        (a Save / Discard / Cancel ``QMessageBox``; Escape = Cancel)."""
+        from qtpy.QtWidgets import QMessageBox
+
+        B = QMessageBox.StandardButton
+        mask = self._bound.name if self._bound is not None else "the mask"
+        n = sum(self.state.edits) if self.state is not None else 0
+        answer = QMessageBox.question(
+            self.native.window(), "Unsaved review work",
+            f"The review of {mask} has unsaved work ({n} edits, statuses).\n\n"
+            "Save: write the mask and review log (as the Save button does).\n"
+            "Discard: close without saving; the autosave stays on disk and is offered "
+            "when this image is opened again.\nCancel: keep napari open.",
+            B.Save | B.Discard | B.Cancel, B.Save)
+        return {B.Save: "save", B.Discard: "discard"}.get(answer, "cancel")
+
+    def confirm_close(self) -> bool:
+        """Called when napari's window closes: True lets it close. Without unsaved work: True.
+        Otherwise asks (:meth:`ask_unsaved`): Save saves as the Save button does (False when the
+        save was refused: the window stays open); Discard writes the autosave (the work stays on
+        disk) and closes; Cancel keeps the window open."""
+        if not (self.dirty and self.autosaver is not None and self._bound is not None):
+            return True
+        answer = self.ask_unsaved()
+        if answer == "save":
+            return self.save() is not None
+        if answer == "discard":
+            self._autosave(force=True)
+            return True
+        self._status.value = "close cancelled: the review is still open"
+        return False
 
     def flush_unsaved(self) -> Path | None:
         """Autosave now when there is review work since the last Save (called on close/quit)."""
