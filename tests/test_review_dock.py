@@ -183,15 +183,21 @@ def test_metrics_against_a_reference_and_without_one_and_csv(make_napari_viewer_
     kind, rows = w.compute_metrics()
     assert kind == "stats" and rows[0]["class"] == "soft"
     assert rows[0]["volume_ml"] == pytest.approx(400 * 3.0 / 1000)
+    w.go_to(2)
+    w.update_metrics()
+    qtbot.waitUntil(lambda: w.metrics_worker is None and bool(w.metric_rows), timeout=10000)
+    assert list(w._metrics.value["columns"])[4:] == ["slice 2 ml", "slice 2 HU"]
+    assert list(w._metrics.value["data"][0])[4:] == [0.3, "144.0 ± 329.9"]  # 100 px of 3 mm³, 16 of them 900 HU
     ref = viewer.add_labels(mask.data.copy(), name="reference", scale=img.scale)
     ref.data[2:6, 10:20, 15:20] = 0
     w._reference.value = ref
     w.update_metrics()  # in a worker (the reference change also schedules one, debounced)
     qtbot.waitUntil(lambda: w.metric_kind == "reference" and w.metrics_worker is None, timeout=10000)
     assert w.metric_kind == "reference" and w.metric_rows[0]["dice"] == pytest.approx(2 * 200 / 600)
-    assert list(w._metrics.value["columns"]) == ["class", "dice", "iou", "hd95_mm"]
+    assert list(w._metrics.value["columns"])[:4] == ["class", "dice", "iou", "hd95_mm"]
     out = w.export_csv(tmp_path / "m.csv")
-    assert out.read_text().splitlines()[1].startswith("soft,0.666667,0.5,")
+    assert out.read_text().splitlines()[0] == "class,scope,axis,slice,dice,iou,hd95_mm"
+    assert out.read_text().splitlines()[1].startswith("soft,volume,,,0.666667,0.5,")
     # the reference also ranks the queue
     w.refresh()
     assert all("reference" in it.signals for it in w.items[:4])
@@ -294,6 +300,49 @@ def test_model_agreement_layer_feeds_the_queue(make_napari_viewer_proxy, double_
     assert md.data[4, 12, 12] == 100.0 and md.data[4, 12, 17] == 0 and md.data[3].max() == 0
     assert w.items[0].index == 4 and "models" in w.items[0].signals
     assert [lay.name for lay in w.model_layers()] == ["ct [arseg]"]
+
+
+def test_metrics_per_class_per_slice_and_volume_follow_the_slice_and_edits(make_napari_viewer_proxy, qtbot,
+                                                                          double_checkpoint, tmp_path):
+    """The table shows each class's volume values and, next to them, the slice shown (2-D Dice /
+    IoU / HD95 mm); moving through slices redraws without recomputing; an edit recomputes in a
+    worker after the debounce; the CSV holds the volume and every slice."""
+    viewer = make_napari_viewer_proxy()
+    img = _image(viewer)
+    mask = _mask(viewer, img)
+    mask.data[2:6, 10:20, 10:20] = 1
+    mask.data[2:6, 14:16, 14:16] = 2
+    ref = viewer.add_labels(mask.data.copy(), name="reference", scale=img.scale)
+    ref.data[3, 10:20, 15:20] = 0  # slice 3: the reference lost half of the soft square
+    ref.data[3, 14:16, 14:16] = 2
+    w = _dock(viewer, double_checkpoint, img, mask, reference=ref)
+    w.go_to(3)
+    assert w.update_metrics() is not None
+    qtbot.waitUntil(lambda: w.metrics_worker is None and w.metric_kind == "reference", timeout=10000)
+    cols = list(w._metrics.value["columns"])
+    assert cols == ["class", "dice", "iou", "hd95_mm", "slice 3 dice", "slice 3 iou", "slice 3 hd95_mm"]
+    rows = {r[0]: r for r in w._metrics.value["data"]}
+    # soft on slice 3: mask 100 - 4 = 96 px, reference 50 - 2 = 48 px (the columns 15..19 lost), all shared
+    assert rows["soft"][4] == round(2 * 48 / 144, 3) and rows["soft"][5] == 0.5
+    assert rows["soft"][6] == 5.0  # 2-D HD95 in mm (1 mm pixels): the lost columns reach 5 px off
+    assert rows["dense"][4] == 1.0 and rows["dense"][6] == 0.0
+    # the volume value next to it: mask 4 · 96 px, reference 3 · 96 + 48, all shared
+    assert rows["soft"][1] == round(2 * (96 * 3 + 48) / (96 * 4 + 96 * 3 + 48), 3)
+    w.go_to(2)  # another slice: redrawn from the rows computed for every slice, no worker
+    assert w.metrics_worker is None
+    rows = {r[0]: r for r in w._metrics.value["data"]}
+    assert w._metrics.value["columns"][4] == "slice 2 dice" and rows["soft"][4] == 1.0
+    # an edit on slice 2: recomputed off the GUI thread after the debounce
+    _paint(mask, np.full(10, 2), np.arange(10, 20), np.full(10, 10), 0)
+    qtbot.waitUntil(lambda: {r[0]: r for r in w._metrics.value["data"]}["soft"][4] != 1.0, timeout=10000)
+    assert {r[0]: r for r in w._metrics.value["data"]}["soft"][4] == round(2 * 86 / (86 + 96), 3)
+    # CSV: volume rows, then every slice that holds a class
+    lines = w.export_csv(tmp_path / "m.csv").read_text().splitlines()
+    assert lines[0] == "class,scope,axis,slice,dice,iou,hd95_mm"
+    assert [ln.split(",")[:4] for ln in lines[1:3]] == [["soft", "volume", "", ""], ["dense", "volume", "", ""]]
+    per_slice = [ln.split(",")[:4] for ln in lines[3:]]
+    assert per_slice == [[c, "slice", "0", str(z)] for z in range(2, 6) for c in ("soft", "dense")]
+    assert lines[3].split(",")[4] == f"{2 * 86 / 182:.6g}" and lines[5].split(",")[4] == "0.666667"  # slices 2, 3: soft
 
 
 @pytest.mark.parametrize("answer", ["cancel", "discard", "save"])

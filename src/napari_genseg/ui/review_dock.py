@@ -17,8 +17,11 @@ reference Labels layer. Then:
   edited. The progress line counts reviewed slices per class.
 * **Re-run model on this slice** (axial): never changes voxels the reader painted nor slices the
   reader accepted (the protection mask); one undo step.
-* **Metrics**: against the reference, Dice / IoU / HD95 (mm) per class for the volume; without
-  one, per-class volume (mL) and HU mean ± SD. Updated after edits (debounced, worker thread). CSV.
+* **Metrics**: against the reference, Dice / IoU / HD95 (mm) per class for the volume and, next
+  to them, for the slice shown (2-D, along the review axis); without one, per-class volume (mL)
+  and HU mean ± SD, also for the volume and the slice shown. Updated after edits (debounced,
+  worker thread: every slice is computed, moving through slices only redraws). The CSV holds the
+  volume and every slice.
 * **Save**: NIfTI on the source geometry + ``<name>.review.json`` (``review.log``).
 * **Add to training set**: image + corrected mask as a case of a Decathlon-layout folder that
   ``genseg train --data msd:FOLDER`` reads (``review.training_export``: never duplicated, patient
@@ -55,7 +58,17 @@ from ..models import registry
 from ..review.autosave import Autosaver, default_autosave_dir, find_autosave, image_key, load_autosave
 from ..review.log import review_record, save_review
 from ..review.queue import ReviewState, rank_slices
-from ..review.report import METRIC_COLUMNS, STAT_COLUMNS, volume_metrics, volume_stats, write_csv
+from ..review.report import (
+    CSV_SCOPE_COLUMNS,
+    METRIC_COLUMNS,
+    STAT_COLUMNS,
+    metric_csv_rows,
+    slice_metrics,
+    slice_stats,
+    volume_metrics,
+    volume_stats,
+    write_csv,
+)
 from ..predictors.uncertainty import slice_scores
 from ..review.uncertainty import VoteVolume, model_disagreement, votes_from_result
 from ..run_record import RUN_KEY
@@ -138,7 +151,9 @@ class ReviewDock(Container):
         self.last_seg: Path | None = None  # the DICOM SEG the last Save wrote
         self.items = []
         self.flags: dict[int, str] = {}
-        self.metric_rows: list[dict] = []
+        self.metric_rows: list[dict] = []  # volume rows
+        self.slice_metric_rows: dict[int, list[dict]] = {}  # slice index (review axis) -> rows
+        self._metrics_pending = False
         self.metric_kind = "stats"
         self.autosaver: Autosaver | None = None
         self.key: str | None = None
@@ -269,6 +284,7 @@ class ReviewDock(Container):
         self._every_edits.changed.connect(self._apply_autosave_settings)
         self._every_seconds.changed.connect(self._apply_autosave_settings)
         self.viewer.layers.events.inserted.connect(self._on_layers_changed)
+        self.viewer.dims.events.current_step.connect(self._on_slice_changed)
         self.viewer.layers.events.removed.connect(self._on_layers_changed)
         self._bind_keys()
         self._install_close_guard()
@@ -314,6 +330,7 @@ class ReviewDock(Container):
                 pass
         for ev in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             ev.disconnect(self._on_layers_changed)
+        self.viewer.dims.events.current_step.disconnect(self._on_slice_changed)
         if self._bound is not None:
             self._bound.events.paint.disconnect(self._on_paint)
             self._bound = None
@@ -903,65 +920,113 @@ class ReviewDock(Container):
         self._schedule(metrics=True)
 
     # ------------------------------------------------------------------ metrics
-    def compute_metrics(self) -> tuple[str, list[dict]]:
-        """("reference", Dice/IoU/HD95 rows) against the reference layer, or ("stats", volume and
-        HU rows) without one (see ``review.report``). Runs on the calling thread."""
-        mask = np.asarray(self._mask.value.data)
-        ref = self._reference.value
-        names, spacing = self.class_names(), self._spacing()
-        if ref is not None and ref.data.shape == mask.shape:
-            return "reference", volume_metrics(mask, np.asarray(ref.data), spacing, names)
-        return "stats", volume_stats(mask, np.asarray(self._image.value.data), spacing, names)
-
-    def update_metrics(self, *_):
-        """Recompute the metrics table in a worker thread (returns it; None when nothing to do)."""
-        from napari.qt.threading import thread_worker
-
-        if not self._valid_target() or self.metrics_worker is not None:
-            return None
+    def _metric_inputs(self):
         mask = np.array(self._mask.value.data)
         ref = self._reference.value
         ref_data = np.array(ref.data) if ref is not None and ref.data.shape == mask.shape else None
         image = np.asarray(self._image.value.data)
-        names, spacing = self.class_names(), self._spacing()
+        return mask, ref_data, image, self.class_names(), self._spacing(), self.axis
+
+    @staticmethod
+    def _metrics_of(mask, ref_data, image, names, spacing, axis):
+        """(kind, volume rows, {slice: rows}) for every slice along ``axis`` (any thread)."""
+        if ref_data is not None:
+            return ("reference", volume_metrics(mask, ref_data, spacing, names),
+                    slice_metrics(mask, ref_data, spacing, names, axis))
+        return "stats", volume_stats(mask, image, spacing, names), slice_stats(mask, image, spacing, names, axis)
+
+    def compute_metrics(self, per_slice: bool = False):
+        """("reference", Dice/IoU/HD95 rows) against the reference layer, or ("stats", volume and
+        HU rows) without one (see ``review.report``), for the volume; with ``per_slice`` a third
+        item, ``{slice index along the review axis: rows}`` for every slice. Runs on the calling
+        thread."""
+        if per_slice:
+            return self._metrics_of(*self._metric_inputs())
+        return self._volume_metrics()
+
+    def _volume_metrics(self):
+        mask, ref_data, image, names, spacing, _ = self._metric_inputs()
+        if ref_data is not None:
+            return "reference", volume_metrics(mask, ref_data, spacing, names)
+        return "stats", volume_stats(mask, image, spacing, names)
+
+    def update_metrics(self, *_):
+        """Recompute the metrics table (volume and every slice) in a worker thread (returns it;
+        None when nothing to do). Asked while one runs, it runs again when that one ends."""
+        from napari.qt.threading import thread_worker
+
+        if not self._valid_target():
+            return None
+        if self.metrics_worker is not None:
+            self._metrics_pending = True
+            return None
+        inputs = self._metric_inputs()
+        self._metrics_pending = False
 
         @thread_worker(start_thread=False, ignore_errors=True)
         def work():
-            if ref_data is not None:
-                return "reference", volume_metrics(mask, ref_data, spacing, names)
-            return "stats", volume_stats(mask, image, spacing, names)
+            return self._metrics_of(*inputs)
 
         self.metrics_worker = work()
         self.metrics_worker.returned.connect(self._show_metrics)
         self.metrics_worker.errored.connect(lambda exc: notify_error(exc, "Metrics failed"))
-        self.metrics_worker.finished.connect(lambda: setattr(self, "metrics_worker", None))
+        self.metrics_worker.finished.connect(self._on_metrics_finished)
         self.metrics_worker.start()
         return self.metrics_worker
 
+    def _on_metrics_finished(self):
+        self.metrics_worker = None
+        if self._metrics_pending:
+            self._metrics_pending = False
+            self._metrics_timer.start()
+
+    def _on_slice_changed(self, *_):
+        if self.slice_metric_rows or self.metric_rows:
+            self._draw_metrics()
+
     def _show_metrics(self, out):
-        kind, rows = out
+        kind, rows, *rest = out
         self.metric_kind, self.metric_rows = kind, rows
-        cols = list(METRIC_COLUMNS if kind == "reference" else STAT_COLUMNS)
+        self.slice_metric_rows = rest[0] if rest and rest[0] is not None else {}
+        self._draw_metrics()
+
+    def _draw_metrics(self):
+        """The table: one row per class, the volume's values and, next to them, the slice shown."""
+        kind, rows = self.metric_kind, self.metric_rows
+        z = self.current_slice()
+        here = {r["class"]: r for r in self.slice_metric_rows.get(z, [])}
+        classes = [r["class"] for r in rows] + [c for c in here if c not in {r["class"] for r in rows}]
+        vol = {r["class"]: r for r in rows}
 
         def fmt(v):
             return ("" if not np.isfinite(v) else round(v, 3)) if isinstance(v, float) else v
 
-        data = [[fmt(r[c]) for c in cols] for r in rows]
-        if kind == "stats":  # HU as mean ± SD for the eye
-            cols = ["class", "volume_ml", "HU mean ± SD", "voxels"]
-            data = [[r["class"], round(r["volume_ml"], 1), f"{r['hu_mean']:.1f} ± {r['hu_sd']:.1f}", r["voxels"]]
-                    for r in rows]
+        if kind == "reference":
+            keys = list(METRIC_COLUMNS[1:])
+            cols = ["class", *keys, *[f"slice {z} {k}" for k in keys]]
+            data = [[c, *[fmt(vol[c][k]) if c in vol else "" for k in keys],
+                     *[fmt(here[c][k]) if c in here else "" for k in keys]] for c in classes]
+        else:  # HU as mean ± SD for the eye
+            def hu(r):
+                return f"{r['hu_mean']:.1f} ± {r['hu_sd']:.1f}"
+
+            cols = ["class", "volume_ml", "HU mean ± SD", "voxels", f"slice {z} ml", f"slice {z} HU"]
+            data = [[c, *([round(vol[c]["volume_ml"], 1), hu(vol[c]), vol[c]["voxels"]] if c in vol else ["", "", ""]),
+                     *([round(here[c]["volume_ml"], 2), hu(here[c])] if c in here else ["", ""])] for c in classes]
         self._metrics.value = _table(data, cols)
         self._metrics.native.resizeColumnsToContents()
 
     def export_csv(self, path=None) -> Path | None:
-        """Write the metric rows (computed now) as CSV to ``path`` (default: the CSV field)."""
+        """Write the metric rows (computed now) as CSV to ``path`` (default: the CSV field): the
+        volume's rows, then every slice's (``review.report.metric_csv_rows``)."""
         if not self._valid_target():
             notify_error("Choose an image and a mask first.")
             return None
-        kind, rows = self.compute_metrics()
-        self._show_metrics((kind, rows))
-        out = write_csv(path or self._csv_path.value, rows, METRIC_COLUMNS if kind == "reference" else STAT_COLUMNS)
+        kind, rows, per_slice = self.compute_metrics(per_slice=True)
+        self._show_metrics((kind, rows, per_slice))
+        cols = METRIC_COLUMNS if kind == "reference" else STAT_COLUMNS
+        out = write_csv(path or self._csv_path.value, metric_csv_rows(rows, per_slice, self.axis),
+                        [cols[0], *CSV_SCOPE_COLUMNS, *cols[1:]])
         self._status.value = f"metrics written to {out}"
         return out
 
