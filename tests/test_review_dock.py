@@ -281,68 +281,54 @@ def test_add_to_training_set_from_the_dock(make_napari_viewer_proxy, double_chec
     assert again["replaced"] and json.loads((tmp_path / "train" / "dataset.json").read_text())["numTraining"] == 1
 
 
-def test_model_agreement_layer_feeds_the_queue(make_napari_viewer_proxy, double_checkpoint):
+def test_model_agreement_per_class_layers_feed_the_queue(make_napari_viewer_proxy, double_checkpoint):
+    """Other models' results give one disagreement layer per class (classes matched by name: a
+    model that does not segment a class abstains for it), in the class's colour, and their
+    per-slice scores rank the queue with the classes named."""
     from napari_genseg.run_record import RUN_KEY
 
     viewer = make_napari_viewer_proxy()
     img = _image(viewer)
-    mask = _mask(viewer, img)
+    mask = _mask(viewer, img)  # background, soft, dense
     mask.data[1:7, 10:20, 10:20] = 1
+    mask.data[1:7, 14:16, 14:16] = 2
     mask.metadata[RUN_KEY] = {"model": {"family": "msa2net"}}
     w = _dock(viewer, double_checkpoint, img, mask)
-    assert "ct [testdouble] model disagreement" not in viewer.layers
-    other = _mask(viewer, img, "ct [arseg]")
-    other.data[:] = mask.data
-    other.data[4, 10:20, 10:15] = 0  # AR-Seg misses half of slice 4
-    other.metadata[RUN_KEY] = {"model": {"family": "arseg"}}
+    assert not [lay for lay in viewer.layers if "disagree" in lay.name]
+    multi = _mask(viewer, img, "ct [marseg]")  # same classes
+    multi.data[:] = mask.data
+    multi.data[4, 10:20, 10:13] = 0  # misses a strip of soft on slice 4
+    multi.data[2, 14:16, 14:16] = 1  # calls the dense marker soft on slice 2
+    multi.metadata[RUN_KEY] = {"model": {"family": "marseg"}}
+    single = _mask(viewer, img, "ct [arseg]")
+    single.features = {"class": ["background", "dense"]}  # a one-class model: its id 1 is dense
+    single.data[:] = (mask.data == 2).astype(np.uint8)  # agrees about dense everywhere
+    single.data[6, 14:16, 14:16] = 0  # ... except slice 6
+    single.metadata[RUN_KEY] = {"model": {"family": "arseg"}}
     w.refresh()
-    md = viewer.layers["ct [testdouble] model disagreement"]
-    assert md.data[4, 12, 12] == 100.0 and md.data[4, 12, 17] == 0 and md.data[3].max() == 0
-    assert w.items[0].index == 4 and "models" in w.items[0].signals
+    soft = viewer.layers["ct [testdouble] models disagree: soft"]
+    dense = viewer.layers["ct [testdouble] models disagree: dense"]
+    assert "ct [testdouble] model disagreement" not in viewer.layers
+    # soft: only MARSeg knows it (AR-Seg abstains): 100 % where it differs
+    assert soft.data[4, 12, 11] == 100.0 and soft.data[4, 12, 17] == 0 and soft.data[2, 14, 14] == 100.0
+    assert soft.data[6].max() == 0 and soft.metadata["models"] == ["ct [marseg]"]
+    # dense: both know it (AR-Seg through its own id 1): one of two disagrees on slices 2 and 6
+    assert dense.data[2, 14, 14] == 50.0 and dense.data[6, 14, 14] == 50.0 and dense.data[4].max() == 0
+    assert dense.metadata["class"] == "dense" and dense.metadata["class_id"] == 2
+    assert dense.metadata["models"] == ["ct [marseg]", "ct [arseg]"]
+    np.testing.assert_allclose(dense.colormap.colors[-1][:3], mask.get_color(2)[:3], atol=1e-6)
+    np.testing.assert_array_equal(dense.scale, img.scale)
+    top = {it.index: it for it in w.items}
+    assert "models" in top[4].signals and "models disagree on soft" in top[4].note
+    assert "models disagree on dense" in top[6].note and "soft" not in top[6].note
+    assert "soft" in top[2].note and "dense" in top[2].note
+    assert w.items[0].index in (2, 4) and "models disagree on" in w._queue.value["data"][0][3]
+    # MARSeg's layer goes: soft has no other model left, its layer is removed
+    viewer.layers.remove(multi)
+    w.refresh()
+    assert "ct [testdouble] models disagree: soft" not in viewer.layers
+    assert viewer.layers["ct [testdouble] models disagree: dense"].data[2].max() == 0
     assert [lay.name for lay in w.model_layers()] == ["ct [arseg]"]
-
-
-def test_metrics_per_class_per_slice_and_volume_follow_the_slice_and_edits(make_napari_viewer_proxy, qtbot,
-                                                                          double_checkpoint, tmp_path):
-    """The table shows each class's volume values and, next to them, the slice shown (2-D Dice /
-    IoU / HD95 mm); moving through slices redraws without recomputing; an edit recomputes in a
-    worker after the debounce; the CSV holds the volume and every slice."""
-    viewer = make_napari_viewer_proxy()
-    img = _image(viewer)
-    mask = _mask(viewer, img)
-    mask.data[2:6, 10:20, 10:20] = 1
-    mask.data[2:6, 14:16, 14:16] = 2
-    ref = viewer.add_labels(mask.data.copy(), name="reference", scale=img.scale)
-    ref.data[3, 10:20, 15:20] = 0  # slice 3: the reference lost half of the soft square
-    ref.data[3, 14:16, 14:16] = 2
-    w = _dock(viewer, double_checkpoint, img, mask, reference=ref)
-    w.go_to(3)
-    assert w.update_metrics() is not None
-    qtbot.waitUntil(lambda: w.metrics_worker is None and w.metric_kind == "reference", timeout=10000)
-    cols = list(w._metrics.value["columns"])
-    assert cols == ["class", "dice", "iou", "hd95_mm", "slice 3 dice", "slice 3 iou", "slice 3 hd95_mm"]
-    rows = {r[0]: r for r in w._metrics.value["data"]}
-    # soft on slice 3: mask 100 - 4 = 96 px, reference 50 - 2 = 48 px (the columns 15..19 lost), all shared
-    assert rows["soft"][4] == round(2 * 48 / 144, 3) and rows["soft"][5] == 0.5
-    assert rows["soft"][6] == 5.0  # 2-D HD95 in mm (1 mm pixels): the lost columns reach 5 px off
-    assert rows["dense"][4] == 1.0 and rows["dense"][6] == 0.0
-    # the volume value next to it: mask 4 · 96 px, reference 3 · 96 + 48, all shared
-    assert rows["soft"][1] == round(2 * (96 * 3 + 48) / (96 * 4 + 96 * 3 + 48), 3)
-    w.go_to(2)  # another slice: redrawn from the rows computed for every slice, no worker
-    assert w.metrics_worker is None
-    rows = {r[0]: r for r in w._metrics.value["data"]}
-    assert w._metrics.value["columns"][4] == "slice 2 dice" and rows["soft"][4] == 1.0
-    # an edit on slice 2: recomputed off the GUI thread after the debounce
-    _paint(mask, np.full(10, 2), np.arange(10, 20), np.full(10, 10), 0)
-    qtbot.waitUntil(lambda: {r[0]: r for r in w._metrics.value["data"]}["soft"][4] != 1.0, timeout=10000)
-    assert {r[0]: r for r in w._metrics.value["data"]}["soft"][4] == round(2 * 86 / (86 + 96), 3)
-    # CSV: volume rows, then every slice that holds a class
-    lines = w.export_csv(tmp_path / "m.csv").read_text().splitlines()
-    assert lines[0] == "class,scope,axis,slice,dice,iou,hd95_mm"
-    assert [ln.split(",")[:4] for ln in lines[1:3]] == [["soft", "volume", "", ""], ["dense", "volume", "", ""]]
-    per_slice = [ln.split(",")[:4] for ln in lines[3:]]
-    assert per_slice == [[c, "slice", "0", str(z)] for z in range(2, 6) for c in ("soft", "dense")]
-    assert lines[3].split(",")[4] == f"{2 * 86 / 182:.6g}" and lines[5].split(",")[4] == "0.666667"  # slices 2, 3: soft
 
 
 @pytest.mark.parametrize("answer", ["cancel", "discard", "save"])

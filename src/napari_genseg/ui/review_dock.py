@@ -10,9 +10,11 @@ reference Labels layer. Then:
 * **Queue** (``review.queue``): slices along the chosen axis ranked by uncertainty, area jumps,
   small 2-D pieces, disagreement with the reference and external flags (:meth:`ReviewDock.set_flags`,
   or ``{slice: reason}`` under :data:`FLAGS_KEY` in the mask layer's metadata: the hook for the
-  post-processing plausibility checks), and **model agreement**: where other models' results on
-  the same image (Labels layers with a run record, e.g. from the Segment dock) differ from the
-  mask, shown as ``<mask> model disagreement``. Click a row to go there; Previous / Next (Shift-B /
+  post-processing plausibility checks), and **model agreement per class**: where other models'
+  results on the same image (Labels layers with a run record, e.g. from the Segment dock) differ
+  from the mask about a class (matched by name), one layer per class, ``<mask> models disagree:
+  <class>`` in that class's colour (% of the models that know the class); the queue's "why"
+  names the classes. Click a row to go there; Previous / Next (Shift-B /
   Shift-N: Next skips reviewed slices), Accept (Shift-A), Flag (Shift-F). Painting a slice marks it
   edited. The progress line counts reviewed slices per class.
 * **Re-run model on this slice** (axial): never changes voxels the reader painted nor slices the
@@ -69,8 +71,7 @@ from ..review.report import (
     volume_stats,
     write_csv,
 )
-from ..predictors.uncertainty import slice_scores
-from ..review.uncertainty import VoteVolume, model_disagreement, votes_from_result
+from ..review.uncertainty import VoteVolume, class_model_disagreement, votes_from_result
 from ..run_record import RUN_KEY
 from ._run import LayerEdit, load_model, notify_error
 from .layers import volume_from_layer
@@ -160,6 +161,7 @@ class ReviewDock(Container):
         self._bound = None  # the mask layer whose paint events we follow
         self._writing = False
         self._model_info: dict | None = None
+        self._agreement_layers: set[str] = set()  # the per-class model agreement layers shown
         self._offered = None
         self.dirty = False  # review work since the last Save
 
@@ -411,13 +413,17 @@ class ReviewDock(Container):
 
     def class_names(self) -> list[str]:
         """Label id -> name from the mask layer (its ``class`` feature or the run record)."""
-        mask = self._mask.value
-        if mask is None:
+        return self.layer_class_names(self._mask.value)
+
+    @staticmethod
+    def layer_class_names(layer) -> list[str]:
+        """Label id -> name of a Labels layer (its ``class`` feature or the run record); [] unknown."""
+        if layer is None:
             return []
-        feats = getattr(mask, "features", None)
+        feats = getattr(layer, "features", None)
         if feats is not None and "class" in getattr(feats, "columns", ()):
             return [str(v) for v in feats["class"]]
-        run = (mask.metadata or {}).get(RUN_KEY) or {}
+        run = (layer.metadata or {}).get(RUN_KEY) or {}
         return list((run.get("model") or {}).get("class_names") or [])
 
     def _valid_target(self) -> bool:
@@ -699,17 +705,66 @@ class ReviewDock(Container):
             unc = self.votes.slice_scores(mask, self.axis, dis)
         ref = self._reference.value
         ref_data = np.asarray(ref.data) if ref is not None and ref.data.shape == mask.shape else None
-        models = None
-        others = self.model_layers()
-        if others:  # model agreement: where the other models' results differ from the mask shown
-            md = model_disagreement(mask, [np.asarray(lay.data) for lay in others])
-            self._map_layer(f"{self._mask.value.name} model disagreement", md,
-                            f"% of the other models ({', '.join(lay.name for lay in others)}) "
-                            "disagreeing with the mask shown")
-            models = slice_scores(md, mask, self.axis)
+        models, disputed = self._model_agreement(mask)
         self.items = rank_slices(mask, self.axis, self._spacing(), uncertainty=unc, reference=ref_data,
                                  flags=self._all_flags() or None, models=models)
+        for it in self.items:  # name the classes the models disagree about on that slice
+            if it.index in disputed:
+                names = [n for _, n in sorted(disputed[it.index], key=lambda sn: -sn[0])]
+                it.note = "; ".join(filter(None, [it.note, "models disagree on " + ", ".join(names)]))
         self._fill_queue()
+
+    def _model_agreement(self, mask: np.ndarray):
+        """Model agreement per class (``review.uncertainty.class_model_disagreement``) against the
+        other models' layers: one ``<mask> models disagree: <class>`` layer per class where they
+        disagree (stale ones removed). Returns ((n,) per-slice score %, the max over classes, or
+        None without other models; {slice: [(score, class name), ...]})."""
+        others = self.model_layers()
+        keep, disputed, models = set(), {}, None
+        if others:
+            per_class = class_model_disagreement(
+                mask, self.class_names() or None, [(np.asarray(lay.data), self.layer_class_names(lay) or None)
+                                                   for lay in others])
+            models = np.zeros(mask.shape[self.axis], np.float32)
+            for cd in per_class:
+                if not cd.data.any():
+                    continue
+                voters = [others[k].name for k in cd.models]
+                name = f"{self._mask.value.name} models disagree: {cd.name}"
+                self._class_agreement_layer(name, cd, voters)
+                keep.add(name)
+                sc = cd.slice_scores(mask, self.axis)
+                models = np.maximum(models, sc)
+                for i in np.flatnonzero(sc > 0):
+                    disputed.setdefault(int(i), []).append((float(sc[i]), cd.name))
+        for name in self._agreement_layers - keep:
+            if name in self.viewer.layers:
+                self.viewer.layers.remove(name)
+        self._agreement_layers = keep
+        return models, disputed
+
+    def _class_agreement_layer(self, name: str, cd, voters: list[str]):
+        """The Image layer of one class's model disagreement (%), transparent at 0 and in the
+        class's colour of the mask at 100; metadata names the class and the models."""
+        from napari.utils.colormaps import Colormap
+
+        mask = self._mask.value
+        meta = {"units": f"% of the other models ({', '.join(voters)}) disagreeing with the mask shown "
+                         f"about {cd.name}", "class": cd.name, "class_id": cd.class_id, "models": voters}
+        if name in self.viewer.layers and self.viewer.layers[name].data.shape == cd.data.shape:
+            lay = self.viewer.layers[name]
+            lay.data = cd.data
+            lay.metadata.update(meta)
+            return lay
+        try:
+            rgb = [float(v) for v in np.asarray(mask.get_color(cd.class_id), dtype=float).ravel()[:3]]
+        except (AttributeError, TypeError, ValueError, KeyError):
+            rgb = [1.0, 0.5, 0.0]
+        cmap = Colormap(colors=[[*rgb, 0.0], [*rgb, 0.5], [*rgb, 1.0]], name=f"genseg_agreement_{cd.name}",
+                        display_name=f"{cd.name} (0 transparent)")
+        return self.viewer.add_image(cd.data, name=name, scale=mask.scale, translate=mask.translate,
+                                     colormap=cmap, contrast_limits=(0, 100), opacity=0.8,
+                                     blending="translucent", metadata=meta)
 
     def _fill_queue(self):
         st = self.state
