@@ -167,3 +167,27 @@ def test_save_review_writes_mask_on_source_geometry_and_log(tmp_path):
     assert j["model"]["checkpoint_sha256"] == "ab"
     assert j["review"]["slices"] == [{"index": 1, "status": "accepted", "edits": 0, "changed": state.changed[1]}]
     assert j["metrics"]["rows"][0]["class"] == "liver"
+
+
+def test_class_model_disagreement_matches_classes_by_name_and_by_id():
+    from napari_genseg.review.uncertainty import class_model_disagreement
+
+    shown = np.zeros((3, 4, 4), np.uint8)
+    shown[1, :2] = 1  # liver
+    shown[1, 2:] = 2  # spleen
+    a = shown.copy()
+    a[1, 0, 0] = 0  # misses one liver voxel
+    b = (shown == 2).astype(np.uint8)  # a spleen-only model: its id 1 is spleen, it agrees
+    per = class_model_disagreement(shown, ["background", "liver", "spleen"],
+                                   [(a, ["background", "liver", "spleen"]), (b, ["background", "spleen"])])
+    by = {cd.name: cd for cd in per}
+    assert by["liver"].models == [0] and by["liver"].data[1, 0, 0] == 100.0 and by["liver"].data.sum() == 100.0
+    assert by["spleen"].models == [0, 1] and not by["spleen"].data.any()
+    assert by["liver"].slice_scores(shown).tolist() == [0.0, 100.0 / 8, 0.0]
+    # without names: ids compared as they are
+    per = class_model_disagreement(shown, None, [(b, None)])
+    assert [cd.name for cd in per] == ["label 1", "label 2"] and per[1].data[1, 2, 0] == 100.0
+    with pytest.raises(ValueError):
+        class_model_disagreement(shown, None, [])
+    with pytest.raises(ValueError):
+        class_model_disagreement(shown, None, [(b[:2], None)])

@@ -183,15 +183,21 @@ def test_metrics_against_a_reference_and_without_one_and_csv(make_napari_viewer_
     kind, rows = w.compute_metrics()
     assert kind == "stats" and rows[0]["class"] == "soft"
     assert rows[0]["volume_ml"] == pytest.approx(400 * 3.0 / 1000)
+    w.go_to(2)
+    w.update_metrics()
+    qtbot.waitUntil(lambda: w.metrics_worker is None and bool(w.metric_rows), timeout=10000)
+    assert list(w._metrics.value["columns"])[4:] == ["slice 2 ml", "slice 2 HU"]
+    assert list(w._metrics.value["data"][0])[4:] == [0.3, "144.0 ± 329.9"]  # 100 px of 3 mm³, 16 of them 900 HU
     ref = viewer.add_labels(mask.data.copy(), name="reference", scale=img.scale)
     ref.data[2:6, 10:20, 15:20] = 0
     w._reference.value = ref
     w.update_metrics()  # in a worker (the reference change also schedules one, debounced)
     qtbot.waitUntil(lambda: w.metric_kind == "reference" and w.metrics_worker is None, timeout=10000)
     assert w.metric_kind == "reference" and w.metric_rows[0]["dice"] == pytest.approx(2 * 200 / 600)
-    assert list(w._metrics.value["columns"]) == ["class", "dice", "iou", "hd95_mm"]
+    assert list(w._metrics.value["columns"])[:4] == ["class", "dice", "iou", "hd95_mm"]
     out = w.export_csv(tmp_path / "m.csv")
-    assert out.read_text().splitlines()[1].startswith("soft,0.666667,0.5,")
+    assert out.read_text().splitlines()[0] == "class,scope,axis,slice,dice,iou,hd95_mm"
+    assert out.read_text().splitlines()[1].startswith("soft,volume,,,0.666667,0.5,")
     # the reference also ranks the queue
     w.refresh()
     assert all("reference" in it.signals for it in w.items[:4])
@@ -275,45 +281,125 @@ def test_add_to_training_set_from_the_dock(make_napari_viewer_proxy, double_chec
     assert again["replaced"] and json.loads((tmp_path / "train" / "dataset.json").read_text())["numTraining"] == 1
 
 
-def test_model_agreement_layer_feeds_the_queue(make_napari_viewer_proxy, double_checkpoint):
+def test_model_agreement_per_class_layers_feed_the_queue(make_napari_viewer_proxy, double_checkpoint):
+    """Other models' results give one disagreement layer per class (classes matched by name: a
+    model that does not segment a class abstains for it), in the class's colour, and their
+    per-slice scores rank the queue with the classes named."""
     from napari_genseg.run_record import RUN_KEY
 
     viewer = make_napari_viewer_proxy()
     img = _image(viewer)
-    mask = _mask(viewer, img)
+    mask = _mask(viewer, img)  # background, soft, dense
     mask.data[1:7, 10:20, 10:20] = 1
+    mask.data[1:7, 14:16, 14:16] = 2
     mask.metadata[RUN_KEY] = {"model": {"family": "msa2net"}}
     w = _dock(viewer, double_checkpoint, img, mask)
-    assert "ct [testdouble] model disagreement" not in viewer.layers
-    other = _mask(viewer, img, "ct [arseg]")
-    other.data[:] = mask.data
-    other.data[4, 10:20, 10:15] = 0  # AR-Seg misses half of slice 4
-    other.metadata[RUN_KEY] = {"model": {"family": "arseg"}}
+    assert not [lay for lay in viewer.layers if "disagree" in lay.name]
+    multi = _mask(viewer, img, "ct [marseg]")  # same classes
+    multi.data[:] = mask.data
+    multi.data[4, 10:20, 10:13] = 0  # misses a strip of soft on slice 4
+    multi.data[2, 14:16, 14:16] = 1  # calls the dense marker soft on slice 2
+    multi.metadata[RUN_KEY] = {"model": {"family": "marseg"}}
+    single = _mask(viewer, img, "ct [arseg]")
+    single.features = {"class": ["background", "dense"]}  # a one-class model: its id 1 is dense
+    single.data[:] = (mask.data == 2).astype(np.uint8)  # agrees about dense everywhere
+    single.data[6, 14:16, 14:16] = 0  # ... except slice 6
+    single.metadata[RUN_KEY] = {"model": {"family": "arseg"}}
     w.refresh()
-    md = viewer.layers["ct [testdouble] model disagreement"]
-    assert md.data[4, 12, 12] == 100.0 and md.data[4, 12, 17] == 0 and md.data[3].max() == 0
-    assert w.items[0].index == 4 and "models" in w.items[0].signals
+    soft = viewer.layers["ct [testdouble] models disagree: soft"]
+    dense = viewer.layers["ct [testdouble] models disagree: dense"]
+    assert "ct [testdouble] model disagreement" not in viewer.layers
+    # soft: only MARSeg knows it (AR-Seg abstains): 100 % where it differs
+    assert soft.data[4, 12, 11] == 100.0 and soft.data[4, 12, 17] == 0 and soft.data[2, 14, 14] == 100.0
+    assert soft.data[6].max() == 0 and soft.metadata["models"] == ["ct [marseg]"]
+    # dense: both know it (AR-Seg through its own id 1): one of two disagrees on slices 2 and 6
+    assert dense.data[2, 14, 14] == 50.0 and dense.data[6, 14, 14] == 50.0 and dense.data[4].max() == 0
+    assert dense.metadata["class"] == "dense" and dense.metadata["class_id"] == 2
+    assert dense.metadata["models"] == ["ct [marseg]", "ct [arseg]"]
+    np.testing.assert_allclose(dense.colormap.colors[-1][:3], mask.get_color(2)[:3], atol=1e-6)
+    np.testing.assert_array_equal(dense.scale, img.scale)
+    top = {it.index: it for it in w.items}
+    assert "models" in top[4].signals and "models disagree on soft" in top[4].note
+    assert "models disagree on dense" in top[6].note and "soft" not in top[6].note
+    assert "soft" in top[2].note and "dense" in top[2].note
+    assert w.items[0].index in (2, 4) and "models disagree on" in w._queue.value["data"][0][3]
+    # MARSeg's layer goes: soft has no other model left, its layer is removed
+    viewer.layers.remove(multi)
+    w.refresh()
+    assert "ct [testdouble] models disagree: soft" not in viewer.layers
+    assert viewer.layers["ct [testdouble] models disagree: dense"].data[2].max() == 0
     assert [lay.name for lay in w.model_layers()] == ["ct [arseg]"]
 
 
-def test_closing_the_window_autosaves_unsaved_work(make_napari_viewer_proxy, double_checkpoint):
-    from qtpy.QtCore import QEvent
+@pytest.mark.parametrize("answer", ["cancel", "discard", "save"])
+def test_closing_napari_with_unsaved_work_asks(make_napari_viewer_proxy, double_checkpoint, tmp_path, monkeypatch,
+                                               answer):
+    """Closing the (shown) napari window with unsaved work asks Save / Discard / Cancel (the
+    dialog's answer patched): Cancel keeps the window open, Discard closes and leaves the
+    autosave on disk, Save writes the mask + log as the Save button does and closes."""
+    from qtpy.QtGui import QCloseEvent
+    from qtpy.QtWidgets import QMessageBox
 
     from napari_genseg.review.autosave import find_autosave
 
-    viewer = make_napari_viewer_proxy()
+    asked = []
+    buttons = {"cancel": QMessageBox.StandardButton.Cancel, "discard": QMessageBox.StandardButton.Discard,
+               "save": QMessageBox.StandardButton.Save}
+    monkeypatch.setattr(QMessageBox, "question", staticmethod(lambda *a, **k: asked.append(a[1]) or buttons[answer]))
+    viewer = make_napari_viewer_proxy(show=True)
     img = _image(viewer)
     mask = _mask(viewer, img)
     w = _dock(viewer, double_checkpoint, img, mask)
     w._every_edits.value = 100  # not due by count or time
+    w._output.value = str(tmp_path / "closing.nii.gz")
+    viewer.window.add_dock_widget(w, name="Review")
+    qt_window = w.native.window()
+    assert qt_window.isVisible() and w._close_guard.watching == id(qt_window)
+
+    def close_event():  # the close event napari's window gets (close button, Ctrl+Q), through the guard
+        ev = QCloseEvent()
+        return not w._close_guard.eventFilter(qt_window, ev) and ev.isAccepted()
+
+    assert close_event() and asked == []  # nothing unsaved: no question
+    _paint(mask, 2, 5, 5, 1)
+    assert w.dirty and find_autosave(w._autosave_folder(), w.key) is None
+    if answer == "cancel":
+        closed = qt_window.close()  # a real close: refused
+    else:
+        closed = close_event()  # (a real close would delete the viewer under the fixture)
+    assert asked == ["Unsaved review work"]
+    info = find_autosave(w._autosave_folder(), w.key)
+    if answer == "cancel":
+        assert not closed and qt_window.isVisible() and w.dirty and info is None
+        assert not (tmp_path / "closing.nii.gz").exists()
+        w.dirty = False  # let the fixture close it
+    elif answer == "discard":
+        assert closed and info is not None and info.edits == 1
+        assert not (tmp_path / "closing.nii.gz").exists()
+    else:
+        assert closed and info is None and not w.dirty
+        assert (tmp_path / "closing.nii.gz").exists() and (tmp_path / "closing.review.json").exists()
+
+
+def test_a_hidden_window_closing_autosaves_without_asking(make_napari_viewer_proxy, double_checkpoint, monkeypatch):
+    from qtpy.QtCore import QEvent
+    from qtpy.QtWidgets import QMessageBox
+
+    from napari_genseg.review.autosave import find_autosave
+
+    monkeypatch.setattr(QMessageBox, "question", staticmethod(lambda *a, **k: pytest.fail("asked")))
+    viewer = make_napari_viewer_proxy()
+    img = _image(viewer)
+    mask = _mask(viewer, img)
+    w = _dock(viewer, double_checkpoint, img, mask)
+    w._every_edits.value = 100
     w.go_to(2)
     w.flag()
     assert w.dirty and find_autosave(w._autosave_folder(), w.key) is None
     viewer.window.add_dock_widget(w, name="Review")
-    assert w._close_guard.watching == id(w.native.window())  # docked: it watches napari's window
-    w._close_guard.eventFilter(w.native.window(), QEvent(QEvent.Type.Close))  # that window's close event
-    info = find_autosave(w._autosave_folder(), w.key)
-    assert info is not None
+    assert w._close_guard.watching == id(w.native.window())
+    w._close_guard.eventFilter(w.native.window(), QEvent(QEvent.Type.Close))
+    assert find_autosave(w._autosave_folder(), w.key) is not None
 
 
 def test_reference_from_a_label_file_with_a_label_map(make_napari_viewer_proxy, double_checkpoint, tmp_path):

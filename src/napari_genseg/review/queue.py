@@ -15,7 +15,8 @@ volume (0 = axial, the default; any axis on request). Each slice gets signals in
 * ``reference``: 1 − mean Dice (over the classes present in the mask or the reference on that
   slice) against a reference mask, when one is given;
 * ``models``: the slice's score (%) of the disagreement between the mask and other models' results
-  on the same image (``review.uncertainty.model_disagreement``), divided by 100;
+  on the same image (the dock gives the largest over classes of
+  ``review.uncertainty.class_model_disagreement``), divided by 100;
 * ``flags``: 1 where an external check flagged the slice (e.g. the post-processing plausibility
   flags, issue 6), given as ``{slice index: reason}``.
 

@@ -5,6 +5,11 @@ that were run and turns them, against whatever mask is shown now (the model's un
 or the reader's edit of it), into the per-voxel disagreement in % and a per-slice score
 (``predictors.uncertainty.class_vote_disagreement`` / ``slice_scores``: the definition AR-Seg's
 variability uses). Slices that were not run have no votes and score 0.
+
+Model agreement per class (:func:`class_model_disagreement`): for each class of the mask shown,
+the % of the other models that know that class (matched by class name, so MSA²Net's multi-organ
+ids and AR-Seg's liver-only id 1 line up) whose "is it this class?" answer differs from the
+mask's, per voxel.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import numpy as np
 
 from ..predictors.uncertainty import class_vote_disagreement, slice_scores
 
-__all__ = ["VoteVolume", "votes_from_result", "model_disagreement"]
+__all__ = ["VoteVolume", "votes_from_result", "model_disagreement", "ClassDisagreement", "class_model_disagreement"]
 
 
 @dataclass
@@ -100,3 +105,60 @@ def model_disagreement(shown: np.ndarray, others) -> np.ndarray:
         for k in range(c):
             votes[k] += o == k
     return class_vote_disagreement(votes, len(others), shown)
+
+
+@dataclass
+class ClassDisagreement:
+    """Model agreement for one class of the mask shown: ``data`` (Z, H, W) float32 % of the
+    ``models`` (indices into the ``others`` given) that disagree with the mask about ``name``
+    (label id ``class_id`` in the mask)."""
+
+    class_id: int
+    name: str
+    data: np.ndarray
+    models: list[int]
+
+    def slice_scores(self, shown: np.ndarray, axis: int = 0) -> np.ndarray:
+        """(n,) per-slice score (%) along ``axis``: the mean disagreement over the voxels where
+        the mask has this class or some model disagrees (``predictors.uncertainty.slice_scores``)."""
+        return slice_scores(self.data, np.asarray(shown) == self.class_id, axis)
+
+
+def class_model_disagreement(shown: np.ndarray, shown_names, others) -> list[ClassDisagreement]:
+    """Model agreement per class: one :class:`ClassDisagreement` per class of ``shown`` (Z, H, W)
+    that at least one other model can label.
+
+    ``shown_names``: label id -> class name of the mask (None: ids 1..max are "label N");
+    ``others``: ``[(labels (Z, H, W), names or None), ...]``, the other models' results on the
+    same image. A class is matched by name when both sides have names (a model without the class
+    in its names abstains for it), else by id. Per voxel: 100 · (models whose ``== class`` differs
+    from the mask's ``== class``) / (models that know the class). Raises ``ValueError`` without
+    other models or for shapes that differ."""
+    shown = np.asarray(shown)
+    if not others:
+        raise ValueError("model agreement needs at least one other model's result")
+    others = [(np.asarray(o), list(n) if n else None) for o, n in others]
+    if any(o.shape != shown.shape for o, _ in others):
+        raise ValueError(f"every model's result must have the mask's shape {shown.shape}")
+    if shown_names:
+        classes = [(i, str(n)) for i, n in enumerate(shown_names) if i > 0]
+    else:
+        top = int(max([shown.max(initial=0)] + [o.max(initial=0) for o, n in others if not n]))
+        classes = [(i, f"label {i}") for i in range(1, top + 1)]
+    out = []
+    for cid, name in classes:
+        mine = shown == cid
+        total = np.zeros(shown.shape, np.float32)
+        voters = []
+        for k, (o, names) in enumerate(others):
+            if names and shown_names:
+                if name not in names:
+                    continue  # this model does not segment the class: it abstains
+                oid = names.index(name)
+            else:
+                oid = cid
+            total += (o == oid) != mine
+            voters.append(k)
+        if voters:
+            out.append(ClassDisagreement(cid, name, total * np.float32(100.0 / len(voters)), voters))
+    return out

@@ -10,22 +10,28 @@ reference Labels layer. Then:
 * **Queue** (``review.queue``): slices along the chosen axis ranked by uncertainty, area jumps,
   small 2-D pieces, disagreement with the reference and external flags (:meth:`ReviewDock.set_flags`,
   or ``{slice: reason}`` under :data:`FLAGS_KEY` in the mask layer's metadata: the hook for the
-  post-processing plausibility checks), and **model agreement**: where other models' results on
-  the same image (Labels layers with a run record, e.g. from the Segment dock) differ from the
-  mask, shown as ``<mask> model disagreement``. Click a row to go there; Previous / Next (Shift-B /
+  post-processing plausibility checks), and **model agreement per class**: where other models'
+  results on the same image (Labels layers with a run record, e.g. from the Segment dock) differ
+  from the mask about a class (matched by name), one layer per class, ``<mask> models disagree:
+  <class>`` in that class's colour (% of the models that know the class); the queue's "why"
+  names the classes. Click a row to go there; Previous / Next (Shift-B /
   Shift-N: Next skips reviewed slices), Accept (Shift-A), Flag (Shift-F). Painting a slice marks it
   edited. The progress line counts reviewed slices per class.
 * **Re-run model on this slice** (axial): never changes voxels the reader painted nor slices the
   reader accepted (the protection mask); one undo step.
-* **Metrics**: against the reference, Dice / IoU / HD95 (mm) per class for the volume; without
-  one, per-class volume (mL) and HU mean ± SD. Updated after edits (debounced, worker thread). CSV.
+* **Metrics**: against the reference, Dice / IoU / HD95 (mm) per class for the volume and, next
+  to them, for the slice shown (2-D, along the review axis); without one, per-class volume (mL)
+  and HU mean ± SD, also for the volume and the slice shown. Updated after edits (debounced,
+  worker thread: every slice is computed, moving through slices only redraws). The CSV holds the
+  volume and every slice.
 * **Save**: NIfTI on the source geometry + ``<name>.review.json`` (``review.log``).
 * **Add to training set**: image + corrected mask as a case of a Decathlon-layout folder that
   ``genseg train --data msd:FOLDER`` reads (``review.training_export``: never duplicated, patient
   identifiers stripped unless unticked).
 * **Autosave** (``review.autosave``): mask, review state and protection mask every N edits or
   S seconds into the autosave folder; offered back when the same image (content hash) is reviewed
-  again.
+  again. Closing napari's window with unsaved review work asks: Save / Discard (the autosave
+  stays on disk) / Cancel.
 """
 
 from __future__ import annotations
@@ -54,9 +60,18 @@ from ..models import registry
 from ..review.autosave import Autosaver, default_autosave_dir, find_autosave, image_key, load_autosave
 from ..review.log import review_record, save_review
 from ..review.queue import ReviewState, rank_slices
-from ..review.report import METRIC_COLUMNS, STAT_COLUMNS, volume_metrics, volume_stats, write_csv
-from ..predictors.uncertainty import slice_scores
-from ..review.uncertainty import VoteVolume, model_disagreement, votes_from_result
+from ..review.report import (
+    CSV_SCOPE_COLUMNS,
+    METRIC_COLUMNS,
+    STAT_COLUMNS,
+    metric_csv_rows,
+    slice_metrics,
+    slice_stats,
+    volume_metrics,
+    volume_stats,
+    write_csv,
+)
+from ..review.uncertainty import VoteVolume, class_model_disagreement, votes_from_result
 from ..run_record import RUN_KEY
 from ._run import LayerEdit, load_model, notify_error
 from .layers import volume_from_layer
@@ -137,13 +152,16 @@ class ReviewDock(Container):
         self.last_seg: Path | None = None  # the DICOM SEG the last Save wrote
         self.items = []
         self.flags: dict[int, str] = {}
-        self.metric_rows: list[dict] = []
+        self.metric_rows: list[dict] = []  # volume rows
+        self.slice_metric_rows: dict[int, list[dict]] = {}  # slice index (review axis) -> rows
+        self._metrics_pending = False
         self.metric_kind = "stats"
         self.autosaver: Autosaver | None = None
         self.key: str | None = None
         self._bound = None  # the mask layer whose paint events we follow
         self._writing = False
         self._model_info: dict | None = None
+        self._agreement_layers: set[str] = set()  # the per-class model agreement layers shown
         self._offered = None
         self.dirty = False  # review work since the last Save
 
@@ -268,6 +286,7 @@ class ReviewDock(Container):
         self._every_edits.changed.connect(self._apply_autosave_settings)
         self._every_seconds.changed.connect(self._apply_autosave_settings)
         self.viewer.layers.events.inserted.connect(self._on_layers_changed)
+        self.viewer.dims.events.current_step.connect(self._on_slice_changed)
         self.viewer.layers.events.removed.connect(self._on_layers_changed)
         self._bind_keys()
         self._install_close_guard()
@@ -275,7 +294,8 @@ class ReviewDock(Container):
         self._on_target()
 
     def _install_close_guard(self):
-        """Unsaved review work is autosaved when napari's window closes (quitting closes it)."""
+        """Closing napari's window (quitting closes it) with unsaved review work asks first
+        (:meth:`confirm_close`); a window that is not shown is autosaved without asking."""
         from qtpy.QtCore import QEvent, QObject
 
         dock = self
@@ -288,7 +308,11 @@ class ReviewDock(Container):
             def eventFilter(self, obj, event):  # noqa: N802 (Qt name)
                 kind = event.type()
                 if kind == QEvent.Type.Close:
-                    dock.flush_unsaved()
+                    if not obj.isVisible():  # nobody to ask (a hidden or never shown window)
+                        dock.flush_unsaved()
+                    elif not dock.confirm_close():
+                        event.ignore()  # Cancel (or a failed Save): the window stays open
+                        return True
                 elif kind in (QEvent.Type.Show, QEvent.Type.ParentChange):  # docked: watch napari's window
                     top = dock.native.window()
                     if top is not dock.native and id(top) != self.watching:
@@ -308,9 +332,43 @@ class ReviewDock(Container):
                 pass
         for ev in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             ev.disconnect(self._on_layers_changed)
+        self.viewer.dims.events.current_step.disconnect(self._on_slice_changed)
         if self._bound is not None:
             self._bound.events.paint.disconnect(self._on_paint)
             self._bound = None
+
+    def ask_unsaved(self) -> str:
+        """Ask the reader what to do with unsaved review work: "save", "discard" or "cancel"
+        (a Save / Discard / Cancel ``QMessageBox``; Escape = Cancel)."""
+        from qtpy.QtWidgets import QMessageBox
+
+        B = QMessageBox.StandardButton
+        mask = self._bound.name if self._bound is not None else "the mask"
+        n = sum(self.state.edits) if self.state is not None else 0
+        answer = QMessageBox.question(
+            self.native.window(), "Unsaved review work",
+            f"The review of {mask} has unsaved work ({n} edits, statuses).\n\n"
+            "Save: write the mask and review log (as the Save button does).\n"
+            "Discard: close without saving; the autosave stays on disk and is offered "
+            "when this image is opened again.\nCancel: keep napari open.",
+            B.Save | B.Discard | B.Cancel, B.Save)
+        return {B.Save: "save", B.Discard: "discard"}.get(answer, "cancel")
+
+    def confirm_close(self) -> bool:
+        """Called when napari's window closes: True lets it close. Without unsaved work: True.
+        Otherwise asks (:meth:`ask_unsaved`): Save saves as the Save button does (False when the
+        save was refused: the window stays open); Discard writes the autosave (the work stays on
+        disk) and closes; Cancel keeps the window open."""
+        if not (self.dirty and self.autosaver is not None and self._bound is not None):
+            return True
+        answer = self.ask_unsaved()
+        if answer == "save":
+            return self.save() is not None
+        if answer == "discard":
+            self._autosave(force=True)
+            return True
+        self._status.value = "close cancelled: the review is still open"
+        return False
 
     def flush_unsaved(self) -> Path | None:
         """Autosave now when there is review work since the last Save (called on close/quit)."""
@@ -355,13 +413,17 @@ class ReviewDock(Container):
 
     def class_names(self) -> list[str]:
         """Label id -> name from the mask layer (its ``class`` feature or the run record)."""
-        mask = self._mask.value
-        if mask is None:
+        return self.layer_class_names(self._mask.value)
+
+    @staticmethod
+    def layer_class_names(layer) -> list[str]:
+        """Label id -> name of a Labels layer (its ``class`` feature or the run record); [] unknown."""
+        if layer is None:
             return []
-        feats = getattr(mask, "features", None)
+        feats = getattr(layer, "features", None)
         if feats is not None and "class" in getattr(feats, "columns", ()):
             return [str(v) for v in feats["class"]]
-        run = (mask.metadata or {}).get(RUN_KEY) or {}
+        run = (layer.metadata or {}).get(RUN_KEY) or {}
         return list((run.get("model") or {}).get("class_names") or [])
 
     def _valid_target(self) -> bool:
@@ -643,17 +705,66 @@ class ReviewDock(Container):
             unc = self.votes.slice_scores(mask, self.axis, dis)
         ref = self._reference.value
         ref_data = np.asarray(ref.data) if ref is not None and ref.data.shape == mask.shape else None
-        models = None
-        others = self.model_layers()
-        if others:  # model agreement: where the other models' results differ from the mask shown
-            md = model_disagreement(mask, [np.asarray(lay.data) for lay in others])
-            self._map_layer(f"{self._mask.value.name} model disagreement", md,
-                            f"% of the other models ({', '.join(lay.name for lay in others)}) "
-                            "disagreeing with the mask shown")
-            models = slice_scores(md, mask, self.axis)
+        models, disputed = self._model_agreement(mask)
         self.items = rank_slices(mask, self.axis, self._spacing(), uncertainty=unc, reference=ref_data,
                                  flags=self._all_flags() or None, models=models)
+        for it in self.items:  # name the classes the models disagree about on that slice
+            if it.index in disputed:
+                names = [n for _, n in sorted(disputed[it.index], key=lambda sn: -sn[0])]
+                it.note = "; ".join(filter(None, [it.note, "models disagree on " + ", ".join(names)]))
         self._fill_queue()
+
+    def _model_agreement(self, mask: np.ndarray):
+        """Model agreement per class (``review.uncertainty.class_model_disagreement``) against the
+        other models' layers: one ``<mask> models disagree: <class>`` layer per class where they
+        disagree (stale ones removed). Returns ((n,) per-slice score %, the max over classes, or
+        None without other models; {slice: [(score, class name), ...]})."""
+        others = self.model_layers()
+        keep, disputed, models = set(), {}, None
+        if others:
+            per_class = class_model_disagreement(
+                mask, self.class_names() or None, [(np.asarray(lay.data), self.layer_class_names(lay) or None)
+                                                   for lay in others])
+            models = np.zeros(mask.shape[self.axis], np.float32)
+            for cd in per_class:
+                if not cd.data.any():
+                    continue
+                voters = [others[k].name for k in cd.models]
+                name = f"{self._mask.value.name} models disagree: {cd.name}"
+                self._class_agreement_layer(name, cd, voters)
+                keep.add(name)
+                sc = cd.slice_scores(mask, self.axis)
+                models = np.maximum(models, sc)
+                for i in np.flatnonzero(sc > 0):
+                    disputed.setdefault(int(i), []).append((float(sc[i]), cd.name))
+        for name in self._agreement_layers - keep:
+            if name in self.viewer.layers:
+                self.viewer.layers.remove(name)
+        self._agreement_layers = keep
+        return models, disputed
+
+    def _class_agreement_layer(self, name: str, cd, voters: list[str]):
+        """The Image layer of one class's model disagreement (%), transparent at 0 and in the
+        class's colour of the mask at 100; metadata names the class and the models."""
+        from napari.utils.colormaps import Colormap
+
+        mask = self._mask.value
+        meta = {"units": f"% of the other models ({', '.join(voters)}) disagreeing with the mask shown "
+                         f"about {cd.name}", "class": cd.name, "class_id": cd.class_id, "models": voters}
+        if name in self.viewer.layers and self.viewer.layers[name].data.shape == cd.data.shape:
+            lay = self.viewer.layers[name]
+            lay.data = cd.data
+            lay.metadata.update(meta)
+            return lay
+        try:
+            rgb = [float(v) for v in np.asarray(mask.get_color(cd.class_id), dtype=float).ravel()[:3]]
+        except (AttributeError, TypeError, ValueError, KeyError):
+            rgb = [1.0, 0.5, 0.0]
+        cmap = Colormap(colors=[[*rgb, 0.0], [*rgb, 0.5], [*rgb, 1.0]], name=f"genseg_agreement_{cd.name}",
+                        display_name=f"{cd.name} (0 transparent)")
+        return self.viewer.add_image(cd.data, name=name, scale=mask.scale, translate=mask.translate,
+                                     colormap=cmap, contrast_limits=(0, 100), opacity=0.8,
+                                     blending="translucent", metadata=meta)
 
     def _fill_queue(self):
         st = self.state
@@ -864,65 +975,113 @@ class ReviewDock(Container):
         self._schedule(metrics=True)
 
     # ------------------------------------------------------------------ metrics
-    def compute_metrics(self) -> tuple[str, list[dict]]:
-        """("reference", Dice/IoU/HD95 rows) against the reference layer, or ("stats", volume and
-        HU rows) without one (see ``review.report``). Runs on the calling thread."""
-        mask = np.asarray(self._mask.value.data)
-        ref = self._reference.value
-        names, spacing = self.class_names(), self._spacing()
-        if ref is not None and ref.data.shape == mask.shape:
-            return "reference", volume_metrics(mask, np.asarray(ref.data), spacing, names)
-        return "stats", volume_stats(mask, np.asarray(self._image.value.data), spacing, names)
-
-    def update_metrics(self, *_):
-        """Recompute the metrics table in a worker thread (returns it; None when nothing to do)."""
-        from napari.qt.threading import thread_worker
-
-        if not self._valid_target() or self.metrics_worker is not None:
-            return None
+    def _metric_inputs(self):
         mask = np.array(self._mask.value.data)
         ref = self._reference.value
         ref_data = np.array(ref.data) if ref is not None and ref.data.shape == mask.shape else None
         image = np.asarray(self._image.value.data)
-        names, spacing = self.class_names(), self._spacing()
+        return mask, ref_data, image, self.class_names(), self._spacing(), self.axis
+
+    @staticmethod
+    def _metrics_of(mask, ref_data, image, names, spacing, axis):
+        """(kind, volume rows, {slice: rows}) for every slice along ``axis`` (any thread)."""
+        if ref_data is not None:
+            return ("reference", volume_metrics(mask, ref_data, spacing, names),
+                    slice_metrics(mask, ref_data, spacing, names, axis))
+        return "stats", volume_stats(mask, image, spacing, names), slice_stats(mask, image, spacing, names, axis)
+
+    def compute_metrics(self, per_slice: bool = False):
+        """("reference", Dice/IoU/HD95 rows) against the reference layer, or ("stats", volume and
+        HU rows) without one (see ``review.report``), for the volume; with ``per_slice`` a third
+        item, ``{slice index along the review axis: rows}`` for every slice. Runs on the calling
+        thread."""
+        if per_slice:
+            return self._metrics_of(*self._metric_inputs())
+        return self._volume_metrics()
+
+    def _volume_metrics(self):
+        mask, ref_data, image, names, spacing, _ = self._metric_inputs()
+        if ref_data is not None:
+            return "reference", volume_metrics(mask, ref_data, spacing, names)
+        return "stats", volume_stats(mask, image, spacing, names)
+
+    def update_metrics(self, *_):
+        """Recompute the metrics table (volume and every slice) in a worker thread (returns it;
+        None when nothing to do). Asked while one runs, it runs again when that one ends."""
+        from napari.qt.threading import thread_worker
+
+        if not self._valid_target():
+            return None
+        if self.metrics_worker is not None:
+            self._metrics_pending = True
+            return None
+        inputs = self._metric_inputs()
+        self._metrics_pending = False
 
         @thread_worker(start_thread=False, ignore_errors=True)
         def work():
-            if ref_data is not None:
-                return "reference", volume_metrics(mask, ref_data, spacing, names)
-            return "stats", volume_stats(mask, image, spacing, names)
+            return self._metrics_of(*inputs)
 
         self.metrics_worker = work()
         self.metrics_worker.returned.connect(self._show_metrics)
         self.metrics_worker.errored.connect(lambda exc: notify_error(exc, "Metrics failed"))
-        self.metrics_worker.finished.connect(lambda: setattr(self, "metrics_worker", None))
+        self.metrics_worker.finished.connect(self._on_metrics_finished)
         self.metrics_worker.start()
         return self.metrics_worker
 
+    def _on_metrics_finished(self):
+        self.metrics_worker = None
+        if self._metrics_pending:
+            self._metrics_pending = False
+            self._metrics_timer.start()
+
+    def _on_slice_changed(self, *_):
+        if self.slice_metric_rows or self.metric_rows:
+            self._draw_metrics()
+
     def _show_metrics(self, out):
-        kind, rows = out
+        kind, rows, *rest = out
         self.metric_kind, self.metric_rows = kind, rows
-        cols = list(METRIC_COLUMNS if kind == "reference" else STAT_COLUMNS)
+        self.slice_metric_rows = rest[0] if rest and rest[0] is not None else {}
+        self._draw_metrics()
+
+    def _draw_metrics(self):
+        """The table: one row per class, the volume's values and, next to them, the slice shown."""
+        kind, rows = self.metric_kind, self.metric_rows
+        z = self.current_slice()
+        here = {r["class"]: r for r in self.slice_metric_rows.get(z, [])}
+        classes = [r["class"] for r in rows] + [c for c in here if c not in {r["class"] for r in rows}]
+        vol = {r["class"]: r for r in rows}
 
         def fmt(v):
             return ("" if not np.isfinite(v) else round(v, 3)) if isinstance(v, float) else v
 
-        data = [[fmt(r[c]) for c in cols] for r in rows]
-        if kind == "stats":  # HU as mean ± SD for the eye
-            cols = ["class", "volume_ml", "HU mean ± SD", "voxels"]
-            data = [[r["class"], round(r["volume_ml"], 1), f"{r['hu_mean']:.1f} ± {r['hu_sd']:.1f}", r["voxels"]]
-                    for r in rows]
+        if kind == "reference":
+            keys = list(METRIC_COLUMNS[1:])
+            cols = ["class", *keys, *[f"slice {z} {k}" for k in keys]]
+            data = [[c, *[fmt(vol[c][k]) if c in vol else "" for k in keys],
+                     *[fmt(here[c][k]) if c in here else "" for k in keys]] for c in classes]
+        else:  # HU as mean ± SD for the eye
+            def hu(r):
+                return f"{r['hu_mean']:.1f} ± {r['hu_sd']:.1f}"
+
+            cols = ["class", "volume_ml", "HU mean ± SD", "voxels", f"slice {z} ml", f"slice {z} HU"]
+            data = [[c, *([round(vol[c]["volume_ml"], 1), hu(vol[c]), vol[c]["voxels"]] if c in vol else ["", "", ""]),
+                     *([round(here[c]["volume_ml"], 2), hu(here[c])] if c in here else ["", ""])] for c in classes]
         self._metrics.value = _table(data, cols)
         self._metrics.native.resizeColumnsToContents()
 
     def export_csv(self, path=None) -> Path | None:
-        """Write the metric rows (computed now) as CSV to ``path`` (default: the CSV field)."""
+        """Write the metric rows (computed now) as CSV to ``path`` (default: the CSV field): the
+        volume's rows, then every slice's (``review.report.metric_csv_rows``)."""
         if not self._valid_target():
             notify_error("Choose an image and a mask first.")
             return None
-        kind, rows = self.compute_metrics()
-        self._show_metrics((kind, rows))
-        out = write_csv(path or self._csv_path.value, rows, METRIC_COLUMNS if kind == "reference" else STAT_COLUMNS)
+        kind, rows, per_slice = self.compute_metrics(per_slice=True)
+        self._show_metrics((kind, rows, per_slice))
+        cols = METRIC_COLUMNS if kind == "reference" else STAT_COLUMNS
+        out = write_csv(path or self._csv_path.value, metric_csv_rows(rows, per_slice, self.axis),
+                        [cols[0], *CSV_SCOPE_COLUMNS, *cols[1:]])
         self._status.value = f"metrics written to {out}"
         return out
 
