@@ -839,6 +839,16 @@ class ReviewDock(Container):
             return TTAPredictor.from_checkpoint(ckpt, device=device, views=k)
         return make_predictor(ckpt, device=device)
 
+    def _job_inputs(self):
+        """(checkpoint, volume, views, device) for a model run, read on the GUI thread; None (with
+        a notification) when the checkpoint is refused."""
+        try:
+            ckpt = self._load()
+        except InputError as exc:
+            notify_error(exc)
+            return None
+        return ckpt, self._volume(), int(self._views.value), str(self._device.value)
+
     def compute_uncertainty(self, *_):
         """Run the model's K views (or N samples) over the image in a worker; returns the worker
         (None when the input was refused)."""
@@ -851,13 +861,10 @@ class ReviewDock(Container):
         if not self._valid_target():
             notify_error("Choose an image and a mask layer of the same shape first.")
             return None
-        try:
-            ckpt = self._load()
-        except InputError as exc:
-            notify_error(exc)
+        job = self._job_inputs()
+        if job is None:
             return None
-        vol = self._volume()
-        views, device = int(self._views.value), str(self._device.value)
+        ckpt, vol, views, device = job
 
         @thread_worker(start_thread=False, ignore_errors=True)
         def work():
@@ -930,13 +937,10 @@ class ReviewDock(Container):
         if self.state.status[z] == "accepted":
             self._status.value = f"slice {z} is accepted: the re-run leaves it as it is"
             return None
-        try:
-            ckpt = self._load()
-        except InputError as exc:
-            notify_error(exc)
+        job = self._job_inputs()
+        if job is None:
             return None
-        vol = self._volume()
-        views, device = int(self._views.value), str(self._device.value)
+        ckpt, vol, views, device = job
 
         @thread_worker(start_thread=False, ignore_errors=True)
         def work():
