@@ -37,3 +37,42 @@ def test_hu_offset_makes_one_array_of_the_output_size(dtype, offset, out_dtype):
     np.testing.assert_array_equal(out.data, data.astype(np.float64) + offset)
     # old code: an int32 copy plus the int32 sum (4x an int16 volume) or a float32 copy plus the sum
     assert peak < 1.25 * out.data.nbytes, peak / out.data.nbytes
+
+
+def _organ_labels(shape=(40, 128, 128)):
+    """uint8 labels: a liver with a hole and strays, a spleen in two large pieces (both rules act)."""
+    lab = np.zeros(shape, np.uint8)
+    lab[4:36, 20:100, 10:70] = 1
+    lab[15:20, 50:60, 30:40] = 0  # a hole
+    lab[2, 5, 5] = lab[38, 120, 120] = lab[20, 110, 100] = 1  # strays
+    lab[5:20, 30:60, 90:120] = 2
+    lab[24:36, 30:60, 90:120] = 2  # a second large spleen piece
+    return lab
+
+
+def test_postprocess_peak_stays_near_the_label_arrays():
+    from napari_genseg.postprocessing import default_postprocess, postprocess
+
+    names = ["background", "liver", "spleen"]
+    lab = _organ_labels()
+    postprocess(lab[:, :64, :64], names, default_postprocess(names), (2.0, 1.0, 1.0))  # imports, caches
+    (out, rep), peak = _peak(postprocess, lab, names, default_postprocess(names), (2.0, 1.0, 1.0))
+    assert rep.by_name("liver").removed_voxels == 3 and rep.by_name("liver").filled_voxels == 500
+    assert rep.flags and out.dtype == np.uint8
+    # the result (1x), the uint16 components (2x) and one bool mask; the old code kept int32
+    # component labels, np.nonzero's int64 triples and np.isin/np.bincount int64 copies: ~12x
+    assert peak < 4.5 * lab.nbytes, peak / lab.nbytes
+
+
+def test_centroid_and_component_slices_match_the_direct_computation():
+    from scipy import ndimage as ndi
+
+    from napari_genseg.postprocessing import _big_slices, _centroid, _label, _sizes
+
+    lab = _organ_labels()
+    mask = lab == 1
+    np.testing.assert_allclose(_centroid(mask), [v.mean() for v in np.nonzero(mask)], rtol=1e-12)
+    comp, n = _label(lab == 2, ndi.generate_binary_structure(3, 3))
+    assert comp.dtype == np.uint16 and n == 2
+    np.testing.assert_array_equal(_sizes(comp, n), np.bincount(comp.ravel())[1:])
+    assert _big_slices(comp, [2], 3) == [z + 3 for z in np.nonzero((comp == 2).any(axis=(1, 2)))[0]]
