@@ -76,3 +76,61 @@ def test_centroid_and_component_slices_match_the_direct_computation():
     assert comp.dtype == np.uint16 and n == 2
     np.testing.assert_array_equal(_sizes(comp, n), np.bincount(comp.ravel())[1:])
     assert _big_slices(comp, [2], 3) == [z + 3 for z in np.nonzero((comp == 2).any(axis=(1, 2)))[0]]
+
+
+def test_postprocess_in_place_cleans_the_given_labels_like_a_copy():
+    from napari_genseg.postprocessing import default_postprocess, postprocess
+
+    names = ["background", "liver", "spleen"]
+    spec = default_postprocess(names)
+    lab = _organ_labels()
+    ref, rep_ref = postprocess(lab, names, spec, (2.0, 1.0, 1.0))
+    assert lab[2, 5, 5] == 1  # the default leaves the input alone
+    same, rep = postprocess(lab, names, spec, (2.0, 1.0, 1.0), in_place=True)
+    assert same is lab and lab[2, 5, 5] == 0
+    np.testing.assert_array_equal(same, ref)
+    assert rep.to_dict() == rep_ref.to_dict()
+
+
+def test_cli_postprocesses_the_run_labels_in_place(monkeypatch):
+    """The CLI keeps no raw label volume beside the cleaned one (``in_place=True``)."""
+    import napari_genseg.postprocessing as post
+    from napari_genseg import cli
+
+    seen = {}
+    real = post.postprocess
+
+    def spy(labels, *args, **kwargs):
+        seen.update(kwargs)
+        out, rep = real(labels, *args, **kwargs)
+        seen["same"] = out is labels
+        return out, rep
+
+    monkeypatch.setattr(post, "postprocess", spy)
+
+    class Pred:
+        class_names = ["background", "liver"]
+        backend = "torch"
+
+        def set_image(self, x, spacing):
+            self.n = len(x)
+
+        def predict(self):
+            out = np.zeros((self.n, 16, 16), np.uint8)
+            out[:, 4:12, 4:12] = 1
+            return {"labels": out}
+
+        def release(self):
+            pass
+
+    import types
+
+    monkeypatch.setattr("napari_genseg.predictors.make_predictor", lambda *a, **k: Pred())
+    monkeypatch.setattr("napari_genseg.threads.configure_threads", lambda n=None: 1)
+    ckpt = types.SimpleNamespace(class_names=Pred.class_names, postprocess={"liver": {"single_component": True}})
+    args = types.SimpleNamespace(slices=None, device="cpu", precision="fp32", grid=None, backend="torch",
+                                 batch_size=2, quiet=True, postprocess=True, threads=1)
+    vol = Volume(np.zeros((4, 16, 16), np.int16), spacing=(2.0, 1.0, 1.0))
+    res = cli.segment_volume(vol, ckpt, args, "case")
+    assert seen.get("in_place") is True and seen["same"]
+    assert res.labels[0, 5, 5] == 1

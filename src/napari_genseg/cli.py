@@ -191,7 +191,8 @@ def segment_volume(vol, ckpt, args, desc: str):
         from .postprocessing import postprocess
 
         res.labels, res.postprocessing = postprocess(res.labels, ckpt.class_names,
-                                                         getattr(ckpt, "postprocess", None), vol)
+                                                         getattr(ckpt, "postprocess", None), vol,
+                                                         in_place=True)  # raw labels not kept
         for line in res.postprocessing.lines():
             print(line, file=sys.stderr)
         for w in res.postprocessing.warnings:

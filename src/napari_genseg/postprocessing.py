@@ -351,22 +351,36 @@ def _sizes(lab: np.ndarray, n: int) -> np.ndarray:
     return sizes[1:]
 
 
-def _components(mask: np.ndarray):
-    """(label array over the crop, crop, sizes (index k-1 = component k)) of ``mask``."""
+def _components(mask: np.ndarray | list):
+    """(label array over the crop, crop, sizes (index k-1 = component k)) of ``mask``.
+
+    ``mask`` may come in a one-element list, which is emptied once the crop is copied out: the
+    whole-volume mask is then gone before the component labels are made."""
+    holder = mask if isinstance(mask, list) else None
+    if holder is not None:
+        mask = holder.pop()
     box = _crop(mask)
-    lab, n = _label(mask[box], _structure(CONNECTIVITY))
+    sub = np.ascontiguousarray(mask[box])
+    mask = None  # noqa: F841 (frees a handed-over mask)
+    lab, n = _label(sub, _structure(CONNECTIVITY))
+    sub = None
     sizes = _sizes(lab, n)
     return lab, box, sizes
 
 
-def _holes(mask: np.ndarray) -> tuple[np.ndarray, tuple]:
+def _holes(mask: np.ndarray | list) -> tuple[np.ndarray, tuple]:
     """Background voxels enclosed by ``mask`` in 3-D (6-connected background not reaching the
-    array border), over the crop of ``mask`` (returned with it)."""
+    array border), over the crop of ``mask`` (returned with it). ``mask`` in a one-element list
+    is dropped once its crop is taken (see :func:`_components`)."""
+    if isinstance(mask, list):
+        mask = mask.pop()
     box = _crop(mask)
-    sub = mask[box]
-    bg, n = _label(~sub, _structure(HOLE_CONNECTIVITY))
+    outside_mask = ~mask[box]
+    mask = None
+    bg, n = _label(outside_mask, _structure(HOLE_CONNECTIVITY))
     if n == 0:
-        return np.zeros_like(sub), box
+        return np.zeros(outside_mask.shape, bool), box
+    outside_mask = None
     # background regions touching the crop's faces reach the outside: the crop has a one-voxel
     # margin of background (or is the array border itself)
     outside = np.zeros(n + 1, bool)
@@ -401,11 +415,12 @@ def postprocess(
     geometry: Any,
     editable_slices: Iterable[int] | None = None,
     image: np.ndarray | None = None,
+    in_place: bool = False,
 ) -> tuple[np.ndarray, PostprocessReport]:
     """Clean up ``labels`` per the declarations of ``spec`` and report every class.
 
     Args:
-        labels: (z, y, x) integer class ids (display convention of ``volume.py``); not modified.
+        labels: (z, y, x) integer class ids (display convention of ``volume.py``); not modified (unless ``in_place``).
         class_names: names of the class ids (id 0 = background).
         spec: the checkpoint's ``postprocess`` block (class name -> settings, see module doc);
             None or {} changes nothing (every class is still measured).
@@ -416,6 +431,9 @@ def postprocess(
             are never changed. None = every slice.
         image: the CT (HU, same shape) for the midline, when ``geometry`` is a spacing or its data
             is not the CT.
+
+        in_place: clean ``labels`` itself (returned) instead of a copy: a caller that drops the
+            raw labels (the CLI) saves one label volume.
 
     Returns:
         (new labels of the same shape and dtype, :class:`PostprocessReport`).
@@ -432,7 +450,7 @@ def postprocess(
     if image is None:
         image = data
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    out = labels.copy()
+    out = labels if in_place else labels.copy()
     editable = None
     if editable_slices is not None:
         editable = np.zeros(labels.shape[0], bool)
@@ -456,8 +474,8 @@ def postprocess(
         mask = labels == cid
         if not mask.any():
             continue
-        lab, box, sizes = _components(mask)
-        mask = None  # ``lab > 0`` holds it over the crop
+        holder, mask = [mask], None
+        lab, box, sizes = _components(holder)  # the whole-volume mask goes before labelling
         rep.components_before = rep.components_after = int(sizes.size)
         if rule is None or not rule.single_component or sizes.size < 2:
             continue
@@ -486,7 +504,7 @@ def postprocess(
         holes = sub = fill = None
         if not rule.fill_holes or cid not in reps or not (out == cid).any():
             continue
-        holes, hbox = _holes(out == cid)
+        holes, hbox = _holes([out == cid])
         sub = out[hbox]  # a view: writes land in ``out``
         fill = holes & (sub == 0)
         if editable is not None:
@@ -505,7 +523,7 @@ def postprocess(
         rep.filled_ml = round(rep.filled_voxels * voxel_ml, 6)
         if rep.voxels:
             if rule is not None and (rep.removed_voxels or rep.filled_voxels):
-                rep.components_after = int(_components(final)[2].size)
+                rep.components_after = int(_components(final)[2].size)  # ``final`` is used below
             cz, cy, cx = _centroid(final)
             ras = _ras(aff, spacing, (cz, cy, cx))
             rep.centroid_mm = [float(ras[2]), float(-ras[1]), float(-ras[0])]  # (S, P, L)
