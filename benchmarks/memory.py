@@ -19,7 +19,9 @@ is the RSS after the imports (torch, the package, nibabel, scipy, onnxruntime wh
 unless ``--no-warmup``, a first CLI run on a 4-slice CT (it pulls in the lazy imports: timm when
 the model is built, the ONNX exporter and ONNX Runtime with ``--backend auto``; then
 ``malloc_trim``), taken before the measured volume is read. Reported: peak above the baseline per stage, the volume's bytes, the
-model's bytes (parameters + buffers) and the ratio (highest peak above baseline) / (volume bytes +
+model's bytes (parameters + buffers), what each stage added above the RSS at its start ("stage
+own": freed memory the allocator keeps from earlier stages hides part of a later stage's own
+peak) and the ratio (highest peak above baseline) / (volume bytes +
 model bytes); the bound of issue #12 is 3.
 """
 
@@ -104,6 +106,7 @@ class StageMeter:
     def __init__(self, interval: float = 0.002):
         self.exact = _reset_hwm()
         self.peaks: dict[str, int] = {}
+        self.starts: dict[str, int] = {}  # RSS when the stage began (its first call)
         self.order: list[str] = []
         self._stage: str | None = None
         self._sampled = 0
@@ -125,6 +128,7 @@ class StageMeter:
         if self.exact:
             _reset_hwm()
         self._sampled = _rss()
+        self.starts.setdefault(name, self._sampled)
         try:
             yield
         finally:
@@ -244,12 +248,14 @@ def main(argv=None) -> int:
           f"wall {wall:.1f} s")
     print(f"baseline RSS after imports{' and a 4-slice warm-up run' if args.warmup else ''} {base / MB:.0f} MiB; "
           f"peaks: {how}")
-    print(f"{'stage':<12} {'peak MiB':>9} {'above base MiB':>15} {'x (vol+model)':>14}")
+    print(f"{'stage':<12} {'peak MiB':>9} {'above base MiB':>15} {'x (vol+model)':>14} {'stage own MiB':>14}")
     worst = 0
     for name in meter.order:
         above = meter.peaks[name] - base
+        own = meter.peaks[name] - meter.starts[name]  # what the stage added above its start RSS
         worst = max(worst, above)
-        print(f"{name:<12} {meter.peaks[name] / MB:>9.0f} {above / MB:>15.0f} {above / denom:>14.2f}")
+        print(f"{name:<12} {meter.peaks[name] / MB:>9.0f} {above / MB:>15.0f} {above / denom:>14.2f} "
+              f"{own / MB:>14.0f}")
     ratio = worst / denom
     print(f"peak above imports {worst / MB:.0f} MiB = {ratio:.2f} x (volume + model); bound 3: "
           f"{'OK' if ratio < 3 else 'EXCEEDED'}; (peak - model) / volume = {(worst - mb) / vol_bytes:.2f}")

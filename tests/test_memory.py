@@ -5,6 +5,7 @@ no wider or repeated copies of the volume than they need. Peaks are traced with 
 from __future__ import annotations
 
 import tracemalloc
+import weakref
 
 import numpy as np
 import pytest
@@ -93,7 +94,8 @@ def test_postprocess_in_place_cleans_the_given_labels_like_a_copy():
 
 
 def test_cli_postprocesses_the_run_labels_in_place(monkeypatch):
-    """The CLI keeps no raw label volume beside the cleaned one (``in_place=True``)."""
+    """The CLI keeps no raw label volume beside the cleaned one (``in_place=True``), and its
+    predictor (ONNX Runtime session, arena) is released before the post-processing runs."""
     import napari_genseg.postprocessing as post
     from napari_genseg import cli
 
@@ -102,6 +104,7 @@ def test_cli_postprocesses_the_run_labels_in_place(monkeypatch):
 
     def spy(labels, *args, **kwargs):
         seen.update(kwargs)
+        seen["predictor_alive"] = made[0]() is not None
         out, rep = real(labels, *args, **kwargs)
         seen["same"] = out is labels
         return out, rep
@@ -125,7 +128,14 @@ def test_cli_postprocesses_the_run_labels_in_place(monkeypatch):
 
     import types
 
-    monkeypatch.setattr("napari_genseg.predictors.make_predictor", lambda *a, **k: Pred())
+    made = []
+
+    def make(*a, **k):
+        p = Pred()
+        made.append(weakref.ref(p))
+        return p
+
+    monkeypatch.setattr("napari_genseg.predictors.make_predictor", make)
     monkeypatch.setattr("napari_genseg.threads.configure_threads", lambda n=None: 1)
     ckpt = types.SimpleNamespace(class_names=Pred.class_names, postprocess={"liver": {"single_component": True}})
     args = types.SimpleNamespace(slices=None, device="cpu", precision="fp32", grid=None, backend="torch",
@@ -133,4 +143,5 @@ def test_cli_postprocesses_the_run_labels_in_place(monkeypatch):
     vol = Volume(np.zeros((4, 16, 16), np.int16), spacing=(2.0, 1.0, 1.0))
     res = cli.segment_volume(vol, ckpt, args, "case")
     assert seen.get("in_place") is True and seen["same"]
+    assert not seen["predictor_alive"]  # the model's runtime is gone before the whole-volume step
     assert res.labels[0, 5, 5] == 1

@@ -187,6 +187,9 @@ def segment_volume(vol, ckpt, args, desc: str):
             bar.update(len(p.z))
     finally:
         bar.close()
+    # the predictor (its ONNX Runtime session and arena, or torch's buffers) goes before the
+    # whole-volume post-processing allocates: the run's peak memory is one of them, not both
+    del gen, pred
     if getattr(args, "postprocess", True):
         from .postprocessing import postprocess
 
