@@ -187,11 +187,15 @@ def segment_volume(vol, ckpt, args, desc: str):
             bar.update(len(p.z))
     finally:
         bar.close()
+    # the predictor (its ONNX Runtime session and arena, or torch's buffers) goes before the
+    # whole-volume post-processing allocates: the run's peak memory is one of them, not both
+    del gen, pred
     if getattr(args, "postprocess", True):
         from .postprocessing import postprocess
 
         res.labels, res.postprocessing = postprocess(res.labels, ckpt.class_names,
-                                                         getattr(ckpt, "postprocess", None), vol)
+                                                         getattr(ckpt, "postprocess", None), vol,
+                                                         in_place=True)  # raw labels not kept
         for line in res.postprocessing.lines():
             print(line, file=sys.stderr)
         for w in res.postprocessing.warnings:

@@ -319,26 +319,69 @@ def _crop(mask: np.ndarray):
     return tuple(slice(max(int(i[0]) - 1, 0), min(int(i[-1]) + 2, n)) for i, n in zip(idx, mask.shape))
 
 
-def _components(mask: np.ndarray):
-    """(label array over the crop, crop, sizes (index k-1 = component k)) of ``mask``."""
+def _label(mask: np.ndarray, structure: np.ndarray):
+    """``scipy.ndimage.label`` into uint16 (half of scipy's default int32 over a whole CT), int32
+    only when the mask has more than 65535 components."""
     from scipy import ndimage as ndi
 
+    try:
+        return ndi.label(mask, structure=structure, output=np.uint16)
+    except RuntimeError:  # "insufficient bit-depth in requested output type"
+        return ndi.label(mask, structure=structure, output=np.int32)
+
+
+def _centroid(mask: np.ndarray) -> tuple[float, float, float]:
+    """Mean (z, y, x) voxel index of a non-empty ``mask``, from its per-axis projections (no
+    ``np.nonzero``: 24 bytes per voxel of the class)."""
+    n = float(np.count_nonzero(mask))
+    out = []
+    for ax in range(3):
+        counts = np.count_nonzero(mask, axis=tuple(a for a in range(3) if a != ax))
+        out.append(float(np.dot(counts.astype(np.float64), np.arange(mask.shape[ax], dtype=np.float64))) / n)
+    return tuple(out)
+
+
+def _sizes(lab: np.ndarray, n: int) -> np.ndarray:
+    """Voxel count of components 1..n of a label array, slab by slab (``np.bincount`` casts its
+    input to int64: 8 bytes per voxel of the whole crop at once)."""
+    sizes = np.zeros(n + 1, np.int64)
+    if n:
+        step = max(1, (1 << 16) // max(1, lab[0].size))  # <= one slice or 64k voxels at once
+        for z in range(0, lab.shape[0], step):
+            sizes += np.bincount(lab[z : z + step].ravel(), minlength=n + 1)
+    return sizes[1:]
+
+
+def _components(mask: np.ndarray | list):
+    """(label array over the crop, crop, sizes (index k-1 = component k)) of ``mask``.
+
+    ``mask`` may come in a one-element list, which is emptied once the crop is copied out: the
+    whole-volume mask is then gone before the component labels are made."""
+    holder = mask if isinstance(mask, list) else None
+    if holder is not None:
+        mask = holder.pop()
     box = _crop(mask)
-    lab, n = ndi.label(mask[box], structure=_structure(CONNECTIVITY))
-    sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:] if n else np.zeros(0, np.int64)
+    sub = np.ascontiguousarray(mask[box])
+    mask = None  # noqa: F841 (frees a handed-over mask)
+    lab, n = _label(sub, _structure(CONNECTIVITY))
+    sub = None
+    sizes = _sizes(lab, n)
     return lab, box, sizes
 
 
-def _holes(mask: np.ndarray) -> tuple[np.ndarray, tuple]:
+def _holes(mask: np.ndarray | list) -> tuple[np.ndarray, tuple]:
     """Background voxels enclosed by ``mask`` in 3-D (6-connected background not reaching the
-    array border), over the crop of ``mask`` (returned with it)."""
-    from scipy import ndimage as ndi
-
+    array border), over the crop of ``mask`` (returned with it). ``mask`` in a one-element list
+    is dropped once its crop is taken (see :func:`_components`)."""
+    if isinstance(mask, list):
+        mask = mask.pop()
     box = _crop(mask)
-    sub = mask[box]
-    bg, n = ndi.label(~sub, structure=_structure(HOLE_CONNECTIVITY))
+    outside_mask = ~mask[box]
+    mask = None
+    bg, n = _label(outside_mask, _structure(HOLE_CONNECTIVITY))
     if n == 0:
-        return np.zeros_like(sub), box
+        return np.zeros(outside_mask.shape, bool), box
+    outside_mask = None
     # background regions touching the crop's faces reach the outside: the crop has a one-voxel
     # margin of background (or is the array border itself)
     outside = np.zeros(n + 1, bool)
@@ -348,6 +391,17 @@ def _holes(mask: np.ndarray) -> tuple[np.ndarray, tuple]:
             outside[np.unique(face)] = True
     outside[0] = True  # the mask itself
     return ~outside[bg], box
+
+
+def _big_slices(lab: np.ndarray, ids: list[int], offset: int = 0) -> list[int]:
+    """Slices (z + ``offset``) holding any of the components ``ids`` of ``lab``: a connected
+    component covers every slice between its first and last, so its bounding box is enough
+    (``scipy.ndimage.find_objects``; ``np.isin`` made label-array-sized temporaries)."""
+    from scipy import ndimage as ndi
+
+    boxes = ndi.find_objects(lab, max_label=max(ids))
+    zs = {z for k in ids if boxes[k - 1] is not None for z in range(boxes[k - 1][0].start, boxes[k - 1][0].stop)}
+    return [z + offset for z in sorted(zs)]
 
 
 def _z_list(mask_z: np.ndarray, offset: int = 0) -> list[int]:
@@ -362,11 +416,12 @@ def postprocess(
     geometry: Any,
     editable_slices: Iterable[int] | None = None,
     image: np.ndarray | None = None,
+    in_place: bool = False,
 ) -> tuple[np.ndarray, PostprocessReport]:
     """Clean up ``labels`` per the declarations of ``spec`` and report every class.
 
     Args:
-        labels: (z, y, x) integer class ids (display convention of ``volume.py``); not modified.
+        labels: (z, y, x) integer class ids (display convention of ``volume.py``); not modified (unless ``in_place``).
         class_names: names of the class ids (id 0 = background).
         spec: the checkpoint's ``postprocess`` block (class name -> settings, see module doc);
             None or {} changes nothing (every class is still measured).
@@ -377,6 +432,9 @@ def postprocess(
             are never changed. None = every slice.
         image: the CT (HU, same shape) for the midline, when ``geometry`` is a spacing or its data
             is not the CT.
+
+        in_place: clean ``labels`` itself (returned) instead of a copy: a caller that drops the
+            raw labels (the CLI) saves one label volume.
 
     Returns:
         (new labels of the same shape and dtype, :class:`PostprocessReport`).
@@ -393,7 +451,7 @@ def postprocess(
     if image is None:
         image = data
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    out = labels.copy()
+    out = labels if in_place else labels.copy()
     editable = None
     if editable_slices is not None:
         editable = np.zeros(labels.shape[0], bool)
@@ -409,6 +467,7 @@ def postprocess(
     reps: dict[int, ClassReport] = {}
     # pass 1: every class is measured; single-component organs lose their other components
     for cid in range(1, n_ids):
+        mask = lab = drop = None  # the last class's whole-volume arrays go before the next ones come
         name = str(class_names[cid]) if cid < len(class_names) else f"class{cid}"
         rule = rules.get(cid)
         rep = reps[cid] = ClassReport(label=cid, name=name, rule=rule.to_dict() if rule else None, voxels=0,
@@ -416,13 +475,15 @@ def postprocess(
         mask = labels == cid
         if not mask.any():
             continue
-        lab, box, sizes = _components(mask)
+        holder, mask = [mask], None
+        lab, box, sizes = _components(holder)  # the whole-volume mask goes before labelling
         rep.components_before = rep.components_after = int(sizes.size)
         if rule is None or not rule.single_component or sizes.size < 2:
             continue
         order = np.argsort(sizes, kind="stable")[::-1]
         largest = int(sizes[order[0]])
-        drop = (lab != int(order[0]) + 1) & (lab > 0)
+        drop = lab > 0
+        np.not_equal(lab, int(order[0]) + 1, out=drop, where=drop)  # in place: no third array
         if editable is not None:
             drop &= editable[box[0]][:, None, None]
         out[box][drop] = 0
@@ -437,20 +498,24 @@ def postprocess(
                 f"{name}: {len(big) + 1} large 3-D components before clean-up (the second is "
                 f"{100.0 * second / largest:.0f} % of the largest, >= {100.0 * rule.large_fraction:.0f} %): "
                 f"the kept one may be the wrong one",
-                _z_list(np.isin(lab, big).any(axis=(1, 2)), box[0].start)))
+                _big_slices(lab, big, box[0].start)))
+    mask = lab = drop = None
     # pass 2: holes (after every removal, so a removed stray inside an organ's hole is filled too)
     for cid, rule in sorted(rules.items()):
+        holes = sub = fill = None
         if not rule.fill_holes or cid not in reps or not (out == cid).any():
             continue
-        holes, hbox = _holes(out == cid)
+        holes, hbox = _holes([out == cid])
         sub = out[hbox]  # a view: writes land in ``out``
         fill = holes & (sub == 0)
         if editable is not None:
             fill &= editable[hbox[0]][:, None, None]
         sub[fill] = cid
         reps[cid].filled_voxels = int(fill.sum())
+    holes = sub = fill = None
     # pass 3: what is left, where it lies, and the flags
     for cid, rep in reps.items():
+        final = None
         rule = rules.get(cid)
         final = out == cid
         rep.voxels = int(final.sum())
@@ -459,8 +524,8 @@ def postprocess(
         rep.filled_ml = round(rep.filled_voxels * voxel_ml, 6)
         if rep.voxels:
             if rule is not None and (rep.removed_voxels or rep.filled_voxels):
-                rep.components_after = int(_components(final)[2].size)
-            cz, cy, cx = (float(v.mean()) for v in np.nonzero(final))
+                rep.components_after = int(_components(final)[2].size)  # ``final`` is used below
+            cz, cy, cx = _centroid(final)
             ras = _ras(aff, spacing, (cz, cy, cx))
             rep.centroid_mm = [float(ras[2]), float(-ras[1]), float(-ras[0])]  # (S, P, L)
             rep.side = "right" if ras[0] > mid["r_mm"] else "left"

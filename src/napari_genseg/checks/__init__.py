@@ -79,15 +79,23 @@ def parse_hu_offset(value) -> float | str | None:
 
 def apply_hu_offset(vol, offset: float):
     """A copy of ``vol`` with ``offset`` HU added to every voxel (float32 unless the sum stays an
-    exact int16); geometry unchanged; ``meta["hu_offset"]`` records it. ``offset`` 0 -> ``vol``."""
+    exact int16); geometry unchanged; ``meta["hu_offset"]`` records it. ``offset`` 0 -> ``vol``.
+    Memory: the result is the only new array (no int32/float64 intermediate of the volume's size)."""
     if not offset:
         return vol
     data = np.asarray(vol.data)
-    if data.dtype.kind in "iu" and float(offset).is_integer():
-        wide = data.astype(np.int32) + int(offset)
-        out = wide.astype(np.int16) if wide.min() >= -32768 and wide.max() <= 32767 else wide.astype(np.float32)
+    # one new array of the output's size, no wider temporary (a full-size CT is 150 MB in int16)
+    if data.dtype.kind in "iu" and float(offset).is_integer() and data.size:
+        lo, hi = int(data.min()) + int(offset), int(data.max()) + int(offset)
+        if -32768 <= lo and hi <= 32767:
+            out = np.empty(data.shape, np.int16)
+            np.add(data, np.int64(offset), out=out, casting="unsafe")  # exact: the range was checked
+        else:
+            out = data.astype(np.float32)
+            out += np.float32(offset)
     else:
-        out = data.astype(np.float32) + np.float32(offset)
+        out = data.astype(np.float32)  # a copy also for float32 input: ``vol`` stays untouched
+        out += np.float32(offset)
     meta = dict(vol.meta)
     meta["hu_offset"] = float(offset)
     return replace(vol, data=out, meta=meta)

@@ -76,6 +76,7 @@ def ort_session(path, threads: int | None = None):
     so = ort.SessionOptions()
     so.intra_op_num_threads = int(threads or torch.get_num_threads())
     so.inter_op_num_threads = 1
+    so.enable_cpu_mem_arena = False  # activations go back after each batch (issue #12 memory bound)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if passive_wait():
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
