@@ -158,7 +158,8 @@ def test_validation_scores_an_organ_free_case_by_false_positives():
 
     vol = Volume(np.zeros((2, 16, 16), np.int16), (3.0, 2.0, 2.0))
     case = Case(name="neg", volume=vol, labels=np.zeros((2, 16, 16), np.uint8), source="t", kind="phantom")
-    args = ([case], [(0, [0, 1])], ["background", "liver", "spleen"],
+    case2 = Case(name="neg2", volume=vol, labels=np.zeros((2, 16, 16), np.uint8), source="t", kind="phantom")
+    args = ([case, case2], [(0, [0, 1]), (1, [1])], ["background", "liver", "spleen"],
             Normalization.from_dict({"kind": "hu_window", "low": -125.0, "high": 275.0}),
             SliceGrid(16, "resize"), torch.device("cpu"))
     empty = validate_slices(Const(0), *args)

@@ -48,14 +48,14 @@ def validate_slices(model: nn.Module, cases: list[D.Case], items, class_names, n
         for s in range(0, len(zs), batch_size):
             pred.set_image(c.image[zs[s:s + batch_size]], c.spacing[1:])
             labs.append(pred.predict()["labels"])
-        pred, ref = np.concatenate(labs), c.labels[zs]
-        per_case[c.name] = evaluate_labels(pred, ref, c.spacing, classes)
+        out, ref = np.concatenate(labs), c.labels[zs]
+        per_case[c.name] = evaluate_labels(out, ref, c.spacing, classes)
         for k, n in classes.items():
             # a class absent from the reference (a negative case: pelvis/thorax phantom): the
             # TransUNet convention of evaluate_labels scores a false positive 1 and an empty
             # prediction 0; validation scores what is right here: 1 when empty, else 0
             if not (ref == k).any():
-                per_case[c.name][n]["dice"] = 0.0 if (pred == k).any() else 1.0
+                per_case[c.name][n]["dice"] = 0.0 if (out == k).any() else 1.0
     model.train(was_training)
     mean = {}
     for n in classes.values():
