@@ -298,6 +298,7 @@ def main(argv=None) -> int:
     lines += [
         "",
         "## Read these numbers honestly",
+        "- **The real-data figures rest on one patient plus three slices of a second one (the GE CT).**",
         "- One labelled real patient: the real validation slices come from the patient whose other slices were"
         " trained on (2-slice gaps); stages 0-1 also saw the rest of that patient's longer scan (unlabelled, without"
         " the labelled slices). This measures interpolation within a patient, not generalisation.",
