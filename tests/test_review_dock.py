@@ -458,3 +458,29 @@ def test_the_segment_docks_clean_up_report_feeds_the_queue(make_napari_viewer_pr
     top = {it.index: it for it in w.items}
     assert top[3].signals.get("flags") == 1.0 and "stray component removed" in top[3].note
     assert w.items[0].index == 3
+
+
+def test_reference_from_a_dicom_seg_lands_on_the_ct_slices(make_napari_viewer_proxy, double_checkpoint):
+    """A reference DICOM SEG (the GE CT's dcmqi liver) is placed on the opened DICOM series by
+    its frames' world positions: per-slice liver counts equal the SEG's frames, in position order."""
+    import warnings
+
+    from _ct_cases import shared_dir
+
+    ge = shared_dir() / "data" / "dicom-robustness" / "ge-ct-3slice-liver"
+    if not (ge / "liver.dcm").is_file():
+        pytest.skip("../shared/data/dicom-robustness/ge-ct-3slice-liver absent")
+    from napari_genseg.io import load_volume
+    from napari_genseg.ui.layers import image_layer_data
+
+    viewer = make_napari_viewer_proxy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        vol = load_volume(ge)
+    d, kw, _ = image_layer_data(vol, "ge")
+    img = viewer.add_image(d, **kw)
+    mask = _mask(viewer, img, "ge [testdouble]")
+    w = _dock(viewer, double_checkpoint, img, mask)
+    ref = w.load_reference(ge / "liver.dcm", label_map="1:1")
+    assert ref is not None and w._reference.value.name == ref.name == "liver.dcm (reference)"
+    assert (np.asarray(ref.data) == 1).sum(axis=(1, 2)).tolist() == [36233, 35645, 35220]

@@ -205,7 +205,7 @@ class ReviewDock(Container):
         review_tab = Container(widgets=[run_row, self._run_progress, self._progress_line, self._queue, nav,
                                         self._rerun, self._metrics, metric_row])
         # ---- Model tab: what "Compute uncertainty" and "Re-run" use
-        self._ref_file = FileEdit(label="reference file", mode="r", filter="*.nii.gz *.nii",
+        self._ref_file = FileEdit(label="reference file", mode="r", filter="*.nii.gz *.nii *.dcm",
                                   tooltip="a label NIfTI; resampled onto the image grid when its grid differs")
         self._ref_map = LineEdit(label="label map", value="",
                                  tooltip='file id -> class id, e.g. "5:1,1:2" (TotalSegmentator liver, spleen); '
