@@ -28,8 +28,8 @@ import numpy as np
 
 from ..errors import InputError
 from ..volume import Volume
-from .atomic import atomic_path, check_writable_folder, same_file
-from .nifti import MaskWriteError, labels_to_stored
+from .atomic import atomic_path, same_file
+from .nifti import MaskWriteError, checked_mask_labels, labels_to_stored
 
 __all__ = ["write_dicom_seg", "is_dicom_seg_path", "class_codes", "segment_classes", "SEG_SERIES_NUMBER"]
 
@@ -231,17 +231,7 @@ def write_dicom_seg(path: str | os.PathLike, labels: np.ndarray, like: Volume, c
         raise InputError("DICOM SEG needs a DICOM source")
     if not is_dicom_seg_path(path):
         raise MaskWriteError(f"{path.name}: a DICOM SEG output must end with .dcm")
-    try:
-        check_writable_folder(path.parent)
-    except InputError as exc:
-        raise MaskWriteError(str(exc)) from None
-    labels = np.asarray(labels)
-    if labels.shape != like.shape:
-        raise MaskWriteError(f"labels shape {labels.shape} differs from the image {like.shape}")
-    if labels.dtype.kind == "f" and (not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels))):
-        raise MaskWriteError("labels must be integers")
-    if labels.size and int(labels.min()) < 0:
-        raise MaskWriteError("labels must be non-negative integers")
+    labels = checked_mask_labels(path, labels, like)
     names = [str(n) for n in class_names]
     present = [int(c) for c in np.unique(labels) if int(c) != 0]
     if not present:

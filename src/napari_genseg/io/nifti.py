@@ -297,6 +297,28 @@ def labels_to_stored(labels: np.ndarray, like: Volume, dtype=None) -> np.ndarray
     return stored
 
 
+def checked_mask_labels(path: Path, labels, like: Volume | None = None) -> np.ndarray:
+    """The checks every mask writer (NIfTI, DICOM SEG) makes before writing ``labels`` to ``path``:
+    a writable folder, a 3-D (z, y, x) array of non-negative integer ids (floats only when
+    integral), of ``like``'s shape when given. Returns the labels as an array; raises
+    :class:`MaskWriteError` (one line)."""
+    try:
+        check_writable_folder(path.parent)
+    except InputError as exc:
+        raise MaskWriteError(str(exc)) from None
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise MaskWriteError(f"labels must be 3-D (z, y, x); got shape {labels.shape}")
+    if labels.dtype.kind == "f":
+        if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
+            raise MaskWriteError("labels must be integers")
+    if int(labels.min(initial=0)) < 0:
+        raise MaskWriteError("labels must be non-negative integers")
+    if like is not None and labels.shape != like.shape:
+        raise MaskWriteError(f"labels shape {labels.shape} differs from the image {like.shape}")
+    return labels
+
+
 def write_mask(
     path: str | os.PathLike,
     labels: np.ndarray,
@@ -323,22 +345,9 @@ def write_mask(
         raise MaskWriteError(f"{path.name}: mask output must end with .nii or .nii.gz")
     if like is not None and same_file(path, like.source_path):
         raise MaskWriteError(f"refusing to overwrite the source image {path}")
-    try:
-        check_writable_folder(path.parent)
-    except InputError as exc:
-        raise MaskWriteError(str(exc)) from None
-    labels = np.asarray(labels)
-    if labels.ndim != 3:
-        raise MaskWriteError(f"labels must be 3-D (z, y, x); got shape {labels.shape}")
-    if labels.dtype.kind == "f":
-        if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
-            raise MaskWriteError("labels must be integers")
+    labels = checked_mask_labels(path, labels, like)
     dtype = _label_dtype(int(labels.max()) if labels.size else 0)
-    if int(labels.min(initial=0)) < 0:
-        raise MaskWriteError("labels must be non-negative integers")
     if like is not None:
-        if labels.shape != like.shape:
-            raise MaskWriteError(f"labels shape {labels.shape} differs from the image {like.shape}")
         stored = labels_to_stored(labels, like, dtype)
         affine = like.source_affine
         if like.source_header is not None and isinstance(like.source_header, nib.Nifti1Header):
