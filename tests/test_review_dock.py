@@ -203,6 +203,23 @@ def test_metrics_against_a_reference_and_without_one_and_csv(make_napari_viewer_
     assert all("reference" in it.signals for it in w.items[:4])
 
 
+def test_a_reference_that_is_the_mask_itself_or_on_another_grid_is_not_compared(make_napari_viewer_proxy,
+                                                                                double_checkpoint):
+    viewer = make_napari_viewer_proxy()
+    img = _image(viewer)
+    mask = _mask(viewer, img)
+    mask.data[2:6, 10:20, 10:20] = 1
+    w = _dock(viewer, double_checkpoint, img, mask, reference=mask)
+    kind, rows = w.compute_metrics()  # (old code: "reference", Dice 1.0 against itself)
+    assert kind == "stats" and "is the mask under review itself" in w._status.value
+    w.refresh()
+    assert not any("reference" in it.signals for it in w.items)
+    other = viewer.add_labels(np.zeros((8, 16, 16), np.uint8), name="small")
+    w._reference.value = other
+    kind, _ = w.compute_metrics()
+    assert kind == "stats" and "has shape (8, 16, 16), the mask (8, 32, 32): not compared" in w._status.value
+
+
 def test_autosave_after_a_killed_session_is_offered_and_restored(make_napari_viewer_proxy, qtbot, double_checkpoint, tmp_path):
     """A reviewing process autosaves and is killed; the same voxels opened again (another layer
     name) get the work back: mask, statuses and protection."""

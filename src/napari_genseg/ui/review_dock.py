@@ -703,8 +703,7 @@ class ReviewDock(Container):
             dis = self.votes.disagreement(mask)
             self._uncertainty_layer(dis)
             unc = self.votes.slice_scores(mask, self.axis, dis)
-        ref = self._reference.value
-        ref_data = np.asarray(ref.data) if ref is not None and ref.data.shape == mask.shape else None
+        ref_data, _ = self._reference_data(mask.shape)
         models, disputed = self._model_agreement(mask)
         self.items = rank_slices(mask, self.axis, self._spacing(), uncertainty=unc, reference=ref_data,
                                  flags=self._all_flags() or None, models=models)
@@ -979,10 +978,26 @@ class ReviewDock(Container):
         self._schedule(metrics=True)
 
     # ------------------------------------------------------------------ metrics
+    def _reference_data(self, mask_shape):
+        """(reference voxels or None, why it is not compared or None). A reference that is the
+        mask under review itself (every metric would read 1.0) or that has another grid is not
+        compared, and the status line says so."""
+        ref = self._reference.value
+        if ref is None:
+            return None, None
+        if ref is self._mask.value or ref.data is self._mask.value.data:
+            return None, (f"reference '{ref.name}' is the mask under review itself: not compared "
+                          "(choose another layer)")
+        if tuple(ref.data.shape) != tuple(mask_shape):
+            return None, (f"reference '{ref.name}' has shape {tuple(ref.data.shape)}, the mask "
+                          f"{tuple(mask_shape)}: not compared")
+        return np.array(ref.data), None
+
     def _metric_inputs(self):
         mask = np.array(self._mask.value.data)
-        ref = self._reference.value
-        ref_data = np.array(ref.data) if ref is not None and ref.data.shape == mask.shape else None
+        ref_data, why = self._reference_data(mask.shape)
+        if why is not None:
+            self._status.value = why
         image = np.asarray(self._image.value.data)
         return mask, ref_data, image, self.class_names(), self._spacing(), self.axis
 
