@@ -256,3 +256,15 @@ def test_cli_embedding_cache_option(ct_case, arseg_tiny_checkpoint, tmp_path, ca
     blocker.write_text("x")
     assert main([*run, "--out", str(tmp_path / "c.nii.gz"), "--embedding-cache", str(blocker / "d")]) == 2
     assert "embedding cache" in capsys.readouterr().err
+
+
+def test_unwritable_default_folder_warns_and_keeps_memory_only(arseg_tiny_checkpoint, tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.setenv("GENSEG_CACHE_DIR", str(blocker / "root"))
+    with pytest.warns(UserWarning, match="memory only"):
+        p, calls = _predictor(arseg_tiny_checkpoint, None, n_samples=2)
+    assert p.embedding_cache.folder is None
+    _run(p, _slices(n=1))
+    _run(p, _slices(n=1))
+    assert calls == [1]

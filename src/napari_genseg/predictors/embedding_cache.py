@@ -183,20 +183,27 @@ class EmbeddingCache:
     def from_option(cls, option=None) -> "EmbeddingCache | None":
         """The cache a predictor's ``embedding_cache`` option names.
 
-        None or True: the default folder (``default_embedding_dir``); a path: that folder; False
-        or "off" (also "none", "no", "0"): no cache at all (None is returned; every run embeds);
-        an :class:`EmbeddingCache`: itself (shared between predictors). Raises
-        :class:`CacheOptionError` when the folder cannot be written.
+        None or True: the default folder (``default_embedding_dir``; where it cannot be written,
+        one warning and a cache in memory only); a path: that folder; False or "off" (also "none",
+        "no", "0"): no cache at all (None is returned; every run embeds); an
+        :class:`EmbeddingCache`: itself (shared between predictors). Raises
+        :class:`CacheOptionError` when a folder given cannot be written.
         """
         if isinstance(option, EmbeddingCache):
             return option
         if option is False or (isinstance(option, str) and option.strip().lower() in _OFF):
             return None
-        folder = default_embedding_dir() if option is None or option is True else Path(option).expanduser()
+        default = option is None or option is True
+        folder = default_embedding_dir() if default else Path(option).expanduser()
         try:
             check_writable_folder(folder)
         except InputError as exc:
-            raise CacheOptionError(f"embedding cache: {exc}") from None
+            if not default:
+                raise CacheOptionError(f"embedding cache: {exc}") from None
+            from ..device import warn_once
+
+            warn_once(f"embedding cache: {exc}; embeddings are kept in memory only (set GENSEG_CACHE_DIR)")
+            return cls(None)
         return cls(folder)
 
     # ------------------------------------------------------------------ keys and files
