@@ -1,4 +1,4 @@
-"""On-disk cache of image embeddings (AR-Seg: the SAM/MedSAM ViT-B encoder costs ~15-30 s per slice
+"""On-disk cache of image embeddings (AR-Seg: the SAM/MedSAM ViT-B encoder costs ~15-40 s per slice
 on a CPU), so a second run on the same slice (another seed, N, target class or threshold) costs only
 the segmentor. No napari, no Qt.
 
