@@ -138,6 +138,21 @@ def _check_backend(args, ckpt) -> None:
         resolve_backend(getattr(args, "backend", "auto"), ckpt.family, args.device, args.precision)
 
 
+def _embedding_cache_options(args, ckpt) -> dict:
+    """``--embedding-cache DIR|off`` as predictor options (AR-Seg only); raises InputError for another
+    family or an unwritable folder, before any work."""
+    value = getattr(args, "embedding_cache", None)
+    if value is None:
+        return {}
+    from .predictors import predictor_options
+    from .predictors.embedding_cache import EmbeddingCache
+
+    if "embedding_cache" not in predictor_options(ckpt.family):
+        _fail(f"--embedding-cache applies to AR-Seg models, not {ckpt.family}")
+    EmbeddingCache.from_option(value)  # the folder must be writable
+    return {"embedding_cache": value}
+
+
 def _check_inputs_exist(cases: list[Path]) -> None:
     missing = [c for c in cases if not c.exists()]
     if missing:
@@ -173,7 +188,7 @@ def segment_volume(vol, ckpt, args, desc: str):
 
     configure_threads(getattr(args, "threads", None))
     pred = make_predictor(ckpt, device=args.device, precision=args.precision, grid_mode=args.grid,
-                          backend=getattr(args, "backend", "auto"))
+                          backend=getattr(args, "backend", "auto"), **_embedding_cache_options(args, ckpt))
     gen = run_volume(pred, vol, slices=zs, batch_size=args.batch_size)
     bar = _progress(len(zs), desc, args.quiet)
     try:
@@ -286,6 +301,7 @@ def cmd_segment(args) -> int:
         _check_device(args.device)
         ckpt = _resolve(args.model, args.checkpoint)
         _check_backend(args, ckpt)
+        _embedding_cache_options(args, ckpt)
         args.threads = configure_threads(args.threads)
         vol, report = _checked(vol, ckpt, args)
         res = segment_volume(vol, ckpt, args, cases[0].name)
@@ -296,6 +312,7 @@ def cmd_segment(args) -> int:
     _check_device(args.device)
     ckpt = _resolve(args.model, args.checkpoint)
     _check_backend(args, ckpt)
+    _embedding_cache_options(args, ckpt)
     args.threads = configure_threads(args.threads)  # once per run: every case uses the same count
     out_dir.mkdir(parents=True, exist_ok=True)
     failed = 0
@@ -491,6 +508,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--no-postprocess", dest="postprocess", action="store_false",
                        help="keep the raw mask: skip the 3-D clean-up declared in the checkpoint (largest "
                             "component of single organs, holes filled) and its per-class report")
+        p.add_argument("--embedding-cache", default=None, metavar="DIR|off",
+                       help="AR-Seg: folder of cached image embeddings (a rerun with another seed or N skips "
+                            "the encoder); default $GENSEG_CACHE_DIR/embeddings or ~/.cache/napari-genseg/"
+                            "embeddings; 'off' = no cache")
         p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("segment", help="segment a CT (NIfTI or DICOM folder), a folder of cases or a list file")

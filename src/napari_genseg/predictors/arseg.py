@@ -23,6 +23,7 @@ import torch
 from ..device import autocast_context, resolve_device, resolve_precision
 from ..preprocessing import Normalization, SliceGrid
 from .base import PredictorOptionError, input_contract, model_input
+from .embedding_cache import EmbeddingCache, embedding_signature
 
 __all__ = ["ArSegPredictor", "consensus_from_votes"]
 
@@ -39,6 +40,10 @@ class ArSegPredictor:
     uint8, "tokens": (n, N, L) int16}``. The mask is binary: background + ``target_class``
     (an index into ``class_names``; AdaLN class conditioning uses ``target_class - 1``).
     Raises ``ValueError`` for N outside 1..64, a threshold outside (0, 1) or an unknown class.
+
+    ``embedding_cache``: where image embeddings are kept between runs (``embedding_cache``
+    module): None = the default folder, a folder, "off"/False = none, or an ``EmbeddingCache``.
+    A second run on the same slices (another seed, N, class or threshold) then skips the encoder.
     """
 
     backend = "torch"
@@ -57,6 +62,7 @@ class ArSegPredictor:
         seed: int = 0,
         top_k: int = 100,
         temperatures=None,
+        embedding_cache=None,
     ):
         if not 1 <= n_samples <= 64:
             raise PredictorOptionError("number of samples must be between 1 and 64")
@@ -84,15 +90,16 @@ class ArSegPredictor:
         self._emb: torch.Tensor | None = None
         self._hw: tuple[int, int] | None = None
         self._spacing = (1.0, 1.0)
+        self.embedding_cache = EmbeddingCache.from_option(embedding_cache)
 
     @classmethod
     def from_checkpoint(cls, ckpt, *, device="auto", precision: str = "auto", grid_mode: str | None = None,
                         n_samples: int = 16, threshold: float = 0.5, target_class: int = 1, seed: int = 0,
-                        top_k: int = 100, temperatures=None) -> "ArSegPredictor":
+                        top_k: int = 100, temperatures=None, embedding_cache=None) -> "ArSegPredictor":
         """The predictor of a loaded AR-Seg checkpoint (``models.checkpoints.Checkpoint``)."""
         norm, grid = input_contract(ckpt, grid_mode)
         return cls(ckpt.model, ckpt.class_names, norm, grid, device, precision, n_samples, threshold,
-                   target_class, seed, top_k, temperatures)
+                   target_class, seed, top_k, temperatures, embedding_cache)
 
     @property
     def num_scales(self) -> int:
@@ -103,7 +110,8 @@ class ArSegPredictor:
     def set_image(self, slices_hu: np.ndarray, spacing_yx=(1.0, 1.0)) -> None:
         """Embed the batch once: (n, H, W) HU -> image embedding (n, C_e, h, w) on the device."""
         x = model_input(slices_hu, spacing_yx, self.grid, self.norm, self.device)
-        self._emb = self.embed(x)
+        cache = self.embedding_cache
+        self._emb = self.embed(x) if cache is None else cache.embed(x, self._embedding_base, self.embed)
         self._hw, self._spacing = tuple(np.shape(slices_hu)[-2:]), tuple(spacing_yx)
 
     @torch.inference_mode()
@@ -131,6 +139,10 @@ class ArSegPredictor:
         """Image embedding (n, C_e, h, w) of the normalised model input x (n, C, S, S)."""
         with autocast_context(self.device, self.precision):
             return self.model.embed(x)
+
+    def _embedding_base(self) -> dict:
+        """What this predictor's cached embeddings are signed by, besides each slice's input."""
+        return embedding_signature(self.model, self.norm, self.grid, self.backend, self.device, self.precision)
 
     def decode(self, tokens: torch.Tensor, upto_scale: int | None = None) -> torch.Tensor:
         """Mask logits (N, 1, M, M) of token ids (N, L) after scale ``upto_scale`` (None = all)."""
