@@ -102,6 +102,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", help="training device (cpu, cuda); evaluation runs on the CPU")
     ap.add_argument("--skip-stage0", action="store_true", help="reuse WORK/marseg_stage0.safetensors")
     ap.add_argument("--skip-stage1", action="store_true", help="reuse WORK/marseg_stage1.safetensors")
+    ap.add_argument("--stage2-resume-minutes", type=float, default=None,
+                    help="resume stage 2 from WORK/marseg_stage2 (its .train.pt) up to this total wall-time "
+                         "budget (the cosine lr follows the elapsed fraction of the new total)")
     ap.add_argument("--skip-stage2", action="store_true",
                     help="reuse WORK/marseg_stage2.safetensors (only re-save, re-evaluate, re-write the card)")
     ap.add_argument("--ge-dir", default="/work/shared/data/dicom-robustness/ge-ct-3slice-liver")
@@ -153,6 +156,10 @@ def main(argv=None) -> int:
             continue
         kw = dict(stage_cfg[s])
         minutes = kw.pop("minutes")
+        if s == 2 and args.stage2_resume_minutes:
+            kw.pop("init")
+            kw["resume"] = str(paths[2])
+            minutes = args.stage2_resume_minutes
         cfg = MarSegTrainConfig.from_dict({**common, **kw, "out": str(paths[s]), "time_budget_minutes": minutes,
                                            "max_minutes": minutes * 1.4 + 3})
         summaries[s] = train(cfg)
