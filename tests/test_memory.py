@@ -157,3 +157,54 @@ def test_ort_session_keeps_no_activation_arena(monkeypatch):
     monkeypatch.setattr(ort, "InferenceSession", lambda path, so, providers: seen.setdefault("so", so))
     ort_session("model.onnx", threads=1)
     assert seen["so"].enable_cpu_mem_arena is False
+
+
+def _nifti(path, data_xyz, codes="RAS", slope=None, inter=None):
+    """Write ``data_xyz`` (stored i, j, k) as NIfTI with stored axes ``codes`` (1 mm voxels)."""
+    import nibabel as nib
+
+    ornt = nib.orientations.axcodes2ornt(codes)
+    aff = np.zeros((4, 4))
+    aff[3, 3] = 1.0
+    for i, (ax, flip) in enumerate(ornt):
+        aff[int(ax), i] = flip
+    img = nib.Nifti1Image(data_xyz, aff)
+    if slope is not None:
+        img.header.set_slope_inter(slope, inter)
+    nib.save(img, str(path))
+    return path
+
+
+@pytest.mark.parametrize("codes", ["LPS", "RAS", "PIR"])
+def test_nifti_read_makes_one_volume_sized_array(tmp_path, monkeypatch, codes):
+    """Reading a .nii.gz holds the voxels once (read slab by slab into the display array; the
+    flips and transposes of the reorientation copy nothing). The old read kept the decompressed
+    bytes twice (``GzipFile.read`` into nibabel's buffer) and then a reoriented copy: 2-3x."""
+    import napari_genseg.io.nifti as nifti
+
+    monkeypatch.setattr(nifti, "READ_SLAB_BYTES", 64 * 1024, raising=False)  # several slabs
+    rng = np.random.default_rng(0)
+    data = rng.integers(-1024, 2000, (128, 96, 80)).astype(np.int16)  # 2 MB
+    path = _nifti(tmp_path / "ct.nii.gz", data, codes)
+    nifti.read_nifti(path)  # imports, caches
+    vol, peak = _peak(nifti.read_nifti, path)
+    assert vol.data.dtype == np.int16 and vol.data.flags.c_contiguous
+    ref = nifti.volume_from_array(data, vol.source_affine)  # the reorientation on the array in memory
+    np.testing.assert_array_equal(vol.data, ref.data)
+    assert peak < 1.3 * data.nbytes, peak / data.nbytes
+
+
+def test_scaled_nifti_read_has_no_float64_volume(tmp_path, monkeypatch):
+    """int16 voxels with scl_slope/scl_inter become float32 HU without a float64 volume between
+    (the old read took nibabel's float64 scaling of the whole volume: 2x the float32 result)."""
+    import napari_genseg.io.nifti as nifti
+
+    monkeypatch.setattr(nifti, "READ_SLAB_BYTES", 64 * 1024, raising=False)
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 3000, (128, 96, 80)).astype(np.int16)
+    path = _nifti(tmp_path / "scaled.nii.gz", data, "LPS", slope=0.5, inter=-1024.0)
+    nifti.read_nifti(path)
+    vol, peak = _peak(nifti.read_nifti, path)
+    assert vol.data.dtype == np.float32 and vol.meta["scl_inter"] == -1024.0
+    np.testing.assert_array_equal(vol.data, np.transpose(data * 0.5 - 1024.0, (2, 1, 0)).astype(np.float32))
+    assert peak < 1.3 * vol.data.nbytes, peak / vol.data.nbytes
