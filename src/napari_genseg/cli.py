@@ -190,6 +190,9 @@ def segment_volume(vol, ckpt, args, desc: str):
     # the predictor (its ONNX Runtime session and arena, or torch's buffers) goes before the
     # whole-volume post-processing allocates: the run's peak memory is one of them, not both
     del gen, pred
+    from .engine import trim_heap
+
+    trim_heap()  # the session's weights and the freed activations leave the RSS now
     if getattr(args, "postprocess", True):
         from .postprocessing import postprocess
 
