@@ -387,3 +387,50 @@ def test_cli_bf16_without_native_support_warns_once_and_runs_fp32_on_ort(tmp_pat
     assert len(msgs) == 1 and "no native bf16" in msgs[0]
     inf = json.loads(out.with_name("m.json").read_text())["inference"]
     assert inf["precision"] == "fp32" and inf["precision_requested"] == "bf16" and inf["backend"]["name"] == "onnxruntime"
+
+
+def test_int8_backend_quantises_the_matmul_weights_and_records_it(tmp_path, capsys):
+    """``--backend onnxruntime-int8`` (opt-in): the cached export with its MatMul/Gemm weights
+    dynamically quantised to int8 (``MatMulInteger`` / ``DynamicQuantizeLinear`` nodes, int8
+    initialisers, a smaller file), logits close to fp32 torch's (not equal), the sidecar records
+    the backend and its precision; AR-Seg has no int8 path (one-line InputError)."""
+    pytest.importorskip("onnx")
+    import nibabel as nib
+    import onnx
+
+    from napari_genseg.cli import main
+    from napari_genseg.models.checkpoints import load_checkpoint
+    from napari_genseg.predictors import OrtInt8SegmentationPredictor, make_predictor
+
+    ck = _tiny_checkpoint(tmp_path)
+    ckpt = load_checkpoint(ck)
+    pred = make_predictor(ckpt, device="cpu", backend="onnxruntime-int8")
+    assert isinstance(pred, OrtInt8SegmentationPredictor) and pred.backend == "onnxruntime-int8"
+    qpath = E.cached_onnx(ckpt, quantization="int8")
+    assert pred.onnx_path == str(qpath) and qpath.name.endswith("-int8.onnx")
+    graph = onnx.load(str(qpath)).graph
+    ops = [n.op_type for n in graph.node]
+    # every MatMul with a weight (an initialiser) is quantised; activation x activation ones stay
+    inits = {t.name for t in graph.initializer}
+    assert ops.count("MatMulInteger") > 0 and ops.count("DynamicQuantizeLinear") > 0
+    assert not [n for n in graph.node if n.op_type == "MatMul" and any(i in inits for i in n.input)]
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in graph.initializer)
+    assert qpath.stat().st_size < E.cached_onnx(ckpt).stat().st_size
+    x = torch.randn(3, 1, ckpt.config.img_size, ckpt.config.img_size, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        ref = ckpt.model.eval()(x).numpy()
+    got = pred.forward(x).numpy()
+    err = np.abs(got - ref).max() / ref.std()
+    assert 1e-6 < err < 0.2, err  # quantised: close, not equal
+
+    vol = _ct()
+    ct = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(vol.data.transpose(2, 1, 0)), np.diag([0.8, 0.8, 3.0, 1.0])), str(ct))
+    out = tmp_path / "int8.nii.gz"
+    assert main(["segment", str(ct), "--model", "msa2net_tiny", "--checkpoint", str(ck), "--out", str(out),
+                 "--backend", "onnxruntime-int8", "--device", "cpu", "--threads", "1", "--quiet"]) == 0
+    rec = json.loads(out.with_name("int8.json").read_text())["inference"]
+    assert rec["backend"]["name"] == "onnxruntime-int8" and rec["precision"] == "int8-dynamic"
+    assert resolve_backend("onnxruntime-int8", "marseg", "cpu") == "onnxruntime-int8"
+    with pytest.raises(PredictorOptionError, match="no int8"):
+        resolve_backend("onnxruntime-int8", "arseg", "cpu")
