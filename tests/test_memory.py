@@ -220,9 +220,10 @@ def _rss_bytes() -> int:
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc heap, /proc")
 def test_engine_gives_a_batch_s_freed_heap_back():
     """A batch's activations freed inside the heap (below glibc's mmap threshold, with live
-    blocks after them) stay in the RSS until ``malloc_trim``: the engine trims after every batch,
-    so they are not held beside the whole-volume arrays for the rest of the run (~100 MB at batch
-    4 for the MSA²Net demo on ONNX Runtime). The old engine left them: +48 MB here."""
+    blocks after them) stay in the RSS until ``malloc_trim``: the engine trims during the run (at
+    most once a second) and at its end, so they are not held beside the whole-volume arrays that
+    come next (~100 MB at batch 4 for the MSA²Net demo on ONNX Runtime). The old engine left
+    them: +48 MB here."""
     import ctypes
 
     try:
