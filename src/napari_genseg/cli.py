@@ -536,7 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--format", default="onnx", choices=["onnx"])
     p.add_argument("--out", required=True, help="output folder: NAME.onnx (opset 17, dynamic batch; AR-Seg: "
-                                                "NAME.image_encoder.onnx, NAME.mask_decoder.onnx) + NAME.json")
+                                                "NAME.image_encoder.onnx, NAME.mask_decoder.onnx, "
+                                                "NAME.segmentor_step.onnx) + NAME.json")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the main job: sample CT + default model, in napari or --headless")

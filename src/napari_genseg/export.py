@@ -470,8 +470,8 @@ def cached_onnx(ckpt, piece: str = "model", quantization: str | None = None) -> 
 
 
 def export_checkpoint(ckpt, out_dir: str | os.PathLike, fmt: str = "onnx", name: str | None = None) -> list[Path]:
-    """``genseg export``: write ``out_dir/NAME.onnx`` (AR-Seg: ``NAME.image_encoder.onnx`` and
-    ``NAME.mask_decoder.onnx``) and ``out_dir/NAME.json`` for a loaded checkpoint (NAME:
+    """``genseg export``: write ``out_dir/NAME.onnx`` (AR-Seg: ``NAME.image_encoder.onnx``,
+    ``NAME.mask_decoder.onnx`` and ``NAME.segmentor_step.onnx``) and ``out_dir/NAME.json`` for a loaded checkpoint (NAME:
     ``name``, else the checkpoint file's stem, else its config name). The JSON holds what a
     runtime needs to feed the files: class names, the input normalisation and grid, the config,
     the checkpoint's SHA-256, opset, each file's input/output names and shapes. Returns the paths
