@@ -1,21 +1,29 @@
-"""torch fp32 vs ONNX Runtime on this machine: seconds per slice at batch 1 and 8, label agreement.
+"""torch fp32 vs ONNX Runtime (fp32, int8) vs OpenVINO on this machine: seconds per slice at batch 1
+and 8, label agreement with torch and Dice against reference labels.
 
     PYTHONPATH=src .venv/bin/python benchmarks/backends.py [--model msa2net] [--threads 1]
-        [--batch-sizes 1,8] [--slices 7:23] [--rounds 3]
+        [--batch-sizes 1,8] [--slices 11:19] [--rounds 3] [--label-map 5:1,1:2] [--no-openvino]
 
-AR-Seg (``--model arseg``): ONNX Runtime runs its image encoder and mask decoder, the sampling
-stays in torch; no forward-only table. Both backends run through the engine (``run_volume`` with ``make_predictor(backend=...)``), so the
-shared preprocessing and the return to the slice grid are in both numbers; a second table times
-the model forward alone on the prepared model input (what the backends differ in). The ONNX file
-is the cached export of the checkpoint (``export.cached_onnx``; exported before timing). Rounds
-alternate torch / ONNX Runtime (the machine may be shared); the median round is reported, the
-best one alongside. Labels: the fraction of voxels where ONNX Runtime's labels equal torch's and
-the per-class Dice between them. Needs the onnx extra. Asserts nothing.
+Rows: ``torch`` (eager fp32), ``onnxruntime`` (the cached fp32 export, ``export.cached_onnx``),
+``onnxruntime-int8`` (its MatMul/Gemm weights dynamically quantised, ``export.quantize_int8``; the
+families of ``predictors.ort.INT8_FAMILIES``, needs ``onnx``) through the engine (``run_volume``
+with ``make_predictor(backend=...)``: the shared preprocessing and the return to the slice grid
+are in these numbers), and a second table of the model forward alone on the prepared model input,
+where OpenVINO (``openvino`` installed; the same ONNX file compiled for its CPU plugin, one
+thread, one stream, ``INFERENCE_PRECISION_HINT`` f32 and, where the CPU has it, bf16) joins them.
+Rounds alternate the runtimes call by call (the machine may be shared: the load average is
+printed before and after); the median round is reported, the best one alongside.
+
+Labels: the fraction of voxels equal to torch's, and the per-class Dice against the reference
+labels (``--labels``, ids mapped by ``--label-map``) over the slices run: the 0.005-Dice rule for
+int8 (issue #12) is read off the last column. AR-Seg (``--model arseg``): ONNX Runtime runs its
+image encoder and mask decoder, the sampling stays in torch; no forward-only table. Asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import sys
@@ -35,15 +43,52 @@ def _dice(a: np.ndarray, b: np.ndarray, k: int) -> float:
     return dice(a == k, b == k, empty_value=float("nan"))
 
 
+def isa() -> str:
+    """The vector extensions that matter for these kernels (``/proc/cpuinfo`` flags)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(ln for ln in f if ln.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return "unknown"
+    keep = ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx_vnni"]
+    return " ".join(k for k in keep if k in flags) or "no AVX2"
+
+
+def _openvino_runs(onnx_path: str, threads: int) -> dict:
+    """name -> forward(x) of the ONNX file compiled by OpenVINO (f32; bf16 where native)."""
+    import openvino as ov
+
+    core = ov.Core()
+    caps = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    out = {}
+    for prec in ("f32", "bf16"):
+        if prec == "bf16" and "BF16" not in caps:
+            continue
+        compiled = core.compile_model(onnx_path, "CPU", {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
+                                                         "PERFORMANCE_HINT": "LATENCY",
+                                                         "INFERENCE_PRECISION_HINT": prec})
+        req = compiled.create_infer_request()
+
+        def run(x, req=req):
+            req.infer({0: x})
+            return req.get_output_tensor(0).data.copy()
+
+        out[f"openvino-{prec}"] = run
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="msa2net", help="family (its shipped demo checkpoint) or config name")
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--input", default="../shared/data/real/ct-abdomen/ct_abdomen_small.nii.gz")
-    ap.add_argument("--slices", default="7:23", help="'a:b' slices of the CT (b exclusive)")
+    ap.add_argument("--labels", default="../shared/data/real/ct-abdomen/ct_abdomen_small_labels.nii.gz")
+    ap.add_argument("--label-map", default="5:1,1:2", help="reference id -> model class (the demo's training map)")
+    ap.add_argument("--slices", default="11:19", help="'a:b' slices of the CT (b exclusive); 11:19 = held out")
     ap.add_argument("--batch-sizes", default="1,8")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-openvino", dest="openvino", action="store_false")
     a = ap.parse_args()
 
     import onnxruntime as ort
@@ -54,65 +99,102 @@ def main() -> None:
     from napari_genseg.io import load_volume
     from napari_genseg.models.checkpoints import resolve_model
     from napari_genseg.predictors import make_predictor
+    from napari_genseg.predictors.ort import INT8_FAMILIES
     from napari_genseg.threads import passive_wait
 
     torch.set_num_threads(a.threads)
     vol = load_volume(a.input)
     ckpt = resolve_model(a.model, a.checkpoint)
     zs = parse_slices(a.slices, vol.shape[0])
+    ref = None
+    if a.labels and Path(a.labels).is_file():
+        raw = load_volume(a.labels).data
+        ref = np.zeros(raw.shape, np.uint8)
+        for pair in a.label_map.split(","):
+            src, dst = (int(v) for v in pair.split(":"))
+            ref[raw == src] = dst
+        ref = ref[zs]
     t = time.perf_counter()
     path = [cached_onnx(ckpt, piece) for piece in onnx_pieces(ckpt.family)][-1]
-    print(f"cpu: {cpu_name()}")
+    backends = ["torch", "onnxruntime"]
+    if ckpt.family in INT8_FAMILIES and importlib.util.find_spec("onnx") is not None:
+        cached_onnx(ckpt, quantization="int8")
+        backends.append("onnxruntime-int8")
+    print(f"cpu: {cpu_name()}; ISA: {isa()}")
     print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, threads {torch.get_num_threads()} "
           f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, ORT spinning "
           f"{'off' if passive_wait() else 'on'}), model {ckpt.config_name}, {len(zs)} slices "
           f"{zs[0]}..{zs[-1]} of {vol.shape} (z, y, x)")
-    print(f"ONNX file {path} ({path.stat().st_size / 1e6:.1f} MB; export or cache lookup {time.perf_counter() - t:.1f} s)")
+    print(f"ONNX file {path} ({path.stat().st_size / 1e6:.1f} MB; export, quantisation or cache lookup "
+          f"{time.perf_counter() - t:.1f} s)")
 
-    backends = ("torch", "onnxruntime")
     sizes = [int(b) for b in a.batch_sizes.split(",")]
-    engine: dict[tuple, list[float]] = {(b, n): [] for n in sizes for b in backends}
-    fwd: dict[tuple, list[float]] = {(b, n): [] for n in sizes for b in backends}
-    labels: dict[tuple, np.ndarray] = {}
     preds = {b: make_predictor(ckpt, device="cpu", precision="fp32", backend=b) for b in backends}
+    fwd_runs = {}
+    if hasattr(preds["torch"], "forward"):  # segmentation models: the forward alone
+        for b in backends:
+            fwd_runs[b] = (lambda x, p=preds[b]: p.forward(torch.from_numpy(x)).float().numpy())
+        if a.openvino and importlib.util.find_spec("openvino") is not None:
+            import openvino
+
+            print(f"openvino {openvino.__version__}")
+            fwd_runs.update(_openvino_runs(str(path), a.threads))
+    engine: dict[tuple, list[float]] = {(b, n): [] for n in sizes for b in backends}
+    fwd: dict[tuple, list[float]] = {(b, n): [] for n in sizes for b in fwd_runs}
+    labels: dict[tuple, np.ndarray] = {}
+    fwd_labels: dict[tuple, np.ndarray] = {}
+    x_all = None
+    if fwd_runs:
+        preds["torch"].set_image(vol.data[zs], vol.spacing[1:])
+        x_all = preds["torch"]._x.contiguous().numpy().copy()
+        preds["torch"].release()
     for r in range(a.rounds + 1):  # round 0 warms up
         for n in sizes:
             for b in backends:
-                pred = preds[b]
                 t = time.perf_counter()
-                res = run_to_end(run_volume(pred, vol, slices=zs, batch_size=n))
+                res = run_to_end(run_volume(preds[b], vol, slices=zs, batch_size=n))
                 dt = (time.perf_counter() - t) / len(zs)
-                df = float("nan")
-                if hasattr(pred, "forward"):  # segmentation models: the forward alone
-                    pred.set_image(vol.data[zs[:n]], vol.spacing[1:])
-                    x = pred._x
-                    t = time.perf_counter()
-                    with torch.inference_mode():
-                        pred.forward(x)
-                    df = (time.perf_counter() - t) / n
-                    pred.release()
                 if r:
                     engine[(b, n)].append(dt)
-                    fwd[(b, n)].append(df)
                     labels[(b, n)] = res.labels[zs]
+            for name, f in fwd_runs.items():
+                x = np.ascontiguousarray(x_all[:n])
+                with torch.inference_mode():
+                    t = time.perf_counter()
+                    out = f(x)
+                    df = (time.perf_counter() - t) / n
+                if r:
+                    fwd[(name, n)].append(df)
+                    fwd_labels[(name, n)] = out.argmax(1)
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
 
-    def table(title, times):
+    def table(title, times, names):
         print(f"\n{title}\n| backend | batch | s/slice (median) | s/slice (best) | speed-up vs torch |")
         print("|---|---|---|---|---|")
         for n in sizes:
             base = statistics.median(times[("torch", n)])
-            for b in backends:
+            for b in names:
                 med = statistics.median(times[(b, n)])
                 print(f"| {b} | {n} | {med:.3f} | {min(times[(b, n)]):.3f} | {base / med:.2f}× |")
 
-    table("engine (read slices from memory, preprocess, infer, back to the slice grid, arg-max):", engine)
-    if all(v == v for ts in fwd.values() for v in ts):
-        table("model forward only (prepared input):", fwd)
-    print("\nlabels, ONNX Runtime vs torch (same batch size):")
+    table("engine (read slices from memory, preprocess, infer, back to the slice grid, arg-max):", engine, backends)
+    if fwd_runs:
+        table("model forward only (prepared input):", fwd, list(fwd_runs))
+    print("\nlabels (engine) against torch's and against the reference:")
+    print("| backend | batch | voxels equal to torch | Dice vs reference (per class) |")
+    print("|---|---|---|---|")
     for n in sizes:
-        x, y = labels[("onnxruntime", n)], labels[("torch", n)]
-        dice = ", ".join(f"{c} {_dice(x, y, k):.5f}" for k, c in enumerate(ckpt.class_names) if k)
-        print(f"  batch {n}: {(x == y).mean() * 100:.4f} % of voxels equal; Dice {dice}")
+        y = labels[("torch", n)]
+        for b in backends:
+            x = labels[(b, n)]
+            d = ", ".join(f"{c} {_dice(x, ref, k):.4f}" for k, c in enumerate(ckpt.class_names) if k) if ref is not None else "-"
+            print(f"| {b} | {n} | {(x == y).mean() * 100:.3f} % | {d} |")
+    if fwd_runs:
+        print("\nforward-only arg-max on the model grid against torch's:")
+        for n in sizes:
+            y = fwd_labels[("torch", n)]
+            print(f"  batch {n}: " + ", ".join(f"{b} {(fwd_labels[(b, n)] == y).mean() * 100:.3f} %"
+                                                 for b in fwd_runs if b != "torch"))
 
 
 if __name__ == "__main__":

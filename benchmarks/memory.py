@@ -21,7 +21,7 @@ the model is built, the ONNX exporter and ONNX Runtime with ``--backend auto``; 
 ``malloc_trim``), taken before the measured volume is read. Reported: peak above the baseline per stage, the volume's bytes, the
 model's bytes (parameters + buffers), what each stage added above the RSS at its start ("stage
 own": freed memory the allocator keeps from earlier stages hides part of a later stage's own
-peak) and the ratio (highest peak above baseline) / (volume bytes +
+peak), each stage's wall time (the end-to-end time is the "wall" line) and the ratio (highest peak above baseline) / (volume bytes +
 model bytes); the bound of issue #12 is 3.
 """
 
@@ -108,6 +108,7 @@ class StageMeter:
         self.peaks: dict[str, int] = {}
         self.starts: dict[str, int] = {}  # RSS when the stage began (its first call)
         self.order: list[str] = []
+        self.seconds: dict[str, float] = {}  # wall time per stage (summed over its calls)
         self._stage: str | None = None
         self._sampled = 0
         self._stop = threading.Event()
@@ -129,9 +130,11 @@ class StageMeter:
             _reset_hwm()
         self._sampled = _rss()
         self.starts.setdefault(name, self._sampled)
+        t0 = time.perf_counter()
         try:
             yield
         finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
             self._sampled = max(self._sampled, _rss())
             peak = _hwm() if self.exact else self._sampled
             if name not in self.peaks:
@@ -245,17 +248,18 @@ def main(argv=None) -> int:
     how = "VmHWM reset per stage (exact)" if meter.exact else "sampled /proc/self/statm every 2 ms"
     print(f"synthetic CT 512x512x{args.slices_count} int16: {vol_bytes / MB:.1f} MiB; model {args.model} "
           f"{mb / MB:.1f} MiB; threads {args.threads}; backend {args.backend}; batch {args.batch_size}; "
-          f"wall {wall:.1f} s")
+          f"wall {wall:.1f} s; load average {os.getloadavg()[0]:.1f}")
     print(f"baseline RSS after imports{' and a 4-slice warm-up run' if args.warmup else ''} {base / MB:.0f} MiB; "
           f"peaks: {how}")
-    print(f"{'stage':<12} {'peak MiB':>9} {'above base MiB':>15} {'x (vol+model)':>14} {'stage own MiB':>14}")
+    print(f"{'stage':<12} {'peak MiB':>9} {'above base MiB':>15} {'x (vol+model)':>14} {'stage own MiB':>14} "
+          f"{'seconds':>8}")
     worst = 0
     for name in meter.order:
         above = meter.peaks[name] - base
         own = meter.peaks[name] - meter.starts[name]  # what the stage added above its start RSS
         worst = max(worst, above)
         print(f"{name:<12} {meter.peaks[name] / MB:>9.0f} {above / MB:>15.0f} {above / denom:>14.2f} "
-              f"{own / MB:>14.0f}")
+              f"{own / MB:>14.0f} {meter.seconds[name]:>8.1f}")
     ratio = worst / denom
     print(f"peak above imports {worst / MB:.0f} MiB = {ratio:.2f} x (volume + model); bound 3: "
           f"{'OK' if ratio < 3 else 'EXCEEDED'}; (peak - model) / volume = {(worst - mb) / vol_bytes:.2f}")

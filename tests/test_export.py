@@ -121,13 +121,15 @@ def test_export_refuses_a_family_without_an_exporter(double_checkpoint, tmp_path
 def test_arseg_exports_its_image_encoder_and_mask_decoder(arseg_tiny_checkpoint, tmp_path):
     """``genseg export arseg``: NAME.image_encoder.onnx (image -> embedding) and
     NAME.mask_decoder.onnx (token ids -> mask logits), each within 1e-4 of torch's output std at a
-    batch size other than the traced one; the JSON says the segmentor step is not exported."""
+    batch size other than the traced one; the JSON says what stays in torch (the prefix pass that
+    fills the KV cache, the sampling)."""
     from napari_genseg.cli import main
     from napari_genseg.models.checkpoints import load_checkpoint
 
     assert main(["export", "arseg", "--checkpoint", str(arseg_tiny_checkpoint), "--out", str(tmp_path / "x")]) == 0
     meta = json.loads((tmp_path / "x" / "arseg_tiny.json").read_text())
-    assert sorted(meta["onnx"]["pieces"]) == ["image_encoder", "mask_decoder"] and "KV cache" in meta["onnx"]["not_exported"]
+    assert sorted(meta["onnx"]["pieces"]) == ["image_encoder", "mask_decoder", "segmentor_step"]
+    assert "KV cache" in meta["onnx"]["not_exported"]
     model = load_checkpoint(arseg_tiny_checkpoint).model.eval()
     c = model.cfg
     x = torch.rand(3, c.in_chans, c.img_size, c.img_size, generator=torch.Generator().manual_seed(3))
@@ -140,6 +142,63 @@ def test_arseg_exports_its_image_encoder_and_mask_decoder(arseg_tiny_checkpoint,
     with torch.inference_mode():
         ref = model.decode(ids).numpy()
     assert np.abs(dec.run(None, {"tokens": ids.numpy()})[0] - ref).max() <= 1e-4 * ref.std()
+
+
+def test_arseg_segmentor_step_with_kv_cache_runs_every_scale_on_onnxruntime(arseg_tiny_checkpoint, tmp_path):
+    """``genseg export arseg`` writes NAME.segmentor_step.onnx: one scale's tokens + the KV cache in,
+    their logits + the grown cache out (dynamic batch, tokens, cache length). Chained on ONNX
+    Runtime through scales 2..K, each step feeding the cache it returned to the next, at a batch
+    size other than the traced one, its logits equal the segmentor's uncached teacher-forced pass
+    (``NextScaleSegmentor.forward``) within 1e-4 of their std."""
+    from napari_genseg.cli import main
+    from napari_genseg.models.checkpoints import load_checkpoint
+    from napari_genseg.nn.attention import KVCache
+
+    out = tmp_path / "onnx"
+    assert main(["export", "arseg", "--checkpoint", str(arseg_tiny_checkpoint), "--out", str(out)]) == 0
+    meta = json.loads((out / "arseg_tiny.json").read_text())
+    step_meta = meta["onnx"]["pieces"]["segmentor_step"]
+    assert step_meta["file"] == "arseg_tiny.segmentor_step.onnx"
+    assert step_meta["inputs"]["past_keys"][1] == "batch" and step_meta["outputs"]["present_keys"][3] == "total"
+    model = load_checkpoint(arseg_tiny_checkpoint).model.eval()
+    seg, q, c = model.segmentor, model.vq.quantizer, model.cfg
+    g = torch.Generator().manual_seed(7)
+    b = 3
+    emb = torch.randn(b, c.embed_dim, c.embed_grid, c.embed_grid, generator=g)
+    class_ids = torch.tensor([0, 2, 1])
+    ids = torch.randint(0, c.vocab_size, (b, model.num_tokens), generator=g)
+    with torch.inference_mode():
+        teacher = q.teacher_inputs(ids)  # inputs of mask positions 1..L-1
+        full = seg(emb, class_ids, teacher).numpy()  # (B, L, V): no cache
+        cond, cls = seg.condition(emb, class_ids)
+        cache = KVCache(seg.depth, seg.seq_len)
+        seg.run(seg.prefix_tokens(cond, cls), cls, 0, cache)  # the prefix pass stays in torch
+    past_k = torch.stack([k[:, :, : cache.length] for k in cache.k]).numpy()
+    past_v = torch.stack([v[:, :, : cache.length] for v in cache.v]).numpy()
+    sess = _session(out / "arseg_tiny.segmentor_step.onnx")
+    o = q.offsets
+    for k in range(1, len(c.patch_nums)):  # scale k+1 (1-based) at mask positions o[k]..o[k+1]-1
+        inputs = teacher[:, o[k] - 1 : o[k + 1] - 1].numpy()
+        logits, past_k, past_v = sess.run(None, {"inputs": inputs, "class_ids": class_ids.numpy(),
+                                                 "past_keys": past_k, "past_values": past_v})
+        ref = full[:, o[k] : o[k + 1]]
+        assert logits.shape == ref.shape
+        assert np.abs(logits - ref).max() <= 1e-4 * ref.std(), k
+        assert past_k.shape[3] == seg.num_cond + o[k + 1] == past_v.shape[3]
+
+
+def test_export_never_overwrites_the_checkpoint_config(tmp_path, capsys):
+    """``genseg export`` into the checkpoint's own folder would write NAME.json over the
+    checkpoint's config: refused with one line, nothing written, the checkpoint still loads."""
+    from napari_genseg.cli import main
+    from napari_genseg.models.checkpoints import load_checkpoint
+
+    ck = _tiny_checkpoint(tmp_path)
+    before = ck.with_suffix(".json").read_bytes()
+    rc = main(["export", "msa2net_tiny", "--checkpoint", str(ck), "--out", str(tmp_path)])
+    assert rc == 2 and "refusing to overwrite the checkpoint's config" in capsys.readouterr().err
+    assert ck.with_suffix(".json").read_bytes() == before and not (tmp_path / "msa2net_tiny.onnx").exists()
+    load_checkpoint(ck)
 
 
 def test_arseg_on_onnxruntime_agrees_with_torch(arseg_tiny_checkpoint):
@@ -328,3 +387,50 @@ def test_cli_bf16_without_native_support_warns_once_and_runs_fp32_on_ort(tmp_pat
     assert len(msgs) == 1 and "no native bf16" in msgs[0]
     inf = json.loads(out.with_name("m.json").read_text())["inference"]
     assert inf["precision"] == "fp32" and inf["precision_requested"] == "bf16" and inf["backend"]["name"] == "onnxruntime"
+
+
+def test_int8_backend_quantises_the_matmul_weights_and_records_it(tmp_path, capsys):
+    """``--backend onnxruntime-int8`` (opt-in): the cached export with its MatMul/Gemm weights
+    dynamically quantised to int8 (``MatMulInteger`` / ``DynamicQuantizeLinear`` nodes, int8
+    initialisers, a smaller file), logits close to fp32 torch's (not equal), the sidecar records
+    the backend and its precision; AR-Seg has no int8 path (one-line InputError)."""
+    pytest.importorskip("onnx")
+    import nibabel as nib
+    import onnx
+
+    from napari_genseg.cli import main
+    from napari_genseg.models.checkpoints import load_checkpoint
+    from napari_genseg.predictors import OrtInt8SegmentationPredictor, make_predictor
+
+    ck = _tiny_checkpoint(tmp_path)
+    ckpt = load_checkpoint(ck)
+    pred = make_predictor(ckpt, device="cpu", backend="onnxruntime-int8")
+    assert isinstance(pred, OrtInt8SegmentationPredictor) and pred.backend == "onnxruntime-int8"
+    qpath = E.cached_onnx(ckpt, quantization="int8")
+    assert pred.onnx_path == str(qpath) and qpath.name.endswith("-int8.onnx")
+    graph = onnx.load(str(qpath)).graph
+    ops = [n.op_type for n in graph.node]
+    # every MatMul with a weight (an initialiser) is quantised; activation x activation ones stay
+    inits = {t.name for t in graph.initializer}
+    assert ops.count("MatMulInteger") > 0 and ops.count("DynamicQuantizeLinear") > 0
+    assert not [n for n in graph.node if n.op_type == "MatMul" and any(i in inits for i in n.input)]
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in graph.initializer)
+    assert qpath.stat().st_size < E.cached_onnx(ckpt).stat().st_size
+    x = torch.randn(3, 1, ckpt.config.img_size, ckpt.config.img_size, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        ref = ckpt.model.eval()(x).numpy()
+    got = pred.forward(x).numpy()
+    err = np.abs(got - ref).max() / ref.std()
+    assert 1e-6 < err < 0.2, err  # quantised: close, not equal
+
+    vol = _ct()
+    ct = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(vol.data.transpose(2, 1, 0)), np.diag([0.8, 0.8, 3.0, 1.0])), str(ct))
+    out = tmp_path / "int8.nii.gz"
+    assert main(["segment", str(ct), "--model", "msa2net_tiny", "--checkpoint", str(ck), "--out", str(out),
+                 "--backend", "onnxruntime-int8", "--device", "cpu", "--threads", "1", "--quiet"]) == 0
+    rec = json.loads(out.with_name("int8.json").read_text())["inference"]
+    assert rec["backend"]["name"] == "onnxruntime-int8" and rec["precision"] == "int8-dynamic"
+    assert resolve_backend("onnxruntime-int8", "marseg", "cpu") == "onnxruntime-int8"
+    with pytest.raises(PredictorOptionError, match="no int8"):
+        resolve_backend("onnxruntime-int8", "arseg", "cpu")

@@ -205,6 +205,9 @@ def segment_volume(vol, ckpt, args, desc: str):
     # the predictor (its ONNX Runtime session and arena, or torch's buffers) goes before the
     # whole-volume post-processing allocates: the run's peak memory is one of them, not both
     del gen, pred
+    from .engine import trim_heap
+
+    trim_heap()  # the session's weights and the freed activations leave the RSS now
     if getattr(args, "postprocess", True):
         from .postprocessing import postprocess
 
@@ -492,9 +495,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                        help="auto = fp32 on cpu, bf16/fp16 autocast on GPU; bf16 on a cpu runs only where "
                             "it computes bf16 natively (x86 AVX512_BF16/AMX, Arm BF16), else fp32 with a warning")
-        p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime"],
+        p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime", "onnxruntime-int8"],
                        help="auto = ONNX Runtime when napari-genseg[onnx] is installed and the model exports "
-                            "(MSA²Net, MARSeg; AR-Seg encoder and decoder; cpu, fp32), else torch")
+                            "(MSA²Net, MARSeg; AR-Seg encoder and decoder; cpu, fp32), else torch; "
+                            "onnxruntime-int8 = MSA²Net/MARSeg with int8 MatMul weights (faster, masks "
+                            "not identical to fp32)")
         p.add_argument("--batch-size", type=_count(1), default=4)
         p.add_argument("--slices", default=None, help="all (default), 'a:b' (b exclusive) or 'a-b' (inclusive)")
         p.add_argument("--grid", default=None, choices=["resize", "spacing"],
@@ -552,7 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--format", default="onnx", choices=["onnx"])
     p.add_argument("--out", required=True, help="output folder: NAME.onnx (opset 17, dynamic batch; AR-Seg: "
-                                                "NAME.image_encoder.onnx, NAME.mask_decoder.onnx) + NAME.json")
+                                                "NAME.image_encoder.onnx, NAME.mask_decoder.onnx, "
+                                                "NAME.segmentor_step.onnx) + NAME.json")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the main job: sample CT + default model, in napari or --headless")

@@ -13,9 +13,12 @@ no Qt).
 
 Exported pieces per family (``onnx_pieces``): MSA²Net and MARSeg the whole model ("model":
 image -> logits); AR-Seg its image encoder ("image_encoder": image (n, C, S, S) -> embedding) and
-its mask decoder ("mask_decoder": token ids (n, L) int64 -> full-scale mask logits (n, 1, M, M)).
-AR-Seg's autoregressive segmentor step (with its KV cache as inputs/outputs) is not exported yet:
-its sampling runs in torch.
+its mask decoder ("mask_decoder": token ids (n, L) int64 -> full-scale mask logits (n, 1, M, M))
+and one step of its autoregressive segmentor with the KV cache as inputs and outputs
+("segmentor_step", :func:`export_arseg_step`: the tokens of one scale -> their logits and the
+grown cache). The SVD adapter and the prefix pass (conditioning + start token, which fills the
+cache) stay in torch (``torch.linalg.eigh`` has no ONNX operator), and so does the token sampling
+(``models.arseg.sampling``); the ONNX Runtime predictor does not use the step file yet.
 
 Exporter: torch's TorchScript-based ``torch.onnx.export(dynamo=False)``, which needs neither
 ``onnx`` nor ``onnxscript``; running the file needs ``onnxruntime`` (extra ``napari-genseg[onnx]``).
@@ -45,17 +48,22 @@ __all__ = [
     "onnx_pieces",
     "export_module",
     "export_onnx",
+    "export_arseg_step",
+    "ArSegStep",
     "export_checkpoint",
     "checkpoint_sha256",
     "cache_dir",
     "cached_onnx",
+    "quantize_int8",
+    "QUANTIZATIONS",
     "onnx_vs_torch",
 ]
 
 ONNX_OPSET = 17
 EXPORT_FORMATS = ("onnx",)
 #: the pieces of each family that export (see the module docstring)
-PIECES = {"msa2net": ("model",), "marseg": ("model",), "arseg": ("image_encoder", "mask_decoder")}
+PIECES = {"msa2net": ("model",), "marseg": ("model",),
+          "arseg": ("image_encoder", "mask_decoder", "segmentor_step")}
 #: model families with an ONNX Runtime path (AR-Seg: encoder and decoder; sampling stays in torch)
 EXPORTABLE_FAMILIES = tuple(PIECES)
 #: bumped when the export recipe changes, so cached files of an older recipe are not reused
@@ -63,6 +71,10 @@ EXPORT_RECIPE = 1
 #: largest max |onnx - torch| / std(torch) accepted when an export is checked (the tests ask 1e-4
 #: of the tiny configs; big configs accumulate more float32 reordering)
 CHECK_TOLERANCE = 1e-3
+#: quantised variants of an exported model (``cached_onnx(..., quantization=)``)
+QUANTIZATIONS = ("int8",)
+#: the node types whose weights ``quantize_int8`` stores as int8
+INT8_OPS = ("MatMul", "Gemm")
 
 
 class ExportError(InputError, ValueError):
@@ -108,6 +120,169 @@ def _arseg_piece(model, piece: str):
             return self.m.vq.decode_tokens(tokens, None)
 
     return (Embed if piece == "image_encoder" else Decode)(model).eval()
+
+
+class _ConcatCache:
+    """The KV-cache object ``NextScaleSegmentor.run`` writes through (``append(layer, k, v)`` ->
+    the keys/values of every position so far; ``advance``) over given past tensors: the new
+    positions are concatenated to ``past_k[layer]`` (a graph ONNX can hold, unlike the in-place
+    writes of ``nn.attention.KVCache``) and the results collected in ``present_k`` / ``present_v``."""
+
+    def __init__(self, past_k, past_v):
+        self.past_k, self.past_v = past_k, past_v
+        self.present_k: list = []
+        self.present_v: list = []
+
+    def append(self, layer: int, k, v):
+        import torch
+
+        k = torch.cat([self.past_k[layer], k], dim=2)
+        v = torch.cat([self.past_v[layer], v], dim=2)
+        self.present_k.append(k)
+        self.present_v.append(v)
+        return k, v
+
+    def advance(self, t: int) -> None:  # the length is the tensors' own
+        pass
+
+
+def _arseg_step_module():
+    import torch
+
+    class ArSegStep(torch.nn.Module):
+        """One cached step of AR-Seg's next-scale segmentor (``NextScaleSegmentor``), the module
+        :func:`export_arseg_step` exports: the tokens of one scale run through the transformer
+        with the keys/values of every earlier position given, as in ``models.arseg.sampling``.
+
+        forward(inputs, class_ids, past_keys, past_values) -> (logits, present_keys, present_values):
+
+        * ``inputs`` (B, T, code_dim) float32: the scale's inputs (``quantizer.next_input`` of the
+          cumulative f_hat), T = pn_k² tokens of scale k >= 2;
+        * ``class_ids`` (B,) int64: the target class of each row;
+        * ``past_keys`` / ``past_values`` (depth, B, heads, P, head_dim) float32: the cache of the
+          P earlier positions (P = T_c + 1 after the prefix pass; the scale's first sequence
+          position is P, so the position embedding is read from there);
+        * ``logits`` (B, T, vocab_size); ``present_*`` (depth, B, heads, P + T, head_dim).
+
+        Uses the segmentor's public pieces only (``class_emb``, ``scale_tokens``, ``run``,
+        ``logits``), so it follows their definition. Needs P >= T_c + 1 (a scale step, which sees
+        every earlier position: no attention mask; the prefix pass is masked and stays in torch).
+        """
+
+        def __init__(self, segmentor):
+            super().__init__()
+            self.seg = segmentor
+
+        def forward(self, inputs, class_ids, past_keys, past_values):
+            seg = self.seg
+            past = past_keys.shape[3]  # traced: the position embedding slice follows the cache
+            cls = seg.class_emb(class_ids)
+            x = seg.scale_tokens(inputs, past - seg.num_cond)
+            cache = _ConcatCache(past_keys.unbind(0), past_values.unbind(0))
+            # ``start`` (the scale's first position) only selects the attention mask: a scale's
+            # tokens see every earlier position and each other, so there is none to trace
+            h = seg.run(x, cls, past, cache)
+            return (seg.logits(h, cls), torch.stack(cache.present_k, 0), torch.stack(cache.present_v, 0))
+
+    return ArSegStep
+
+
+def ArSegStep(segmentor):  # noqa: N802 (a class factory: torch is imported lazily)
+    """The exported AR-Seg segmentor step around ``segmentor`` (see ``_arseg_step_module``'s class
+    docstring for its inputs and outputs)."""
+    return _arseg_step_module()(segmentor).eval()
+
+
+def _arseg_step_example(model, batch: int = 2, scale: int = 2, seed: int = 0):
+    """Inputs of one real cached step of ``model`` (an ``ArSeg``): the prefix pass of a random
+    embedding fills a torch ``KVCache`` (``scale`` >= 2: the scales before it run too, with random
+    tokens), and the inputs of scale ``scale`` (1-based). Returns (inputs, class_ids, past_keys,
+    past_values) as tensors."""
+    import torch
+
+    from .nn.attention import KVCache
+
+    g = torch.Generator().manual_seed(seed)
+    seg, q, cfg = model.segmentor, model.vq.quantizer, model.cfg
+    if not 2 <= scale <= len(q.patch_nums):
+        raise ExportError(f"scale {scale} has no cached step (2..{len(q.patch_nums)})")
+    emb = torch.randn(batch, cfg.embed_dim, cfg.embed_grid, cfg.embed_grid, generator=g)
+    cls_ids = torch.randint(0, cfg.num_classes, (batch,), generator=g)
+    with torch.inference_mode():
+        cond, cls = seg.condition(emb, cls_ids)
+        cache = KVCache(seg.depth, seg.seq_len)
+        seg.run(seg.prefix_tokens(cond, cls), cls, 0, cache)
+        f_hat = emb.new_zeros(batch, q.dim, q.latent_size, q.latent_size)
+        for si in range(scale - 1):
+            pn = q.patch_nums[si]
+            idx = torch.randint(0, cfg.vocab_size, (batch, pn * pn), generator=g)
+            f_hat = f_hat + q.scale_vectors(si, idx)
+            inputs = q.next_input(si, f_hat)
+            if si + 1 < scale - 1:  # the scales before ``scale`` go into the cache
+                seg.run(seg.scale_tokens(inputs, q.offsets[si + 1]), cls, seg.num_cond + q.offsets[si + 1], cache)
+        n = cache.length
+        past_k = torch.stack([k[:, :, :n] for k in cache.k], 0).contiguous()
+        past_v = torch.stack([v[:, :, :n] for v in cache.v], 0).contiguous()
+    return inputs.clone(), cls_ids, past_k, past_v
+
+
+def export_arseg_step(model, path: str | os.PathLike, *, opset: int = ONNX_OPSET, check: bool = True) -> Path:
+    """Export one cached step of an AR-Seg model's segmentor (:func:`ArSegStep`) to the ONNX file
+    ``path``: inputs ``inputs``, ``class_ids``, ``past_keys``, ``past_values``; outputs
+    ``logits``, ``present_keys``, ``present_values``; dynamic axes: the batch, the scale's tokens
+    and the cache length (so one file serves every scale and any number of samples). Written
+    atomically. With ``check`` and ONNX Runtime installed, the file is compared with torch on a
+    real step of another scale and batch than the traced one; raises :class:`ExportError` when
+    max |diff| / std of the logits or the cache > ``CHECK_TOLERANCE`` (nothing is written then)."""
+    import torch
+
+    from .io.atomic import atomic_path
+
+    model = _cpu_fp32(model)
+    step = ArSegStep(model.segmentor)
+    example = _arseg_step_example(model, batch=2, scale=2)
+    names_in = ["inputs", "class_ids", "past_keys", "past_values"]
+    names_out = ["logits", "present_keys", "present_values"]
+    dyn = {"inputs": {0: "batch", 1: "tokens"}, "class_ids": {0: "batch"},
+           "past_keys": {1: "batch", 3: "past"}, "past_values": {1: "batch", 3: "past"},
+           "logits": {0: "batch", 1: "tokens"}, "present_keys": {1: "batch", 3: "total"},
+           "present_values": {1: "batch", 3: "total"}}
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(step, example, str(tmp), dynamo=False, opset_version=opset,
+                              input_names=names_in, output_names=names_out, dynamic_axes=dyn,
+                              do_constant_folding=True)
+        if check and onnxruntime_available():
+            scale = min(3, len(model.vq.quantizer.patch_nums))
+            err = arseg_step_vs_torch(model, tmp, batch=3, scale=scale, threads=torch.get_num_threads())
+            if not err <= CHECK_TOLERANCE:
+                raise ExportError(f"the ONNX export of the AR-Seg segmentor step differs from torch "
+                                  f"(max |diff| = {err:.2e} of the output std)")
+    return path
+
+
+def arseg_step_vs_torch(model, onnx_path, batch: int = 3, scale: int = 3, threads: int = 1, seed: int = 1) -> float:
+    """Largest max |ONNX Runtime - torch| / std(torch) over the step's three outputs, on a real
+    cached step of ``model`` (scale ``scale`` >= 2, ``batch`` rows; see
+    :func:`_arseg_step_example`). Needs ``onnxruntime``."""
+    import onnxruntime as ort
+    import torch
+
+    x = _arseg_step_example(model, batch=batch, scale=scale, seed=seed)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = max(1, threads), 1
+    sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    got = sess.run(None, dict(zip(["inputs", "class_ids", "past_keys", "past_values"], (t.numpy() for t in x))))
+    with torch.inference_mode():
+        ref = [t.float().numpy() for t in ArSegStep(_cpu_fp32(model).segmentor)(*x)]
+    errs = []
+    for a, b in zip(got, ref):
+        if a.shape != b.shape:
+            raise ExportError(f"the ONNX segmentor step gives shape {a.shape}, torch {b.shape}")
+        errs.append(float(np.abs(a - b).max() / max(float(b.std()), 1e-12)))
+    return max(errs)
 
 
 def _piece(ckpt, piece: str):
@@ -227,6 +402,8 @@ def cache_dir() -> Path:
 def _export_piece(ckpt, piece: str, path: Path) -> Path:
     if piece == "model":
         return export_onnx(ckpt.model, path, getattr(ckpt.config, "in_chans", 1), ckpt.config.img_size)
+    if piece == "segmentor_step":
+        return export_arseg_step(ckpt.model, path)
     module, example, i, o = _piece(ckpt, piece)
     return export_module(module, path, example, i, o)
 
@@ -238,30 +415,69 @@ def _require_exportable(ckpt, fmt: str = "onnx") -> None:
         raise ExportError(f"{ckpt.family} models are not exported yet (exported: {', '.join(EXPORTABLE_FAMILIES)})")
 
 
-def cached_onnx(ckpt, piece: str = "model") -> Path:
+def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Dynamic int8 quantisation of an exported model (``onnxruntime.quantization``: the
+    recommended pre-processing, then ``quantize_dynamic``): the weights of its MatMul and Gemm
+    nodes are stored as int8 (per tensor), their activations quantised to uint8 per batch at
+    run time; every other node (convolutions, norms, attention softmax) stays fp32. Written
+    atomically to ``dst``. Needs ``onnxruntime`` and ``onnx`` (extra ``napari-genseg[onnx]``).
+
+    Why only these: on the MSA²Net demo it takes the forward from 180 to 150 ms per slice on an
+    AVX-512 CPU with masks within 0.0003 Dice of fp32 on real CT; quantising the convolutions too
+    (``ConvInteger``) made it 3x slower (``benchmarks/backends.md``).
+    """
+    import tempfile
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from .io.atomic import atomic_path
+
+    dst = Path(dst)
+    with tempfile.TemporaryDirectory(prefix="genseg-int8-") as work, atomic_path(dst) as tmp:
+        pre = Path(work) / "pre.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quant_pre_process(str(src), str(pre))
+            quantize_dynamic(str(pre), str(tmp), weight_type=QuantType.QInt8, per_channel=False,
+                             reduce_range=False, op_types_to_quantize=list(INT8_OPS))
+    return dst
+
+
+def cached_onnx(ckpt, piece: str = "model", quantization: str | None = None) -> Path:
     """The ONNX file of ``ckpt`` (a loaded ``models.checkpoints.Checkpoint``), or of one of its
     pieces (``onnx_pieces``), in the cache folder:
     ``onnx/<family>-<sha256>-<piece>-opset17-r<recipe>.onnx``; exported (and checked) on first
-    use. Raises :class:`ExportError` for a family or piece without an exporter or an export that
-    differs from torch."""
+    use. ``quantization="int8"``: its :func:`quantize_int8` file beside it (``...-int8.onnx``,
+    made from the fp32 one on first use). Raises :class:`ExportError` for a family or piece
+    without an exporter, an unknown quantisation or an export that differs from torch."""
     _require_exportable(ckpt)
     if piece not in onnx_pieces(ckpt.family):
         raise ExportError(f"{ckpt.family} has no exported piece {piece!r} "
                           f"(pieces: {', '.join(onnx_pieces(ckpt.family))})")
+    if quantization not in (None, *QUANTIZATIONS):
+        raise ExportError(f"unknown quantisation {quantization!r} (known: {', '.join(QUANTIZATIONS)})")
     sha = checkpoint_sha256(ckpt)
     path = cache_dir() / "onnx" / f"{ckpt.family}-{sha}-{piece}-opset{ONNX_OPSET}-r{EXPORT_RECIPE}.onnx"
     if not path.is_file():
         _export_piece(ckpt, piece, path)
-    return path
+    if quantization is None:
+        return path
+    qpath = path.with_name(f"{path.stem}-{quantization}.onnx")
+    if not qpath.is_file():
+        quantize_int8(path, qpath)
+    return qpath
 
 
 def export_checkpoint(ckpt, out_dir: str | os.PathLike, fmt: str = "onnx", name: str | None = None) -> list[Path]:
-    """``genseg export``: write ``out_dir/NAME.onnx`` (AR-Seg: ``NAME.image_encoder.onnx`` and
-    ``NAME.mask_decoder.onnx``) and ``out_dir/NAME.json`` for a loaded checkpoint (NAME:
+    """``genseg export``: write ``out_dir/NAME.onnx`` (AR-Seg: ``NAME.image_encoder.onnx``,
+    ``NAME.mask_decoder.onnx`` and ``NAME.segmentor_step.onnx``) and ``out_dir/NAME.json`` for a loaded checkpoint (NAME:
     ``name``, else the checkpoint file's stem, else its config name). The JSON holds what a
     runtime needs to feed the files: class names, the input normalisation and grid, the config,
     the checkpoint's SHA-256, opset, each file's input/output names and shapes. Returns the paths
-    written. Raises :class:`ExportError` for a family that does not export or an unknown format."""
+    written. Raises :class:`ExportError` for a family that does not export, an unknown format,
+    or an ``out_dir`` where NAME.json is the checkpoint's own config (its folder: nothing is
+    written then)."""
     import torch
 
     from .io.atomic import atomic_path
@@ -271,6 +487,13 @@ def export_checkpoint(ckpt, out_dir: str | os.PathLike, fmt: str = "onnx", name:
     out_dir = Path(out_dir)
     name = name or (Path(ckpt.path).name.removesuffix(".safetensors") if getattr(ckpt, "path", None) else ckpt.config_name)
     in_chans, size = getattr(ckpt.config, "in_chans", 1), ckpt.config.img_size
+    json_path = out_dir / f"{name}.json"
+    if getattr(ckpt, "path", None):
+        from .io.atomic import same_file
+
+        if same_file(json_path, Path(ckpt.path).with_suffix(".json")):
+            raise ExportError(f"refusing to overwrite the checkpoint's config {json_path}: "
+                              "choose another --out folder")
     files, written = {}, []
     for piece in onnx_pieces(ckpt.family):
         path = out_dir / (f"{name}.onnx" if piece == "model" else f"{name}.{piece}.onnx")
@@ -290,9 +513,9 @@ def export_checkpoint(ckpt, out_dir: str | os.PathLike, fmt: str = "onnx", name:
                  "pieces": files},
     }
     if ckpt.family == "arseg":
-        meta["onnx"]["not_exported"] = ("the autoregressive segmentor step with its KV cache: token sampling "
-                                        "runs in torch (napari_genseg.models.arseg.sampling)")
-    json_path = out_dir / f"{name}.json"
+        meta["onnx"]["not_exported"] = ("the SVD adapter and the prefix pass that fills the KV cache "
+                                        "(torch.linalg.eigh has no ONNX operator) and the token sampling "
+                                        "(napari_genseg.models.arseg.sampling) run in torch")
     with atomic_path(json_path) as tmp:
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
     return [*written, json_path]
@@ -307,5 +530,12 @@ def _piece_shapes(ckpt, piece: str) -> dict:
     if piece == "image_encoder":
         g = cfg.embed_grid
         return {"inputs": {"image": ["batch", c, s, s]}, "outputs": {"embedding": ["batch", cfg.embed_dim, g, g]}}
+    if piece == "segmentor_step":
+        seg = ckpt.model.segmentor
+        kv = [seg.depth, "batch", cfg.heads, "past", cfg.width // cfg.heads]
+        return {"inputs": {"inputs": ["batch", "tokens", cfg.code_dim], "class_ids": ["batch"],
+                           "past_keys": kv, "past_values": kv},
+                "outputs": {"logits": ["batch", "tokens", cfg.vocab_size], "present_keys": [*kv[:3], "total", kv[4]],
+                            "present_values": [*kv[:3], "total", kv[4]]}}
     m = cfg.mask_size
     return {"inputs": {"tokens": ["batch", ckpt.model.num_tokens]}, "outputs": {"logits": ["batch", 1, m, m]}}

@@ -84,7 +84,7 @@ def inference_record(ckpt, device="auto", precision="auto", grid_mode=None, batc
     if dev.type == "cuda":
         backend_info["cuda"] = torch.version.cuda
         backend_info["device_name"] = torch.cuda.get_device_name(dev)
-    if runtime == "onnxruntime":
+    if runtime.startswith("onnxruntime"):
         import onnxruntime
 
         from .export import ONNX_OPSET
@@ -92,7 +92,8 @@ def inference_record(ckpt, device="auto", precision="auto", grid_mode=None, batc
         backend_info.update(onnxruntime=onnxruntime.__version__, onnx_opset=ONNX_OPSET)
     return {
         "device_requested": str(device),
-        "precision": "fp32" if runtime == "onnxruntime" else resolve_precision(precision, dev),
+        "precision": ("int8-dynamic" if runtime == "onnxruntime-int8" else "fp32") if runtime.startswith("onnxruntime")
+        else resolve_precision(precision, dev),
         "precision_requested": precision,
         "backend_requested": backend_requested or backend,
         "backend": backend_info,

@@ -189,6 +189,76 @@ def _invalid_pixdim(path: Path) -> str | None:
             f"voxel spacing and direction uncertain, |pixdim| used")
 
 
+#: bytes read from the file at once (a slab of whole slices along the stored k axis)
+READ_SLAB_BYTES = 8 * 1024 * 1024
+
+
+def _read_voxels(path: Path, img, shape, affine: np.ndarray, slope: float, inter: float):
+    """The voxels of a NIfTI file as the array :func:`volume_from_array` takes (stored (i, j, k)
+    order), read slab by slab (``READ_SLAB_BYTES`` of whole k-slices at a time) straight into
+    their final place, and the count of NaN/inf voxels (set to -1024 HU).
+
+    Memory: the result is the only whole-volume array. For an orthogonal grid it is a view of
+    the display-order (z, y, x) array, so the reorientation in ``volume_from_array`` copies
+    nothing; a sheared grid gets a stored-order (Fortran) array for its resampling. Integer
+    voxels without scaling keep their dtype (native byte order); scaled (``scl_slope`` /
+    ``scl_inter``) or float voxels become float32 (scaled in float64 one slab at a time). The
+    old whole-file read held the decompressed bytes twice (``GzipFile`` has no ``readinto``) and
+    float64 for scaled or float64 files.
+
+    Raises VolumeReadError for a truncated or corrupt file.
+    """
+    import nibabel.orientations as no
+    from nibabel.openers import ImageOpener
+
+    proxy = img.dataobj
+    file_dtype = np.dtype(proxy.dtype)
+    scaled = slope != 1.0 or inter != 0.0
+    out_dtype = np.dtype(np.float32) if scaled or file_dtype.kind == "f" else file_dtype.newbyteorder("=")
+    if measure_shear(affine, shape).sheared:
+        stored = np.empty(shape, out_dtype, order="F")  # resampled onto the display grid later
+    else:
+        ornt = _display_ornt(affine)
+        disp_xyz = tuple(int(shape[int(ax)]) for ax in np.argsort(ornt[:, 0]))  # display (x, y, z)
+        display = np.empty(disp_xyz[::-1], out_dtype)  # (z, y, x), C order: the Volume's data
+        back = no.ornt_transform(no.axcodes2ornt(DISPLAY_AXCODES), no.io_orientation(affine))
+        stored = no.apply_orientation(np.transpose(display, (2, 1, 0)), back)  # a view, (i, j, k)
+        assert stored.shape == tuple(shape) and np.shares_memory(stored, display)
+    ni, nj, nk = (int(v) for v in shape)
+    per_k = ni * nj * file_dtype.itemsize
+    step = max(1, min(nk, READ_SLAB_BYTES // max(per_k, 1)))
+    buf = np.empty(ni * nj * step, file_dtype)
+    n_nan = 0
+    try:
+        with ImageOpener(str(path)) as f:
+            f.seek(int(proxy.offset))
+            for k0 in range(0, nk, step):
+                kn = min(step, nk - k0)
+                raw = buf[: ni * nj * kn]
+                view, got = memoryview(raw).cast("B"), 0
+                while got < raw.nbytes:  # readinto may return less than asked before the end
+                    n = f.readinto(view[got:])
+                    if not n:
+                        raise VolumeReadError(f"cannot read the voxels of {path.name} (truncated?): "
+                                              f"{k0 * per_k + got} of {nk * per_k} bytes")
+                    got += n
+                slab = raw.reshape((ni, nj, kn), order="F")
+                if scaled:
+                    slab = slab.astype(np.float64) * slope + inter
+                target = stored[:, :, k0 : k0 + kn]
+                target[...] = slab
+                if out_dtype.kind == "f":
+                    bad = ~np.isfinite(target)
+                    if bad.any():
+                        n_nan += int(bad.sum())
+                        target[bad] = -1024.0
+    except VolumeReadError:
+        raise
+    except Exception as exc:  # corrupt gzip stream, I/O error
+        raise VolumeReadError(f"cannot read the voxels of {path.name} (truncated?): {exc}") from exc
+    return stored, n_nan
+
+
 def read_nifti(path: str | os.PathLike) -> Volume:
     """Read a 3-D CT NIfTI (HU) into a display-convention Volume.
 
@@ -225,36 +295,23 @@ def read_nifti(path: str | os.PathLike) -> Volume:
         raise VolumeReadError(f"{path.name} is a {kind}, not a 3-D CT volume")
     if min(shape) < 1:
         raise VolumeReadError(f"{path.name} is empty (shape {img.shape})")
-    try:
-        raw = np.asanyarray(img.dataobj)
-    except Exception as exc:  # truncated gzip, short file
-        raise VolumeReadError(f"cannot read the voxels of {path.name} (truncated?): {exc}") from exc
-    raw = raw.reshape(shape)
-    # a loaded header reports no scaling; the array proxy holds scl_slope / scl_inter
-    slope = float(getattr(img.dataobj, "slope", 1.0))
-    inter = float(getattr(img.dataobj, "inter", 0.0))
-    if raw.dtype.kind == "f" or slope != 1.0 or inter != 0.0:
-        data = raw.astype(np.float32, copy=False)
-    else:
-        data = raw
-    meta = {"format": "nifti", "dtype": str(dtype)}
-    if slope != 1.0 or inter != 0.0:
-        meta["scl_slope"], meta["scl_inter"] = slope, inter
-    if data.dtype.kind == "f":
-        nan = ~np.isfinite(data)
-        n_nan = int(nan.sum())
-        if n_nan == data.size:
-            raise VolumeReadError(f"{path.name} holds no finite voxel (all NaN/inf)")
-        if n_nan:
-            data = data.copy()
-            data[nan] = -1024.0
-            msg = f"{path.name}: {n_nan} NaN/inf voxels shown as -1024 HU (file unchanged)"
-            warnings.warn(msg, stacklevel=2)
-            meta["nan_voxels"] = n_nan
-            meta.setdefault("warnings", []).append(msg)
     affine = img.affine
     if affine is None or not np.all(np.isfinite(affine)):
         raise VolumeReadError(f"{path.name} has no valid affine")
+    # a loaded header reports no scaling; the array proxy holds scl_slope / scl_inter
+    slope = float(getattr(img.dataobj, "slope", 1.0))
+    inter = float(getattr(img.dataobj, "inter", 0.0))
+    meta = {"format": "nifti", "dtype": str(dtype)}
+    if slope != 1.0 or inter != 0.0:
+        meta["scl_slope"], meta["scl_inter"] = slope, inter
+    data, n_nan = _read_voxels(path, img, shape, np.asarray(affine, np.float64), slope, inter)
+    if n_nan == data.size:
+        raise VolumeReadError(f"{path.name} holds no finite voxel (all NaN/inf)")
+    if n_nan:
+        msg = f"{path.name}: {n_nan} NaN/inf voxels shown as -1024 HU (file unchanged)"
+        warnings.warn(msg, stacklevel=2)
+        meta["nan_voxels"] = n_nan
+        meta.setdefault("warnings", []).append(msg)
     if bad_pixdim:
         msg = f"{path.name}: {bad_pixdim}"
         warnings.warn(msg, stacklevel=2)

@@ -22,7 +22,8 @@ import inspect
 from .arseg import ArSegPredictor
 from .base import Predictor
 from .marseg import MarSegPredictor
-from .ort import BACKENDS, ORT_PREDICTORS, OrtArSegPredictor, OrtSegmentationPredictor, resolve_backend
+from .ort import (BACKENDS, ORT_INT8_PREDICTORS, ORT_PREDICTORS, OrtArSegPredictor, OrtInt8SegmentationPredictor,
+                  OrtSegmentationPredictor, resolve_backend)
 from .segmentation import SegmentationPredictor
 from .tta import TTA_VIEWS, TTAPredictor, View, tta_views
 
@@ -32,6 +33,7 @@ __all__ = [
     "ArSegPredictor",
     "MarSegPredictor",
     "OrtSegmentationPredictor",
+    "OrtInt8SegmentationPredictor",
     "OrtArSegPredictor",
     "BACKENDS",
     "resolve_backend",
@@ -84,7 +86,8 @@ def predictor_options(family: str) -> list[str]:
 def make_predictor(ckpt, device="auto", precision: str = "auto", grid_mode: str | None = None,
                    backend: str = "torch", **options):
     """The predictor of a loaded checkpoint (``models.checkpoints.Checkpoint``), chosen by its family
-    and the runtime ``backend`` ("torch", "onnxruntime" or "auto"; ``ort.resolve_backend``). With
+    and the runtime ``backend`` ("torch", "onnxruntime", "onnxruntime-int8" or "auto";
+    ``ort.resolve_backend``). With
     ``"auto"``, a model whose ONNX export fails runs in torch after one warning; an explicit
     ``"onnxruntime"`` raises ``export.ExportError`` then, and ``PredictorOptionError`` where ONNX
     Runtime cannot run.
@@ -100,7 +103,11 @@ def make_predictor(ckpt, device="auto", precision: str = "auto", grid_mode: str 
     if unknown:
         raise TypeError(f"{cls.__name__} ({ckpt.family}) takes no option {', '.join(unknown)}; "
                         f"its options: {', '.join(allowed) or '(none)'}")
-    if resolve_backend(backend, ckpt.family, device, precision) == "onnxruntime":
+    runtime = resolve_backend(backend, ckpt.family, device, precision)
+    if runtime == "onnxruntime-int8":
+        return ORT_INT8_PREDICTORS[ckpt.family].from_checkpoint(ckpt, device=device, precision=precision,
+                                                                grid_mode=grid_mode, **options)
+    if runtime == "onnxruntime":
         from ..device import warn_once
         from ..export import ExportError
 

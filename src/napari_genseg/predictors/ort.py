@@ -4,7 +4,9 @@ models (``OrtSegmentationPredictor``; ``OrtArSegPredictor``).
 Backends: ``"torch"`` (eager PyTorch, every family, every device and precision), ``"onnxruntime"``
 (the exported model of ``export.cached_onnx`` on ONNX Runtime's CPU provider in fp32; MSA²Net and
 MARSeg whole, AR-Seg's image encoder and mask decoder with its token sampling in torch; extra
-``napari-genseg[onnx]``) and ``"auto"``: ONNX Runtime when it is installed, the
+``napari-genseg[onnx]``), ``"onnxruntime-int8"`` (an opt-in speed choice for MSA²Net and MARSeg:
+the same file with its MatMul/Gemm weights dynamically quantised to int8,
+``export.quantize_int8``; masks within 0.005 Dice of fp32 on real CT, not equal) and ``"auto"``: ONNX Runtime when it is installed, the
 family exports (``export.EXPORTABLE_FAMILIES``), the device is the CPU and the precision resolves
 to fp32 (``device.resolve_precision``); torch otherwise. The two agree within
 ``export.CHECK_TOLERANCE`` of the logits' std (checked when a model is exported), so ``auto``
@@ -25,11 +27,14 @@ from .arseg import ArSegPredictor
 from .base import PredictorOptionError, input_contract
 from .segmentation import SegmentationPredictor
 
-__all__ = ["BACKENDS", "resolve_backend", "ort_session", "OrtSegmentationPredictor", "OrtArSegPredictor",
-           "ORT_PREDICTORS"]
+__all__ = ["BACKENDS", "INT8_FAMILIES", "resolve_backend", "ort_session", "OrtSegmentationPredictor",
+           "OrtInt8SegmentationPredictor", "OrtArSegPredictor", "ORT_PREDICTORS", "ORT_INT8_PREDICTORS"]
 
 #: runtime choices of the CLI (``--backend``) and the Segment dock
-BACKENDS = ("auto", "torch", "onnxruntime")
+BACKENDS = ("auto", "torch", "onnxruntime", "onnxruntime-int8")
+#: families whose exported model runs int8-quantised (``export.quantize_int8``) with
+#: ``"onnxruntime-int8"``: masks within 0.005 Dice of fp32 on real CT (``benchmarks/backends.md``)
+INT8_FAMILIES = ("msa2net", "marseg")
 
 
 def resolve_backend(backend: str, family: str, device="auto", precision: str = "auto") -> str:
@@ -47,6 +52,17 @@ def resolve_backend(backend: str, family: str, device="auto", precision: str = "
     if backend == "torch":
         return "torch"
     dev = resolve_device(device)
+    if backend == "onnxruntime-int8":
+        if family not in INT8_FAMILIES:
+            raise PredictorOptionError(f"{family} models have no int8 ONNX Runtime path "
+                                       f"(int8: {', '.join(INT8_FAMILIES)}); use --backend onnxruntime")
+        import importlib.util
+
+        if onnxruntime_available() and importlib.util.find_spec("onnx") is None:
+            raise PredictorOptionError("the onnxruntime-int8 backend quantises with the onnx package: "
+                                       "pip install 'napari-genseg[onnx]'")
+        resolve_backend("onnxruntime", family, device, precision)  # the same needs as fp32 ORT
+        return "onnxruntime-int8"
     if backend == "onnxruntime":
         if not onnxruntime_available():
             raise PredictorOptionError("the onnxruntime backend needs ONNX Runtime: "
@@ -135,13 +151,49 @@ class OrtSegmentationPredictor(SegmentationPredictor):
         return cls(cached_onnx(ckpt), ckpt.class_names, norm, grid, return_probs,
                    in_chans=getattr(ckpt.config, "in_chans", 1))
 
+    #: slices per ONNX Runtime call: the engine's batch runs as calls of this many slices. One
+    #: slice at a time is the fastest per slice on the CPUs measured (its activations, ~25 MB per
+    #: 256² slice for the MSA²Net demo, stay in the caches) and holds a quarter of a batch of 4's
+    #: activation memory (issue #12 memory bound); ``benchmarks/backends.md``.
+    sub_batch = 1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (n, K, size, size) of the ONNX model for the normalised input (n, C, size, size)."""
+        """Logits (n, K, size, size) of the ONNX model for the normalised input (n, C, size, size),
+        computed ``sub_batch`` slices per call."""
         image = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
-        return torch.from_numpy(self.session.run(["logits"], {"image": image})[0])
+        step = max(1, int(self.sub_batch))
+        outs = [self.session.run(["logits"], {"image": image[i : i + step]})[0] for i in range(0, len(image), step)]
+        return torch.from_numpy(outs[0] if len(outs) == 1 else np.concatenate(outs, 0))
 
     def release(self) -> None:
         self._x = None
+
+
+class OrtInt8SegmentationPredictor(OrtSegmentationPredictor):
+    """:class:`OrtSegmentationPredictor` on the int8-quantised file of the model
+    (``export.cached_onnx(ckpt, quantization="int8")``: MatMul/Gemm weights int8, activations
+    quantised per batch; the rest fp32). The ``"onnxruntime-int8"`` backend; ``precision`` is
+    ``"int8-dynamic"``. Same protocol and outputs."""
+
+    backend = "onnxruntime-int8"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.precision = "int8-dynamic"
+
+    @classmethod
+    def from_checkpoint(cls, ckpt, *, device="auto", precision: str = "auto", grid_mode: str | None = None,
+                        return_probs: bool = False) -> "OrtInt8SegmentationPredictor":
+        """The int8 ORT predictor of a loaded checkpoint (quantised from the cached export on
+        first use). Raises PredictorOptionError where the backend cannot run
+        (``resolve_backend``)."""
+        from ..export import cached_onnx
+
+        resolve_backend("onnxruntime-int8", ckpt.family, device, "fp32")
+        _fp32_only(precision)
+        norm, grid = input_contract(ckpt, grid_mode)
+        return cls(cached_onnx(ckpt, quantization="int8"), ckpt.class_names, norm, grid, return_probs,
+                   in_chans=getattr(ckpt.config, "in_chans", 1))
 
 
 class OrtArSegPredictor(ArSegPredictor):
@@ -195,3 +247,5 @@ ORT_PREDICTORS: dict[str, type] = {
     "marseg": OrtSegmentationPredictor,
     "arseg": OrtArSegPredictor,
 }
+#: model family -> its int8 ONNX Runtime predictor (``"onnxruntime-int8"``)
+ORT_INT8_PREDICTORS: dict[str, type] = {f: OrtInt8SegmentationPredictor for f in INT8_FAMILIES}
