@@ -9,8 +9,8 @@ not depend on them):
 (a) **official-style**: the forward of Ewha-AI/MARSeg ``models/marseg.py`` + ``models/mar/
     mar_layers.py`` (``return_all=True``), re-created in :func:`official_forward` on the full build
     (diffusion head, mask token, class embedding and the 3 unused FPN convs in memory, 244.6 M
-    parameters), with the work the official code does: the LDM encoder's attention as two ``bmm``
-    (``vae.py``), MAR patchify through ``einsum``, zero buffer then assignment, all 12 encoder and
+    parameters), with the work the official code does: the LDM encoder's swish as
+    ``x * sigmoid(x)`` and its attention as two ``bmm`` (``vae.py``), MAR patchify through ``einsum``, zero buffer then assignment, all 12 encoder and
     12 decoder block outputs kept and each passed through the final norm, encoder_norm once more on
     the last output, GPAF on ``permute().contiguous()`` copies with the channel-attention MLP run
     twice (avg and max), the FPN's bilinear resizes of equal-sized maps, ``torch.no_grad``,
@@ -19,7 +19,8 @@ not depend on them):
     real CT slice: ``set_image`` (HU -> 256² model grid -> [-1, 1] x 3) + ``predict`` (forward,
     back to the slice grid, argmax): more work than (a) is timed for.
 (c) **ours, batched**: ``engine.run_volume`` with ``--batch`` slices per call (as ``genseg segment
-    --batch-size``), fp32 and bf16, time per slice.
+    --batch-size``), fp32 and bf16, time per slice (the predictor feeds the model
+    ``MarSegPredictor.cpu_chunk`` slices at a time on the CPU).
 (d) **ours, bf16**: (b) with ``precision="bf16"`` (opt-in; honoured where ``device.cpu_native_bf16``
     says the CPU computes bf16 natively, else it runs fp32 and the row says so).
 
@@ -113,7 +114,8 @@ def official_forward(model, x: torch.Tensor) -> torch.Tensor:
     ``MAR.forward_mae_encoder/decoder(return_all=True)``), op for op, on our full-build modules.
 
     ``model``: a :class:`~napari_genseg.models.marseg.MarSeg` built with ``inference_only=False``
-    whose KL-encoder attention blocks run the LDM ``bmm`` form (``exact=True``). Shapes: x [B, 3,
+    whose KL-encoder attention blocks run the LDM ``bmm`` form (``exact=True``) and whose
+    encoder blocks use LDM's ``swish`` (``act``). Shapes: x [B, 3,
     S, S] -> logits [B, C, S, S]. Blocks (timm ``Block`` in the official code: pre-LN, SDPA
     attention) are ours: the same operations.
     """
@@ -241,7 +243,7 @@ def main(argv=None) -> int:
     from napari_genseg.models import registry
     from napari_genseg.models.checkpoints import load_checkpoint
     from napari_genseg.models.marseg.model import MarSeg
-    from napari_genseg.nn.ldm import AttnBlock
+    from napari_genseg.nn.ldm import AttnBlock, Encoder, ResnetBlock, swish
     from napari_genseg.predictors import MarSegPredictor
 
     lines: list[str] = []
@@ -268,6 +270,8 @@ def main(argv=None) -> int:
     for m in full.kl_encoder.modules():
         if isinstance(m, AttnBlock):
             m.exact = True  # LDM vae.py: bmm, softmax, bmm
+        if isinstance(m, (Encoder, ResnetBlock)):
+            m.act = swish  # LDM vae.py: x * torch.sigmoid(x) (ours: F.silu)
     demo = load_checkpoint(args.demo)
     ckpt = _checkpoint(full, args.config, cfg_full, demo.input)
     p32 = MarSegPredictor.from_checkpoint(ckpt, device="cpu", precision="fp32")

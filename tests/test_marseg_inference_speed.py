@@ -118,3 +118,32 @@ def test_cpu_inference_feeds_the_kl_encoder_channels_last_with_the_same_values()
     slow = model(x)  # autograd on: the NCHW path (training is unchanged)
     assert seen == [True, False]
     assert torch.allclose(fast, slow.detach(), atol=1e-5)
+
+
+def test_cpu_predictor_runs_a_batch_slice_by_slice_with_the_batch_result():
+    ck = _ckpt()
+    pred = MarSegPredictor.from_checkpoint(ck, device="cpu", precision="fp32")
+    sizes = []
+    pred.model.register_forward_hook(lambda m, inp, out: sizes.append(inp[0].shape[0]))
+    pred.set_image(np.concatenate([_slices(), _slices()[::-1]]), (3.0, 3.0))
+    with torch.inference_mode():
+        got = pred.forward(pred._x)
+        whole = pred.model(pred._x)
+    assert sizes == [1, 1, 1, 1, 4] and got.shape == (4, 3, 32, 32)
+    assert torch.allclose(got, whole, atol=1e-5)
+
+
+def test_marseg_kl_encoder_uses_fused_silu_with_swish_values():
+    from napari_genseg.nn.ldm import ResnetBlock, swish
+
+    torch.manual_seed(0)
+    model = registry.create_model("marseg_tiny", inference_only=True).eval()
+    blocks = [m for m in model.kl_encoder.modules() if isinstance(m, ResnetBlock)]
+    assert blocks and all(b.act is torch.nn.functional.silu for b in blocks)
+    assert model.kl_encoder.act is torch.nn.functional.silu
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        fast = model(x)
+        for m in [model.kl_encoder, *blocks]:
+            m.act = swish
+        assert torch.allclose(model(x), fast, atol=1e-5)

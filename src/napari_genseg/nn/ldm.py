@@ -49,11 +49,13 @@ class ResnetBlock(nn.Module):
     """norm-swish-conv3x3 twice, plus a 1x1 ``nin_shortcut`` when the width changes.
 
     Shapes: [B, cin, H, W] -> [B, cout, H, W]. (LDM's time embedding and dropout are unused by
-    its autoencoders and left out.)
+    its autoencoders and left out.) ``act``: the nonlinearity, :func:`swish` (LDM's rounding) or
+    ``F.silu`` (the same function in one fused pass, faster on the CPU).
     """
 
-    def __init__(self, cin: int, cout: int, groups: int) -> None:
+    def __init__(self, cin: int, cout: int, groups: int, act=swish) -> None:
         super().__init__()
+        self.act = act
         self.norm1 = group_norm(cin, groups)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
         self.norm2 = group_norm(cout, groups)
@@ -61,8 +63,8 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(swish(self.norm1(x)))
-        h = self.conv2(swish(self.norm2(h)))
+        h = self.conv1(self.act(self.norm1(x)))
+        h = self.conv2(self.act(self.norm2(h)))
         if self.nin_shortcut is not None:
             x = self.nin_shortcut(x)
         return x + h
@@ -127,11 +129,11 @@ class Upsample(nn.Module):
 class MidBlock(nn.Module):
     """``block_1`` -> ``attn_1`` -> ``block_2`` at the lowest resolution."""
 
-    def __init__(self, channels: int, groups: int, exact_attention: bool = False) -> None:
+    def __init__(self, channels: int, groups: int, exact_attention: bool = False, act=swish) -> None:
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, groups)
+        self.block_1 = ResnetBlock(channels, channels, groups, act)
         self.attn_1 = AttnBlock(channels, groups, exact_attention)
-        self.block_2 = ResnetBlock(channels, channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, groups, act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -151,11 +153,14 @@ class Encoder(nn.Module):
 
     Shapes: [B, in_channels, S, S] -> [B, out_channels, S / 2**(len(ch_mult)-1), same]. A KL
     autoencoder's ``double_z`` encoder has ``out_channels = 2 * z_channels`` (mean and log-variance).
+    ``act``: the nonlinearity of every block (see :class:`ResnetBlock`; default LDM's :func:`swish`).
     """
 
     def __init__(self, ch: int, ch_mult: tuple, num_res_blocks: int, out_channels: int, groups: int,
-                 in_channels: int = 3, attn_levels: tuple = (), exact_attention: bool = False) -> None:
+                 in_channels: int = 3, attn_levels: tuple = (), exact_attention: bool = False,
+                 act=swish) -> None:
         super().__init__()
+        self.act = act
         levels = _check_levels(attn_levels, len(ch_mult))
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
@@ -166,14 +171,14 @@ class Encoder(nn.Module):
             stage.block = nn.ModuleList()
             stage.attn = nn.ModuleList()
             for _ in range(num_res_blocks):
-                stage.block.append(ResnetBlock(cin, cout, groups))
+                stage.block.append(ResnetBlock(cin, cout, groups, act))
                 cin = cout
                 if level in levels:
                     stage.attn.append(AttnBlock(cin, groups, exact_attention))
             if level != len(ch_mult) - 1:
                 stage.downsample = Downsample(cin)
             self.down.append(stage)
-        self.mid = MidBlock(cin, groups, exact_attention)
+        self.mid = MidBlock(cin, groups, exact_attention, act)
         self.norm_out = group_norm(cin, groups)
         self.conv_out = nn.Conv2d(cin, out_channels, 3, padding=1)
 
@@ -187,7 +192,7 @@ class Encoder(nn.Module):
             if hasattr(stage, "downsample"):
                 h = stage.downsample(h)
         h = self.mid(h)
-        return self.conv_out(swish(self.norm_out(h)))
+        return self.conv_out(self.act(self.norm_out(h)))
 
 
 class Decoder(nn.Module):

@@ -16,7 +16,12 @@ official weights) repeated to ``in_chans`` (3) identical channels, slices batche
   ``napari_genseg.device``), the predictor runs a copy whose Linear and Conv weights are stored in
   bf16 (:func:`bf16_weights`). Autocast would cast the same fp32 weights to bf16 on every call
   (the same values: ~0.8 GB of memory traffic per forward of the paper model, 7 % of a 256²
-  slice); norms, embeddings and the caller's model stay fp32.
+  slice); norms, embeddings and the caller's model stay fp32;
+* on the CPU a batch of slices runs through the model ``cpu_chunk`` (1) slices at a time: the
+  forward is compute-bound at one slice already (320 tokens per GEMM, KL-encoder convolutions at
+  256²), and a batch of 8 only makes the activations (0.27 GB per KL-encoder tensor) spill the
+  caches: 3-5 % slower per slice, measured (``benchmarks/marseg_speed.md``). Batches still save
+  the per-call work around the model (preprocessing, the return to the slice grid).
 """
 
 from __future__ import annotations
@@ -80,10 +85,20 @@ class MarSegPredictor(SegmentationPredictor):
     CPU, ``self.model`` is :func:`bf16_weights` of ``model`` (``model`` itself is left as it is).
     """
 
+    #: slices per model call on the CPU (see the module docstring); other devices take the batch whole
+    cpu_chunk: int = 1
+
     def __init__(self, model: nn.Module, *args, **kwargs) -> None:
         super().__init__(model, *args, **kwargs)
         if self.precision == "bf16" and self.device.type == "cpu":
             self.model = bf16_weights(self.model).eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (n, K, size, size) of the normalised input (n, C, size, size); on the CPU in
+        chunks of :attr:`cpu_chunk` slices."""
+        if self.device.type != "cpu" or x.shape[0] <= self.cpu_chunk:
+            return super().forward(x)
+        return torch.cat([super(MarSegPredictor, self).forward(c) for c in x.split(self.cpu_chunk)])
 
     @classmethod
     def from_checkpoint(cls, ckpt, *, device="auto", precision: str = "auto", grid_mode: str | None = None,
