@@ -92,8 +92,9 @@ class MarSeg(nn.Module):
         """Image [B, C, S, S] -> scaled latents [B, z, S/16, S/16] (quant_conv on raw moments).
 
         Inference on the CPU (no autograd) feeds the KL encoder in channels-last layout, oneDNN's
-        native one: the same values (within fp32 rounding, ~1e-7), about 7 % less time for the
-        encoder, which holds 55 % of the FLOPs (``benchmarks/marseg_speed.md``).
+        native one: the same values (within fp32 rounding, ~1e-7) and, measured at one thread,
+        about 7 % less time per slice (the encoder holds 55 % of the FLOPs;
+        ``benchmarks/marseg_speed.md``). Training (autograd on) keeps NCHW.
         """
         self._check(x)
         if x.device.type == "cpu" and not torch.is_grad_enabled():
