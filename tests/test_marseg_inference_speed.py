@@ -147,3 +147,18 @@ def test_marseg_kl_encoder_uses_fused_silu_with_swish_values():
         for m in [model.kl_encoder, *blocks]:
             m.act = swish
         assert torch.allclose(model(x), fast, atol=1e-5)
+
+
+def test_silu_resnet_block_inference_is_in_place_with_the_same_values():
+    from napari_genseg.nn.ldm import ResnetBlock
+
+    torch.manual_seed(0)
+    blk = ResnetBlock(32, 64, 8, act=torch.nn.functional.silu).eval()
+    x = torch.randn(2, 32, 8, 8)
+    want = blk(x)  # autograd on: the out-of-place path
+    calls = []
+    blk.conv2.register_forward_hook(lambda m, i, o: calls.append(o.data_ptr()))
+    with torch.no_grad():
+        got = blk(x)
+    assert got.data_ptr() == calls[-1]  # the residual sum landed in conv2's output
+    assert torch.equal(got, want.detach())

