@@ -24,8 +24,10 @@ not depend on them):
 (d) **ours, bf16**: (b) with ``precision="bf16"`` (opt-in; honoured where ``device.cpu_native_bf16``
     says the CPU computes bf16 natively, else it runs fp32 and the row says so).
 
-Each round times (a), (b), (d), (c fp32), (c bf16) once, in that order (round-robin: load from other
-processes hits every row alike), after one warm-up call of each. Printed per row: wall seconds per
+Each row runs in its own worker process (its own allocator state, as in a user's process: the
+official code's process never ran anything else), built and warmed up once; each round times (a),
+(b), (d), (c fp32), (c bf16) once, in that order (round-robin: load from other processes hits
+every row alike). Printed per row: wall seconds per
 slice (median and best over rounds) and the thread's CPU seconds (``time.thread_time``; with one
 thread this is the wall time of an idle machine, the figure that survives a shared CPU), GFLOP/s
 and % of the fp32 GEMM rate. GFLOP per slice are counted with ``torch.utils.flop_counter``
@@ -43,6 +45,8 @@ function). Asserts nothing; prints the table (markdown) and writes it to ``--md`
 from __future__ import annotations
 
 import argparse
+import functools
+import multiprocessing as mp
 import os
 import platform
 import statistics
@@ -225,7 +229,7 @@ class Row:
 # ----------------------------------------------------------------------------------------- main
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
@@ -236,17 +240,89 @@ def main(argv=None) -> int:
     ap.add_argument("--first-slice", type=int, default=11, help="first of the --batch slices timed")
     ap.add_argument("--gemm-n", default="1024,2048,3072", help="matrix sides of the GEMM-rate test")
     ap.add_argument("--md", default=None, help="also write the table (markdown) here")
+    return ap
+
+
+def _setup(args, key: str) -> dict:
+    """What row ``key`` ("a", "b", "d", "c32", "c16" or "all") needs: the full build (seeded random
+    weights, official LDM swish and bmm attention for (a)), predictors on its weights, the CT."""
+    from napari_genseg.io import load_volume
+    from napari_genseg.models import registry
+    from napari_genseg.models.checkpoints import load_checkpoint
+    from napari_genseg.nn.ldm import AttnBlock, Encoder, ResnetBlock, swish
+    from napari_genseg.predictors import MarSegPredictor
+
+    torch.manual_seed(0)
+    full = registry.create_model(args.config, inference_only=False).eval()
+    for m in full.kl_encoder.modules():
+        if isinstance(m, AttnBlock):
+            m.exact = True  # LDM vae.py: bmm, softmax, bmm
+        if isinstance(m, (Encoder, ResnetBlock)):
+            m.act = swish  # LDM vae.py: x * torch.sigmoid(x) (ours: F.silu)
+    demo = load_checkpoint(args.demo)
+    ckpt = _checkpoint(full, args.config, full.cfg, demo.input)
+    env = {"demo": demo, "vol": load_volume(args.ct)}
+    env["zs"] = list(range(args.first_slice, args.first_slice + args.batch))
+    env["one"], env["sp"] = env["vol"].data[env["zs"][:1]], env["vol"].spacing[1:]
+    p32 = MarSegPredictor.from_checkpoint(ckpt, device="cpu", precision="fp32")
+    p32.set_image(env["one"], env["sp"])
+    env["x"] = p32._x.contiguous()  # the normalised model input [1, 3, S, S] of that slice (NCHW)
+    if key in ("a", "all"):
+        env["full"] = full
+    if key in ("b", "c32", "all"):
+        env["p32"] = p32
+    if key in ("d", "c16", "all"):
+        env["p16"] = MarSegPredictor.from_checkpoint(ckpt, device="cpu", precision="bf16")
+    return env
+
+
+def _row_fn(key: str, env: dict, batch: int):
+    """The call timed for row ``key``."""
+    if key == "a":
+        full, x = env["full"], env["x"]
+
+        def run():
+            with torch.no_grad():
+                official_forward(full, x)
+        return run
+    if key in ("b", "d"):
+        pred, one, sp = env["p32" if key == "b" else "p16"], env["one"], env["sp"]
+
+        def run():
+            pred.set_image(one, sp)
+            pred.predict()
+        return run
+    pred = env["p32" if key == "c32" else "p16"]
+    return lambda: _labels(pred, env["vol"], env["zs"], batch)
+
+
+def _worker(key: str, argv, conn) -> None:
+    """One row's process: build, warm up, then answer "time" with (wall s, thread CPU s) of one call."""
+    args = _parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    fn = _row_fn(key, _setup(args, key), args.batch)
+    fn()  # warm-up (oneDNN primitives, allocator)
+    import gc
+
+    gc.collect()
+    conn.send("ready")
+    while conn.recv() == "time":
+        t0, c0 = time.perf_counter(), time.thread_time()
+        fn()
+        conn.send((time.perf_counter() - t0, time.thread_time() - c0))
+
+
+
+def main(argv=None) -> int:
+    ap = _parser()
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     from napari_genseg.device import cpu_bf16_support
-    from napari_genseg.io import load_volume
-    from napari_genseg.models import registry
-    from napari_genseg.models.checkpoints import load_checkpoint
-    from napari_genseg.models.marseg.model import MarSeg
-    from napari_genseg.nn.ldm import AttnBlock, Encoder, ResnetBlock, swish
     from napari_genseg.predictors import MarSegPredictor
+
+    argv = sys.argv[1:] if argv is None else list(argv)
 
     lines: list[str] = []
 
@@ -267,74 +343,75 @@ def main(argv=None) -> int:
     out(f"GEMM rate (torch.mm n x n, n in {'/'.join(map(str, sizes))}, {args.threads} thread(s), best of 6 calls "
         f"each): fp32 {g32_cpu:.1f} GFLOP/s (CPU time; {g32_wall:.1f} by wall), bf16 {g16_cpu:.1f} GFLOP/s")
 
-    # ---- models: (a) the full build; (b)-(d) the predictor's lean build loaded from its weights
-    full = registry.create_model(args.config, inference_only=False).eval()
-    cfg_full = full.cfg
-    for m in full.kl_encoder.modules():
-        if isinstance(m, AttnBlock):
-            m.exact = True  # LDM vae.py: bmm, softmax, bmm
-        if isinstance(m, (Encoder, ResnetBlock)):
-            m.act = swish  # LDM vae.py: x * torch.sigmoid(x) (ours: F.silu)
-    demo = load_checkpoint(args.demo)
-    ckpt = _checkpoint(full, args.config, cfg_full, demo.input)
-    p32 = MarSegPredictor.from_checkpoint(ckpt, device="cpu", precision="fp32")
-    p16 = MarSegPredictor.from_checkpoint(ckpt, device="cpu", precision="bf16")
+    # ---- correctness, FLOPs and agreement in this process (timing happens in one process per row)
+    env = _setup(args, "all")
+    full, p32, p16, x = env["full"], env["p32"], env["p16"], env["x"]
     n_full = sum(p.numel() for p in full.parameters())
     n_lean = sum(p.numel() for p in p32.model.parameters())
-    vol = load_volume(args.ct)
-    zs = list(range(args.first_slice, args.first_slice + args.batch))
-    one = vol.data[zs[:1]]
-    sp = vol.spacing[1:]
-    p32.set_image(one, sp)
-    x = p32._x.contiguous()  # the normalised model input [1, 3, S, S] of that slice (NCHW)
-
     with torch.no_grad():
         ref = official_forward(full, x)
         with torch.inference_mode():
             ours = p32.forward(x)
     maxdiff = float((ref - ours).abs().max())
     same_argmax = float((ref.argmax(1) == ours.argmax(1)).float().mean()) * 100
-    gf_official = count_gflop(lambda: official_forward(full, x))
-    gf_ours = count_gflop(lambda: p32.model(x))
+    gf_official = count_gflop(functools.partial(official_forward, full, x))
+    gf_ours = count_gflop(functools.partial(p32.model, x))
     out(f"Parameters in memory: official-style {n_full:,} (fp32); ours {n_lean:,} "
         f"(fp32; the bf16 predictor holds its Linear/Conv weights in bf16)")
     out(f"GFLOP per slice: official-style {gf_official:.1f}, ours {gf_ours:.1f}; "
         f"official-style vs ours fp32 (same weights): max |logit diff| {maxdiff:.2e}, argmax equal on "
         f"{same_argmax:.4f} % of the 256² grid")
-
-    def run_a():
-        with torch.no_grad():
-            official_forward(full, x)
-
-    def run_pred(pred):
-        def f():
-            pred.set_image(one, sp)
-            pred.predict()
-        return f
-
-    def run_batched(pred):
-        return lambda: _labels(pred, vol, zs, args.batch)
-
     prec16 = p16.precision
-    rows = [Row("(a) official-style, fp32 eager, batch 1", run_a, 1),
-            Row("(b) ours MarSegPredictor, fp32 eager, batch 1", run_pred(p32), 1),
-            Row(f"(d) ours MarSegPredictor, {prec16} (opt-in), batch 1", run_pred(p16), 1),
-            Row(f"(c) ours run_volume, fp32, batch {args.batch}", run_batched(p32), args.batch),
-            Row(f"(c) ours run_volume, {prec16}, batch {args.batch}", run_batched(p16), args.batch)]
-    for r in rows:  # warm-up (oneDNN primitive creation, allocator)
-        r.fn()
+    vol, zs, demo = env["vol"], env["zs"], env["demo"]
+    agree = [f"Argmax agreement, {prec16} vs fp32, slice-grid voxels of {os.path.basename(args.ct)}:"]
+    lab32 = _labels(p32, vol, zs, args.batch)
+    lab16 = _labels(p16, vol, zs, args.batch)
+    agree.append(f"- {args.config}, RANDOM weights (near-ties everywhere: a lower bound), slices {zs[0]}-{zs[-1]}: "
+                 f"{_agree(lab32, lab16)}")
+    allz = list(range(vol.shape[0]))
+    d32 = MarSegPredictor.from_checkpoint(demo, device="cpu", precision="fp32")
+    d16 = MarSegPredictor.from_checkpoint(demo, device="cpu", precision="bf16")
+    dl32, dl16 = _labels(d32, vol, allz, args.batch), _labels(d16, vol, allz, args.batch)
+    fg = dl32 > 0
+    agree.append(f"- {demo.config_name} TRAINED weights ({os.path.basename(args.demo)}), all {len(allz)} slices: "
+                 f"{_agree(dl32, dl16)}; fp32 foreground voxels {int(fg.sum())}, of them {_agree(dl32[fg], dl16[fg])}")
+    del env, full, p32, p16, ref, ours, d32, d16
+
+    # ---- timing: one worker process per row (its own allocator state, as a user's process has),
+    # driven round-robin from here
+    names = {"a": "(a) official-style, fp32 eager, batch 1",
+             "b": "(b) ours MarSegPredictor, fp32 eager, batch 1",
+             "d": f"(d) ours MarSegPredictor, {prec16} (opt-in), batch 1",
+             "c32": f"(c) ours run_volume, fp32, batch {args.batch}",
+             "c16": f"(c) ours run_volume, {prec16}, batch {args.batch}"}
+    ctx = mp.get_context("spawn")
+    workers = {}
+    for key in names:  # one at a time: building the 245 M-parameter model is memory-hungry
+        here, there = ctx.Pipe()
+        proc = ctx.Process(target=_worker, args=(key, argv, there), daemon=True)
+        proc.start()
+        assert here.recv() == "ready", key
+        workers[key] = (proc, here)
+    rows = {k: Row(names[k], None, args.batch if k.startswith("c") else 1) for k in names}
     for i in range(args.rounds):
-        for r in rows:
-            r.time()
-        print(f"  round {i + 1}/{args.rounds}: " + ", ".join(f"{r.cpu[-1]:.2f}" for r in rows)
+        for k, (_, conn) in workers.items():
+            conn.send("time")
+            wall, cpu = conn.recv()
+            rows[k].wall.append(wall / rows[k].per_call)
+            rows[k].cpu.append(cpu / rows[k].per_call)
+        print(f"  round {i + 1}/{args.rounds}: " + ", ".join(f"{r.cpu[-1]:.2f}" for r in rows.values())
               + " s CPU/slice", file=sys.stderr, flush=True)
+    for proc, conn in workers.values():
+        conn.send("stop")
+        proc.join(60)
     load1 = os.getloadavg()
 
+    rows = list(rows.values())
     a = rows[0]
     a_med, a_cpu = statistics.median(a.wall), statistics.median(a.cpu)
     out()
-    out(f"{args.config}, random weights, per 256² slice, {args.rounds} rounds (round-robin), "
-        f"{args.threads} thread(s); load average at the end {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
+    out(f"{args.config}, random weights, per 256² slice, {args.rounds} rounds (round-robin over one process per "
+        f"row), {args.threads} thread(s); load average at the end {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
     out()
     out("| row | wall s/slice median | wall best | CPU s/slice median | CPU best | GFLOP/s (CPU best) "
         "| % of fp32 GEMM | speed-up vs (a) (CPU median) | speed-up vs (a) (wall median) |")
@@ -345,21 +422,9 @@ def main(argv=None) -> int:
         out(f"| {r.name} | {statistics.median(r.wall):.2f} | {min(r.wall):.2f} | {statistics.median(r.cpu):.2f} "
             f"| {min(r.cpu):.2f} | {rate:.1f} | {100 * rate / g32_cpu:.0f} % | "
             f"{a_cpu / statistics.median(r.cpu):.2f}× | {a_med / statistics.median(r.wall):.2f}× |")
-
-    # ---- argmax agreement, bf16 vs fp32
     out()
-    out(f"Argmax agreement, {prec16} vs fp32, slice-grid voxels of {os.path.basename(args.ct)}:")
-    lab32 = _labels(p32, vol, zs, args.batch)
-    lab16 = _labels(p16, vol, zs, args.batch)
-    out(f"- {args.config}, RANDOM weights (near-ties everywhere: a lower bound), slices {zs[0]}-{zs[-1]}: "
-        f"{_agree(lab32, lab16)}")
-    allz = list(range(vol.shape[0]))
-    d32 = MarSegPredictor.from_checkpoint(demo, device="cpu", precision="fp32")
-    d16 = MarSegPredictor.from_checkpoint(demo, device="cpu", precision="bf16")
-    dl32, dl16 = _labels(d32, vol, allz, args.batch), _labels(d16, vol, allz, args.batch)
-    fg = dl32 > 0
-    out(f"- {demo.config_name} TRAINED weights ({os.path.basename(args.demo)}), all {len(allz)} slices: "
-        f"{_agree(dl32, dl16)}; fp32 foreground voxels {int(fg.sum())}, of them {_agree(dl32[fg], dl16[fg])}")
+    for line in agree:
+        out(line)
     if args.md:
         from napari_genseg.io.atomic import atomic_path
 
