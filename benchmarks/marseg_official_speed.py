@@ -366,8 +366,9 @@ def main(argv=None) -> int:
     agree = [f"Argmax agreement, {prec16} vs fp32, slice-grid voxels of {os.path.basename(args.ct)}:"]
     lab32 = _labels(p32, vol, zs, args.batch)
     lab16 = _labels(p16, vol, zs, args.batch)
-    agree.append(f"- {args.config}, RANDOM weights (near-ties everywhere: a lower bound), slices {zs[0]}-{zs[-1]}: "
-                 f"{_agree(lab32, lab16)}")
+    counts = np.bincount(lab32.ravel(), minlength=env["full"].num_classes).tolist()
+    agree.append(f"- {args.config}, RANDOM weights, slices {zs[0]}-{zs[-1]}: {_agree(lab32, lab16)}; fp32 voxels "
+                 f"per class {counts} (random weights: uninformative when one class takes nearly every voxel)")
     allz = list(range(vol.shape[0]))
     d32 = MarSegPredictor.from_checkpoint(demo, device="cpu", precision="fp32")
     d16 = MarSegPredictor.from_checkpoint(demo, device="cpu", precision="bf16")
