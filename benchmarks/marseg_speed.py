@@ -1,5 +1,6 @@
-"""MARSeg CPU forward time per 256² slice (a quick measurement; the comparison against an
-official-style forward comes with the predictor).
+"""MARSeg CPU forward time per 256² slice (a quick measurement of the bare model; the comparison
+against an official-style forward, the batched and bf16 paths and the mask agreement are
+``marseg_official_speed.py``, its table ``marseg_speed.md``).
 
 Rows: ``marseg_paper`` inference build (what segmentation runs: 206.9 M parameters, no diffusion
 head) and, for reference, the full build (the same forward; the diffusion head only costs memory),

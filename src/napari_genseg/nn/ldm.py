@@ -49,11 +49,13 @@ class ResnetBlock(nn.Module):
     """norm-swish-conv3x3 twice, plus a 1x1 ``nin_shortcut`` when the width changes.
 
     Shapes: [B, cin, H, W] -> [B, cout, H, W]. (LDM's time embedding and dropout are unused by
-    its autoencoders and left out.)
+    its autoencoders and left out.) ``act``: the nonlinearity, :func:`swish` (LDM's rounding) or
+    ``F.silu`` (the same function in one fused pass, faster on the CPU).
     """
 
-    def __init__(self, cin: int, cout: int, groups: int) -> None:
+    def __init__(self, cin: int, cout: int, groups: int, act=swish) -> None:
         super().__init__()
+        self.act = act
         self.norm1 = group_norm(cin, groups)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
         self.norm2 = group_norm(cout, groups)
@@ -61,11 +63,25 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(swish(self.norm1(x)))
-        h = self.conv2(swish(self.norm2(h)))
+        if not torch.is_grad_enabled() and self.act is F.silu:
+            return self._forward_inplace(x)
+        h = self.conv1(self.act(self.norm1(x)))
+        h = self.conv2(self.act(self.norm2(h)))
         if self.nin_shortcut is not None:
             x = self.nin_shortcut(x)
         return x + h
+
+    def _forward_inplace(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference with ``F.silu``: the activation and the residual sum in place (the same
+        values; 3 fewer full-size tensors per block, whose fresh pages cost the CPU ~10 % of the
+        KL encoder's time at 256²)."""
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
+        if self.nin_shortcut is not None:
+            x = self.nin_shortcut(x)
+        if torch.result_type(h, x) != h.dtype:
+            return x + h
+        return h.add_(x)
 
 
 class AttnBlock(nn.Module):
@@ -127,11 +143,11 @@ class Upsample(nn.Module):
 class MidBlock(nn.Module):
     """``block_1`` -> ``attn_1`` -> ``block_2`` at the lowest resolution."""
 
-    def __init__(self, channels: int, groups: int, exact_attention: bool = False) -> None:
+    def __init__(self, channels: int, groups: int, exact_attention: bool = False, act=swish) -> None:
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, groups)
+        self.block_1 = ResnetBlock(channels, channels, groups, act)
         self.attn_1 = AttnBlock(channels, groups, exact_attention)
-        self.block_2 = ResnetBlock(channels, channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, groups, act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -151,11 +167,14 @@ class Encoder(nn.Module):
 
     Shapes: [B, in_channels, S, S] -> [B, out_channels, S / 2**(len(ch_mult)-1), same]. A KL
     autoencoder's ``double_z`` encoder has ``out_channels = 2 * z_channels`` (mean and log-variance).
+    ``act``: the nonlinearity of every block (see :class:`ResnetBlock`; default LDM's :func:`swish`).
     """
 
     def __init__(self, ch: int, ch_mult: tuple, num_res_blocks: int, out_channels: int, groups: int,
-                 in_channels: int = 3, attn_levels: tuple = (), exact_attention: bool = False) -> None:
+                 in_channels: int = 3, attn_levels: tuple = (), exact_attention: bool = False,
+                 act=swish) -> None:
         super().__init__()
+        self.act = act
         levels = _check_levels(attn_levels, len(ch_mult))
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
@@ -166,14 +185,14 @@ class Encoder(nn.Module):
             stage.block = nn.ModuleList()
             stage.attn = nn.ModuleList()
             for _ in range(num_res_blocks):
-                stage.block.append(ResnetBlock(cin, cout, groups))
+                stage.block.append(ResnetBlock(cin, cout, groups, act))
                 cin = cout
                 if level in levels:
                     stage.attn.append(AttnBlock(cin, groups, exact_attention))
             if level != len(ch_mult) - 1:
                 stage.downsample = Downsample(cin)
             self.down.append(stage)
-        self.mid = MidBlock(cin, groups, exact_attention)
+        self.mid = MidBlock(cin, groups, exact_attention, act)
         self.norm_out = group_norm(cin, groups)
         self.conv_out = nn.Conv2d(cin, out_channels, 3, padding=1)
 
@@ -187,7 +206,7 @@ class Encoder(nn.Module):
             if hasattr(stage, "downsample"):
                 h = stage.downsample(h)
         h = self.mid(h)
-        return self.conv_out(swish(self.norm_out(h)))
+        return self.conv_out(self.act(self.norm_out(h)))
 
 
 class Decoder(nn.Module):

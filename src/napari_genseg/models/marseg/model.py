@@ -66,8 +66,9 @@ class MarSeg(nn.Module):
         self.img_size = cfg.img_size
         self.num_classes = cfg.num_classes
         self.layer_indices = tuple(cfg.layer_indices)
+        # F.silu: LDM's swish in one fused pass (~5 % less KL-encoder time on the CPU, same values)
         self.kl_encoder = Encoder(cfg.vae_ch, cfg.vae_ch_mult, cfg.vae_num_res_blocks, 2 * cfg.vae_embed_dim,
-                                  cfg.vae_norm_groups, cfg.in_chans, cfg.vae_attn_levels)
+                                  cfg.vae_norm_groups, cfg.in_chans, cfg.vae_attn_levels, act=F.silu)
         self.quant_conv = nn.Conv2d(2 * cfg.vae_embed_dim, cfg.vae_embed_dim, 1)
         self.mar = MAR(cfg)
         n = len(self.layer_indices)
@@ -88,8 +89,16 @@ class MarSeg(nn.Module):
                              f"(position embeddings are not resized), got {tuple(x.shape)}")
 
     def encode_latents(self, x: torch.Tensor) -> torch.Tensor:
-        """Image [B, C, S, S] -> scaled latents [B, z, S/16, S/16] (quant_conv on raw moments)."""
+        """Image [B, C, S, S] -> scaled latents [B, z, S/16, S/16] (quant_conv on raw moments).
+
+        Inference on the CPU (no autograd) feeds the KL encoder in channels-last layout, oneDNN's
+        native one: the same values (within fp32 rounding, ~1e-7) and, measured at one thread,
+        about 7 % less time per slice (the encoder holds 55 % of the FLOPs;
+        ``benchmarks/marseg_speed.md``). Training (autograd on) keeps NCHW.
+        """
         self._check(x)
+        if x.device.type == "cpu" and not torch.is_grad_enabled():
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.quant_conv(self.kl_encoder(x)) * self.cfg.latent_scale
 
     def forward_features(self, x: torch.Tensor, class_label: torch.Tensor | None = None,
