@@ -33,7 +33,18 @@ from .arseg import ArSegPredictor, consensus_from_votes
 from .base import PredictorOptionError
 from .uncertainty import disagreement_percent
 
-__all__ = ["ArSegRoiPredictor", "RoiResult", "roi_meta"]
+__all__ = ["ArSegRoiPredictor", "RoiResult", "roi_meta", "shipped_roi_checkpoint", "ROI_DEMO"]
+
+#: the shipped crop checkpoint (``models/arseg_roi_demo.safetensors``) used when none is chosen
+ROI_DEMO = "arseg_roi_demo"
+
+
+def shipped_roi_checkpoint():
+    """Path of the shipped ROI demo checkpoint (``models.checkpoints.shipped_checkpoints_dir``), or None."""
+    from ..models.checkpoints import shipped_checkpoints_dir
+
+    p = shipped_checkpoints_dir() / f"{ROI_DEMO}.safetensors"
+    return p if p.is_file() else None
 
 
 def roi_meta(ckpt) -> dict | None:
