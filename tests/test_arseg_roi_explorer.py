@@ -105,3 +105,11 @@ def test_run_in_box_refuses_without_a_box_or_with_a_whole_slice_checkpoint(make_
     w.roi._checkpoint.value = str(arseg_tiny_checkpoint)  # trained on whole slices
     assert w.roi.run() is None
     np.testing.assert_array_equal(labels.data, before)
+
+
+def test_whole_slice_run_refuses_a_roi_checkpoint(make_napari_viewer_proxy, roi_everything_checkpoint):
+    viewer = make_napari_viewer_proxy()
+    w, image, labels = _setup(viewer, roi_everything_checkpoint)
+    w._model.value = "arseg_tiny"
+    w._checkpoint.value = str(roi_everything_checkpoint)
+    assert w.run() is None and w.worker is None

@@ -287,6 +287,8 @@ class ArSegExplorer(Container):
             ckpt = load_model(self._model.value or "arseg", self._checkpoint_path())
             if not issubclass(predictor_class(ckpt.family), ArSegPredictor):
                 raise InputError(f"{ckpt.family} is not an AR-Seg checkpoint; use the Segment CT dock")
+            if (ckpt.input or {}).get("roi"):
+                raise InputError("this checkpoint was trained on regions of interest: draw a box in the Box tab")
             pred = make_predictor(ckpt, device=self._device.value, precision=self._precision.value,
                                   n_samples=int(self._samples.value), seed=int(self._seed.value),
                                   target_class=int(self._target.value or 1))

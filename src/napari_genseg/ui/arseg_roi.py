@@ -213,6 +213,7 @@ class RoiPanel(Container):
         lay = add_class_labels(self.viewer, self._image_layer, f"{self._image_layer.name} [arseg] consensus",
                                self._class_names)
         self._paste_to.reset_choices()
+        self._paste_to.value = lay
         return lay
 
     def paste(self, res, threshold: float = 0.5) -> int:
