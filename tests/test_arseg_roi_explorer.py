@@ -113,3 +113,15 @@ def test_whole_slice_run_refuses_a_roi_checkpoint(make_napari_viewer_proxy, roi_
     w._model.value = "arseg_tiny"
     w._checkpoint.value = str(roi_everything_checkpoint)
     assert w.run() is None and w.worker is None
+
+
+def test_box_from_shape_takes_the_pixel_centres_inside_and_clips():
+    from napari_genseg.roi import RoiError
+    from napari_genseg.ui.arseg_roi import box_from_shape
+
+    v = np.array([[4.2, -3.0, 60.5], [4.2, 9.0, 75.0], [3.9, 9.0, 60.5], [3.9, -3.0, 75.0]])
+    b = box_from_shape(v, (6, 64, 72), current_z=0, half_depth=2)
+    assert str(b) == "2:6,0:10,61:72"  # z 4 +- 2 clipped to 6, y -3..9 -> 0..9, x 60.5..75 -> 61..71
+    assert str(box_from_shape(v[:, 1:], (6, 64, 72), current_z=1)) == "1:2,0:10,61:72"  # 2-D: current slice
+    with pytest.raises(RoiError, match="no pixel"):
+        box_from_shape(np.array([[0, 10.2, 10.2], [0, 10.8, 10.8]]), (6, 64, 72), 0)
