@@ -59,6 +59,8 @@ def _done():
     cons.contour = 1
     cons.opacity = 1.0
     w.roi._show.value = "variability"
+    w.roi._layers["variability"].opacity = 0.55  # the lesion stays visible under the map
+    viewer.layers.move(viewer.layers.index(truth), len(viewer.layers))  # noqa: F821 (outline on top)
     sy, sx = img.scale[1], img.scale[2]
     viewer.camera.center = (z * img.scale[0], (y0 + y1) / 2 * sy, (x0 + x1) / 2 * sx)  # noqa: F821
     viewer.camera.zoom = 5.0  # noqa: F821
