@@ -206,3 +206,25 @@ def test_dataset_multiannotator_metrics():
     assert res[2]["n_images"] == 2
     with pytest.raises(ValueError):
         M.dataset_multiannotator_metrics([(y1, s1)], n_list=(1, 4))
+
+
+def test_interrater_metrics_leave_one_out_hand():
+    """Y0 = 1100, Y1 = 1110, Y2 = 0000 (values worked out in the comments)."""
+    y = np.array([[1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0]], bool)
+    r = M.interrater_metrics(y)
+    # GED^2 leave-one-out: k=0: 2*(1/3+1)/2 - (0+1+1+0)/4 = 5/6; k=1: 5/6; k=2: 2*1 - (2/3)/4 = 11/6
+    assert r["ged"] == pytest.approx((5 / 6 + 5 / 6 + 11 / 6) / 3)
+    # HM-IoU: k=0: (2/3 + 0)/2, k=1: (2/3 + 0)/2, k=2: (0 + 0)/2 (Y2 is empty, the others are not)
+    assert r["hm_iou"] == pytest.approx(2 / 9)
+    # Soft-Dice: k=0: ref .5 .5 .5 0 vs 1100 -> Dice 0.8 at tau .1/.3, ~0 above (ref empty): 0.32;
+    # k=1: ref .5 .5 0 0 vs 1110 -> 0.32; k=2: empty prediction against a non-empty ref -> ~0
+    assert r["soft_dice"] == pytest.approx(0.64 / 3, abs=1e-5)
+    assert r["pairwise_iou"] == pytest.approx(2 / 9)
+    assert r["pairwise_dice"] == pytest.approx((0.8 + 0 + 0) / 3)
+    # identical annotators agree perfectly; empty-vs-empty counts as agreement (d = 0)
+    same = M.interrater_metrics(np.stack([y[1]] * 4))
+    assert same["ged"] == pytest.approx(0) and same["hm_iou"] == pytest.approx(1) and same["pairwise_dice"] == 1
+    empty = M.interrater_metrics(np.zeros((3, 5), bool))
+    assert empty["ged"] == 0 and empty["hm_iou"] == 1 and empty["soft_dice"] == pytest.approx(1)
+    with pytest.raises(ValueError):
+        M.interrater_metrics(y[:1])

@@ -296,17 +296,30 @@ def cmd_segment(args) -> int:
     # files and folders first: no torch import, no model load for a typo
     _check_inputs_exist([c.path for c in mine])
     _check_outputs(targets, [c.path for c in cases])
+    if getattr(args, "roi", None) and not single:
+        _fail("--roi segments a box of one image: give one input case and --out FILE")
     if single:
         vol = _load(cases[0], args.series)
         if seg and vol.meta.get("format") != "dicom":
             _fail("DICOM SEG needs a DICOM source: use --out NAME.nii.gz for this input")
         _slices(args.slices, vol)
+        box = _roi_box(args, vol)
         _check_device(args.device)
-        ckpt = _resolve(args.model, args.checkpoint)
+        ckpt = _resolve_roi(args) if box is not None else _resolve(args.model, args.checkpoint)
         _check_backend(args, ckpt)
         _embedding_cache_options(args, ckpt)
         args.threads = configure_threads(args.threads)
         vol, report = _checked(vol, ckpt, args)
+        if box is not None:
+            res, extra = segment_roi(vol, ckpt, args, box)
+            rec = _record(vol, ckpt, args, res, report, extra.pop("postprocessing"))
+            rec["roi"] = extra
+            rec["warnings"] += extra["warnings"]
+            _write_result(args.out, res, vol, ckpt, rec, seg)
+            print(f"wrote {args.out} (box {box}, {extra['voxels']} voxels of {extra['target_class']}"
+                  f", {res.elapsed:.1f} s)", file=sys.stderr)
+            return 0
+        _refuse_roi_checkpoint(ckpt)
         res = segment_volume(vol, ckpt, args, cases[0].name)
         _write_result(args.out, res, vol, ckpt, _record(vol, ckpt, args, res, report), seg)
         print(f"wrote {args.out} ({len(res.z)} slices, {res.slices_per_second:.2f} slices/s, "
@@ -314,6 +327,7 @@ def cmd_segment(args) -> int:
         return 0
     _check_device(args.device)
     ckpt = _resolve(args.model, args.checkpoint)
+    _refuse_roi_checkpoint(ckpt)
     _check_backend(args, ckpt)
     _embedding_cache_options(args, ckpt)
     args.threads = configure_threads(args.threads)  # once per run: every case uses the same count
@@ -346,6 +360,75 @@ def cmd_segment(args) -> int:
         print(f"{failed} of {len(mine)} cases failed", file=sys.stderr)
         return 1
     return 0
+
+
+def _roi_box(args, vol):
+    """``--roi`` checked against the displayed (z, y, x) array (RoiError, an InputError), or None."""
+    if not getattr(args, "roi", None):
+        return None
+    from .roi import parse_roi
+
+    if args.slices:
+        _fail("--roi already chooses the slices (z0:z1): drop --slices")
+    return parse_roi(args.roi, vol.shape)
+
+
+def _resolve_roi(args):
+    """The checkpoint of ``--roi``: ``--checkpoint``, else the shipped ROI demo for ``--model arseg``."""
+    if args.checkpoint is None and args.model == "arseg":
+        from .predictors.arseg_roi import ROI_DEMO, shipped_roi_checkpoint
+
+        path = shipped_roi_checkpoint()
+        if path is None:
+            _fail(f"--roi needs a crop-trained AR-Seg checkpoint ({ROI_DEMO} is not installed): pass --checkpoint")
+        return _resolve("arseg", str(path))
+    ckpt = _resolve(args.model, args.checkpoint)
+    if ckpt.family != "arseg":
+        _fail(f"--roi is AR-Seg's region-of-interest mode; {ckpt.family} segments whole slices (drop --roi)")
+    return ckpt
+
+
+def _refuse_roi_checkpoint(ckpt) -> None:
+    """A crop-trained checkpoint sees a whole slice as a 5 cm crop: refuse it without --roi."""
+    from .predictors.arseg_roi import roi_meta
+
+    meta = roi_meta(ckpt)
+    if meta is not None:
+        _fail(f"{ckpt.path.name if ckpt.path else ckpt.config_name} was trained on {meta['fov_mm']:g} mm regions "
+              f"of interest: pass --roi z0:z1,y0:y1,x0:x1")
+
+
+def segment_roi(vol, ckpt, args, box):
+    """AR-Seg ROI mode on ``box`` (``predictors.arseg_roi``): a full-size label volume, zero outside
+    the box, as an ``engine.VolumeResult``, and what the sidecar records of the ROI run (box, field
+    of view, zoom, N, seed, warnings; post-processing is not run on a box)."""
+    import numpy as np
+
+    from .engine import VolumeResult
+    from .postprocessing import disabled_record
+    from .predictors.arseg_roi import ArSegRoiPredictor
+    from .threads import configure_threads
+
+    configure_threads(getattr(args, "threads", None))
+    pred = ArSegRoiPredictor.from_checkpoint(ckpt, device=args.device, precision=args.precision)
+    bar = _progress(box.shape[0], "ROI", args.quiet)
+    try:
+        out = pred.run(vol.data, vol.spacing, box, batch_size=args.batch_size,
+                       progress=lambda done, total: bar.update(done - bar.n))
+    finally:
+        bar.close()
+    for w in out.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    labels = np.zeros(vol.shape, np.uint8)
+    out.paste(labels)
+    res = VolumeResult(labels=labels, z=list(range(box.z0, box.z1)), cancelled=False, elapsed=out.elapsed,
+                       class_names=list(ckpt.class_names), backend="torch")
+    extra = {"box": str(box), "box_axes": "z0:z1,y0:y1,x0:x1 voxel indices of the displayed (z, y, x) array",
+             "fov_mm": out.crop.fov_mm, "trained_fov_mm": pred.fov_mm, "zoom": out.crop.zoom,
+             "n_samples": pred.n, "seed": pred.base.seed, "target_class": ckpt.class_names[pred.target_class],
+             "voxels": int((labels > 0).sum()), "warnings": list(out.warnings),
+             "postprocessing": disabled_record(getattr(ckpt, "postprocess", {}), "not run in ROI mode (--roi)")}
+    return res, extra
 
 
 def _write_result(target, res, vol, ckpt, rec: dict, seg: bool) -> None:
@@ -530,6 +613,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: by --out's suffix (.dcm = DICOM SEG), NIfTI for a cohort; dicom-seg: "
                         "<case>_seg.dcm per case (DICOM inputs only)")
     p.add_argument("--overwrite", action="store_true", help="cohorts: redo cases whose mask exists")
+    p.add_argument("--roi", default=None, metavar="z0:z1,y0:y1,x0:x1",
+                   help="AR-Seg region of interest: segment only this box (voxel indices of the displayed "
+                        "(z, y, x) array, ends exclusive) with a crop-trained checkpoint (default arseg_roi_demo)")
     run_opts(p)
     p.set_defaults(func=cmd_segment)
 

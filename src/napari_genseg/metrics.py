@@ -51,6 +51,18 @@ Multi-annotator metrics (spec ``arseg.md``, BerDiff evaluation code)
   over tau is returned.
 * ``dataset_multiannotator_metrics`` averages the per-image values over **all** images (no
   180-image cap as in the BerDiff script); the value at ``N`` uses the first ``N`` samples.
+* ``interrater_metrics``: the annotators' own values, leave-one-out: each annotator in turn is
+  the single "sample" scored against the other ``A - 1`` with the same three functions, and the
+  mean over annotators is returned (plus the mean pairwise IoU and Dice of distinct annotator
+  pairs, both-empty = 1). This is how well one human predicts the others; a model's GED(N)
+  against all ``A`` annotators is not the same quantity (more samples, one more reference) and
+  is read beside it, not as a bound. (The "oracle" that returns the annotators themselves as
+  samples scores GED 0 and HM-IoU 1 by construction, so it says nothing.)
+
+Sources: GED as used for multi-annotator segmentation by Kohl et al., "A Probabilistic U-Net for
+Segmentation of Ambiguous Images" (NeurIPS 2018) and Baumgartner et al., "PHiSeg" (MICCAI 2019);
+HM-IoU and Soft-Dice as in the BerDiff / HiDiff evaluation (Chen et al. 2023) reused by AR-Seg
+(Chen et al., MICCAI 2025, Sec. 3.2); conventions pinned in ``../shared/specs/arseg.md``.
 """
 
 from __future__ import annotations
@@ -74,6 +86,7 @@ __all__ = [
     "hm_iou",
     "soft_dice",
     "dataset_multiannotator_metrics",
+    "interrater_metrics",
     "SOFT_DICE_THRESHOLDS",
 ]
 
@@ -363,4 +376,29 @@ def dataset_multiannotator_metrics(
     for n in n_list:
         out[n] = {k: v / count for k, v in acc[n].items()}
         out[n]["n_images"] = float(count)
+    return out
+
+
+def interrater_metrics(annotations) -> dict[str, float]:
+    """The annotators' own GED^2, HM-IoU and Soft-Dice on one image, leave-one-out (see the module
+    docstring): mean over k of ``f(annotations without k, [annotation k])``; plus
+    ``"pairwise_iou"`` / ``"pairwise_dice"``, the means over distinct annotator pairs (both
+    empty = 1). ``annotations (A, ...)`` binary, A >= 2 (``ValueError`` otherwise).
+    """
+    y = np.asarray(annotations)
+    a = y.shape[0] if y.ndim else 0
+    if a < 2:
+        raise ValueError("inter-rater values need at least two annotators")
+    acc = {"ged": 0.0, "hm_iou": 0.0, "soft_dice": 0.0}
+    for k in range(a):
+        others, one = np.delete(y, k, axis=0), y[k : k + 1]
+        acc["ged"] += generalized_energy_distance(others, one)
+        acc["hm_iou"] += hm_iou(others, one)
+        acc["soft_dice"] += soft_dice(others, one.astype(np.float64))
+    out = {k: v / a for k, v in acc.items()}
+    d = pairwise_iou_distance(y, y)
+    iu = np.triu_indices(a, 1)
+    ious = 1.0 - d[iu]
+    out["pairwise_iou"] = float(ious.mean())
+    out["pairwise_dice"] = float((2 * ious / (1 + ious)).mean())
     return out

@@ -33,7 +33,7 @@ _FLAGS = {
     "max_minutes": "max_minutes", "grad_clip": "grad_clip", "time_budget_minutes": "time_budget_minutes",
     "init": "init",
     # options of one task's config (AR-Seg); a model whose task lacks them refuses them by name
-    "stage": "stage", "empty_fraction": "empty_fraction",
+    "stage": "stage", "empty_fraction": "empty_fraction", "roi_fov_mm": "roi_fov_mm", "roi_jitter_mm": "roi_jitter_mm",
 }
 
 
@@ -187,6 +187,10 @@ def add_training_commands(sub) -> None:
                    help="start from this checkpoint's weights (fine-tuning; AR-Seg stage 2: the stage-1 checkpoint)")
     p.add_argument("--empty-fraction", type=float, default=None,
                    help="AR-Seg: slices without the target per slice with it (per class, 0.1)")
+    p.add_argument("--roi-fov-mm", type=float, default=None,
+                   help="AR-Seg: train on crops of this field of view (mm) around each structure (ROI mode)")
+    p.add_argument("--roi-jitter-mm", type=float, default=None,
+                   help="AR-Seg ROI mode: jitter of the crop centre, mm per axis (default fov/6)")
     p.add_argument("--class-repeat", action="append", default=None, metavar="NAME=N",
                    help="AR-Seg: oversample the items of a target class N times (repeatable)")
     p.add_argument("--no-augment", action="store_true")

@@ -16,6 +16,8 @@ Results are kept per ``arseg_state.RunKey`` (image, checkpoint, seed, target cla
 with another key drops the old votes and tokens. Samples and scales of a slice are decoded from
 its tokens in a worker thread when the slice is shown (the GUI thread only writes one slice into
 the layers). Export writes the scale progression of the current slice (GIF, MP4 or PNG strip).
+The Box tab (``ui/arseg_roi.py``) runs a crop-trained checkpoint in a box the user draws (region-
+of-interest mode) and pastes its consensus into a Labels layer as one undo step.
 """
 
 from __future__ import annotations
@@ -138,9 +140,13 @@ class ArSegExplorer(Container):
                                      value="arseg_scales.gif")
         self._export = PushButton(text="Export scale progression of the current slice")
         export_tab = Container(widgets=[self._export_path, self._export])
-        self._tab_containers = (run_tab, view_tab, export_tab)
+        # ---- Box tab: region-of-interest mode (ui/arseg_roi.py)
+        from .arseg_roi import RoiPanel
+
+        self.roi = RoiPanel(self)
+        self._tab_containers = (run_tab, view_tab, export_tab, self.roi)
         self._tabs = QTabWidget()
-        for tab, title in zip(self._tab_containers, ("Run", "View", "Export")):
+        for tab, title in zip(self._tab_containers, ("Run", "View", "Export", "Box")):
             self._tabs.addTab(tab.native, title)
         # ---- always visible
         self._run = PushButton(text="Run AR-Seg")
@@ -281,6 +287,8 @@ class ArSegExplorer(Container):
             ckpt = load_model(self._model.value or "arseg", self._checkpoint_path())
             if not issubclass(predictor_class(ckpt.family), ArSegPredictor):
                 raise InputError(f"{ckpt.family} is not an AR-Seg checkpoint; use the Segment CT dock")
+            if (ckpt.input or {}).get("roi"):
+                raise InputError("this checkpoint was trained on regions of interest: draw a box in the Box tab")
             pred = make_predictor(ckpt, device=self._device.value, precision=self._precision.value,
                                   n_samples=int(self._samples.value), seed=int(self._seed.value),
                                   target_class=int(self._target.value or 1))

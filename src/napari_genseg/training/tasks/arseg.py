@@ -55,6 +55,11 @@ class ArSegTrainConfig(TrainConfig):
     class_repeat: dict = field(default_factory=dict)
     grid: str = "resize"
     phantom_annotators: int = 4
+    #: region-of-interest mode (``tasks.arseg_roi``): crops of this field of view (mm) around each
+    #: structure of a target class instead of whole slices; recorded as ``input.roi`` in the checkpoint
+    roi_fov_mm: float | None = None
+    #: ROI mode: uniform jitter (mm, per axis) of the crop centre; default 1/6 of the field of view
+    roi_jitter_mm: float | None = None
 
 
 # ----------------------------------------------------------------------------- data
@@ -194,6 +199,8 @@ class ArSegTask(SliceTask):
     def data(self) -> TaskData:
         cfg = self.cfg
         cases, split = self.split_sources("none", phantom_annotators=cfg.phantom_annotators)
+        if cfg.roi_fov_mm:
+            return self._roi_data(cases, split)
         common = dict(class_names=self.class_names, grid=self.grid, norm=self.norm, mask_size=self.mask_size,
                       empty_fraction=cfg.empty_fraction, seed=cfg.seed, all_annotators=self.stage == 1)
         ds = ArSegItems(cases, split.train, augment=D.Augment.from_options(cfg.augment),
@@ -203,6 +210,38 @@ class ArSegTask(SliceTask):
             raise D.DataSpecError("no training items (no slice contains a target class)")
         self.n_train = len(ds)
         return TaskData(cases, split, ds, f"{len(ds)} train items, {0 if self.val is None else len(self.val)} val items")
+
+    def _roi_data(self, cases, split) -> TaskData:
+        """ROI mode: crops around each structure (``tasks.arseg_roi.ArSegRoiItems``)."""
+        from .arseg_roi import ArSegRoiItems
+
+        cfg = self.cfg
+        common = dict(class_names=self.class_names, img_size=self.grid.size, mask_size=self.mask_size,
+                      norm=self.norm, fov_mm=float(cfg.roi_fov_mm), empty_fraction=cfg.empty_fraction,
+                      seed=cfg.seed, all_annotators=self.stage == 1)
+        ds = ArSegRoiItems(cases, split.train, jitter_mm=self.roi_jitter_mm,
+                           augment=D.Augment.from_options(cfg.augment), class_repeat=cfg.class_repeat, **common)
+        self.val = ArSegRoiItems(cases, split.val, **common) if split.val else None
+        if len(ds) == 0:
+            raise D.DataSpecError("no ROI training items (no slice contains a target class)")
+        self.n_train = len(ds)
+        return TaskData(cases, split, ds, f"{len(ds)} train ROI crops ({ds.n_pos} structures, {ds.n_neg} negatives, "
+                        f"{cfg.roi_fov_mm:g} mm), {0 if self.val is None else len(self.val)} val crops")
+
+    @property
+    def roi_jitter_mm(self) -> float:
+        j = self.cfg.roi_jitter_mm
+        return float(self.cfg.roi_fov_mm) / 6.0 if j is None else float(j)
+
+    def input_meta(self) -> dict:
+        meta = super().input_meta()
+        if self.cfg.roi_fov_mm:
+            # crops are resampled to img_size² at fov_mm / img_size mm per pixel: not a whole-slice grid
+            meta.update(grid="resize", spacing_mm=None,
+                        roi={"fov_mm": float(self.cfg.roi_fov_mm), "size": int(self.grid.size),
+                             "jitter_mm": self.roi_jitter_mm, "centre": "box centre (training: structure "
+                             "bounding-box centre + jitter)"})
+        return meta
 
     def prepare(self, model, resuming: bool) -> None:
         if self.stage != 2 or resuming:
@@ -277,7 +316,9 @@ class ArSegTask(SliceTask):
         return {"stage": self.stage, "init": self.init_meta,
                 "loss": "dice+bce+vq" if self.stage == 1 else "token_ce",
                 "hyperparameters": {"empty_fraction": cfg.empty_fraction, "class_repeat": cfg.class_repeat,
-                                    "mask_size": self.mask_size}}
+                                    "mask_size": self.mask_size,
+                                    **({"roi_fov_mm": float(cfg.roi_fov_mm), "roi_jitter_mm": self.roi_jitter_mm}
+                                       if cfg.roi_fov_mm else {})}}
 
     def state_dict(self) -> dict:
         return {"stage": self.stage, "init_meta_json": json.dumps(self.init_meta, default=str)}
