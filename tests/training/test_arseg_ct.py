@@ -100,3 +100,37 @@ def test_a_single_case_source_holds_out_a_slice_block(tmp_path):
                    holdout_gap=1, holdout_size=3, model_overrides={}))
     strat = load_checkpoint(s["checkpoint"]).provenance["split"]["strategy"]
     assert [st["kind"] for st in strat] == ["slice-block"] and strat[0]["val"]
+
+
+def test_stage1_continues_the_vq_of_an_init_checkpoint_with_other_classes(stages, tmp_path):
+    """Stage 1 with ``init`` starts from that checkpoint's VQ only (here one with another class
+    count and no encoder head), and refuses a VQ of another shape."""
+    from napari_genseg.models.checkpoints import CheckpointError, load_checkpoint
+
+    _, s1, _ = stages
+    other = train(_cfg(tmp_path / "other.safetensors", classes=["background", "liver"], stage=1, steps=2,
+                       model_overrides={}))
+    losses = []
+    s = train(_cfg(tmp_path / "again.safetensors", stage=1, steps=1, lr=1e-9, init=other["checkpoint"]),
+              on_step=lambda i, l: losses.append(l))
+    ref = load_checkpoint(other["checkpoint"]).model.vq.state_dict()
+    got = load_checkpoint(s["checkpoint"]).model.vq.state_dict()
+    assert all(torch.allclose(ref[k].float(), got[k].float(), atol=1e-6) for k in ref)
+    assert load_checkpoint(s["checkpoint"]).provenance["init"]["vq_only"] is True
+    with pytest.raises(CheckpointError, match="mask VQ does not fit"):
+        train(_cfg(tmp_path / "bad.safetensors", stage=1, steps=1, init=other["checkpoint"],
+                   model_overrides={**HEAD, "vocab_size": 32}))
+
+
+def test_negative_cases_give_empty_items():
+    """A pelvis phantom (no liver, no spleen) gives empty-mask items at ``empty_fraction`` of its
+    slices per class (before, a case without the target gave none: negatives taught nothing)."""
+    from napari_genseg.preprocessing import Normalization, SliceGrid
+    from napari_genseg.training import data as D
+    from napari_genseg.training.tasks.arseg import ArSegItems
+
+    cases = D.load_sources(["phantom:1@200/pelvis"], None, ORGANS, (10, 48, 48), (3.0, 4.0, 4.0))[0]
+    assert not np.isin(cases[0].labels, [1, 2]).any()
+    ds = ArSegItems(cases, [(0, list(range(10)))], ORGANS, SliceGrid(32), Normalization(), 32, empty_fraction=0.3)
+    assert sorted(k for _, k, _ in ds.items) == [1, 1, 1, 2, 2, 2]
+    assert all(float(ds[i][1].sum()) == 0 for i in range(len(ds)))

@@ -162,10 +162,6 @@ class ArSegConfig:
             need(self.light_depth >= 0, "light_depth must be >= 0")
         need(isinstance(self.seg_head_dim, int) and not isinstance(self.seg_head_dim, bool)
              and self.seg_head_dim >= 0, "seg_head_dim must be an int >= 0")
-        if self.seg_head_dim:
-            up = self.img_size // self.embed_grid
-            need(self.img_size % self.embed_grid == 0 and _is_pow2(up),
-                 "seg_head_dim needs img_size = embed grid * a power of 2")
         need(len(self.vq_ch_mult) >= 1 and all(m >= 1 for m in self.vq_ch_mult), "bad vq_ch_mult")
         need(_is_pow2(self.mask_size // self.latent_size) and self.mask_size % self.latent_size == 0
              and self.latent_size >= 1, "mask_size must be latent_size * 2 ** (len(vq_ch_mult) - 1)")

@@ -10,7 +10,7 @@ training loop (``training/loop.py``).
   (Dice + CE on the class ids, the segmentation task's items and validation). Stage 2 then loads the
   encoder from it (``encoder_init``) and keeps it frozen when ``train_image_encoder`` is False: a
   CT-trained encoder in place of the paper's MedSAM.
-* Stage 1: ``model.vq.loss(mask)`` = Dice + BCE + VQ on binary target masks (every target class;
+* Stage 1: ``model.vq.loss(mask)`` (``init``: continue from that checkpoint's VQ) = Dice + BCE + VQ on binary target masks (every target class;
   for a class with several annotators, e.g. the phantoms' ``liver_lesion``, every annotator's mask).
   Validation: reconstruction Dice of the held-out masks; score = recon_dice.
 * Stage 2 (``init`` = a stage-1 checkpoint; VQ frozen, in eval mode): cross-entropy on the token
@@ -19,7 +19,8 @@ training loop (``training/loop.py``).
   LIDC). Validation: teacher-forced token CE and accuracy; score = token_acc.
 
 Items are (case, slice, class): slices that contain the target, plus slices without it at rate
-``empty_fraction`` (per class; so the model also learns to answer "nothing here"). Validation =
+``empty_fraction`` of those (per class and case; a case without the target, e.g. a pelvis phantom,
+gives ``empty_fraction`` of its slices), so the model also learns to answer "nothing here". Validation =
 held-out cases; a single-case source (a real CT) holds out a slice block (``holdout_slices``,
 as the segmentation task does). ``repeat`` oversamples a data spec's (or a kind's) items.
 
@@ -115,7 +116,9 @@ class ArSegItems(torch.utils.data.Dataset):
                 present = g.flatten(2).any(-1).any(-1)  # (n,)
                 pos_idx = [i for i in range(len(zs)) if bool(present[i])]
                 neg_idx = [i for i in range(len(zs)) if not bool(present[i])]
-                n_neg = min(len(neg_idx), int(round(empty_fraction * len(pos_idx))))
+                # a case without the target at all (a pelvis/thorax negative) gives empty_fraction of its
+                # slices, so whole-torso negatives teach "nothing here" too
+                n_neg = min(len(neg_idx), int(round(empty_fraction * (len(pos_idx) or len(zs)))))
                 neg_idx = [int(v) for v in rng.choice(neg_idx, n_neg, replace=False)] if n_neg else []
                 rep = max(1, int(class_repeat.get(class_names[k], 1))) * max(1, int((case_repeat or {}).get(ci, 1)))
                 for i in sorted(pos_idx + neg_idx):
@@ -243,6 +246,9 @@ class ArSegTask(SliceTask):
         return TaskData(cases, split, ds, f"{len(ds)} train items, {0 if self.val is None else len(self.val)} val items")
 
     def prepare(self, model, resuming: bool) -> None:
+        if self.stage == 1 and self.cfg.init and not resuming:
+            self._load_vq(model)
+            return
         if self.stage != 2 or resuming:
             return
         if not self.cfg.init:
@@ -256,6 +262,23 @@ class ArSegTask(SliceTask):
         self.init_meta = {"path": str(self.cfg.init), "provenance": None if prov is None else {
             k: prov.get(k) for k in ("stage", "git_commit", "wall_seconds", "hyperparameters", "data", "validation")}}
         self._load_encoder(model)
+
+    def _load_vq(self, model) -> None:
+        """Stage 1 with ``init``: continue training the mask VQ of that AR-Seg checkpoint (any config
+        whose VQ has the same shapes; its encoder, segmentor and classes are not used)."""
+        from ...models.checkpoints import CheckpointError, load_checkpoint
+
+        ck = load_checkpoint(self.cfg.init, expect_model=self.spec.entry.family)
+        sd = {k[3:]: v.float() for k, v in ck.model.state_dict().items() if k.startswith("vq.")}
+        try:
+            model.vq.load_state_dict(sd)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{self.cfg.init}: its mask VQ does not fit this model "
+                                  f"({str(exc).splitlines()[0]})") from None
+        prov = ck.provenance if isinstance(getattr(ck, "provenance", None), dict) else {}
+        self.init_meta = {"path": str(self.cfg.init), "config": ck.config_name, "vq_only": True, "provenance": {
+            k: prov.get(k) for k in ("stage", "git_commit", "wall_seconds", "hyperparameters", "data", "validation")}}
+        self.run.log(f"stage 1 continues the mask VQ of {self.cfg.init}")
 
     def _load_encoder(self, model) -> None:
         """Stage 2 with ``encoder_init``: the image encoder (+ head) of that stage-0 checkpoint."""
