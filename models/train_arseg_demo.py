@@ -101,40 +101,51 @@ def run_stage(args, stage: int, work: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- evaluation
-def segment(ck, volume, n: int, slices=None, seed: int = 0, batch_size: int = 8) -> np.ndarray:
-    """(z, y, x) uint8 labels: each organ's N-sample consensus (liver 1, spleen 2; spleen where both)."""
-    from napari_genseg.engine import run_to_end, run_volume
+def segment(ck, volume, n: int, slices=None, seed: int = 0, batch_size: int = 8) -> dict:
+    """{N: (z, y, x) uint8 labels} for N = n and N = 1: each organ's consensus of the N samples
+    (mean of the N sample masks > 0.5; liver 1, spleen 2, spleen where both) and, from the same run,
+    the first sample alone (what an N = 1 run draws: one sample of the same distribution)."""
+    from napari_genseg.engine import parse_slices, run_to_end, run_volume
     from napari_genseg.predictors import make_predictor
 
-    out = np.zeros(volume.shape, np.uint8)
+    zs = parse_slices(slices, volume.shape[0])
+    out = {n: np.zeros(volume.shape, np.uint8), 1: np.zeros(volume.shape, np.uint8)}
+    hw, sp = volume.shape[1:], volume.spacing[1:]
     for cid in range(1, len(ck.class_names)):
         pred = make_predictor(ck, device="cpu", precision="fp32", n_samples=n, target_class=cid, seed=seed)
-        lab = run_to_end(run_volume(pred, volume, slices=slices, batch_size=batch_size)).labels
-        out[lab == cid] = cid
+        res = run_to_end(run_volume(pred, volume, slices=zs, batch_size=batch_size))
+        out[n][res.labels == cid] = cid
+        if n != 1:
+            for z, tok in res.extras["tokens"].items():
+                first = pred.decode_samples(np.asarray(tok)[:1], hw, sp)[0]
+                out[1][z][first] = cid
     return out
 
 
 def organ_metrics(ck, cases, n: int, slices=None) -> dict:
-    """Mean over cases of Dice / IoU / HD95 per organ of the raw N-sample consensus."""
+    """{N: per-case and mean Dice / IoU / HD95 per organ of the raw consensus} for N = n and 1."""
     from napari_genseg.engine import parse_slices
     from napari_genseg.metrics import evaluate_labels
 
     classes = {i: c for i, c in enumerate(ck.class_names) if i}
-    per = {}
+    per = {n: {}, 1: {}}
     for c in cases:
         zs = parse_slices(slices, c.n_slices)
-        lab = segment(ck, c.volume, n, slices=zs)
-        per[c.name] = evaluate_labels(lab[zs], c.labels[zs], c.spacing, classes)
-    return {"per_case": per, "mean": {name: {m: float(np.mean([per[k][name][m] for k in per]))
+        labs = segment(ck, c.volume, n, slices=zs)
+        for k in per:
+            per[k][c.name] = evaluate_labels(labs[k][zs], c.labels[zs], c.spacing, classes)
+    return {k: {"per_case": v, "mean": {name: {m: float(np.mean([v[c][name][m] for c in v]))
                                                for m in ("dice", "iou", "hd95_mm")} for name in classes.values()}}
+            for k, v in per.items()}
 
 
 def cleaned_counts(ck, volume, n: int, zrange=None) -> dict:
-    """Liver/spleen voxels and mL after the checkpoint's default 3-D clean-up (``postprocessing``),
-    over the whole volume or slices ``zrange`` (a, b) of it; plus the raw counts."""
+    """Liver/spleen voxels and mL of the N-sample consensus after the checkpoint's default 3-D
+    clean-up (``postprocessing``: largest component, holes filled, side of the body), over the whole
+    volume or slices ``zrange`` (a, b) of it; plus the raw counts."""
     from napari_genseg.postprocessing import postprocess
 
-    lab = segment(ck, volume, n)
+    lab = segment(ck, volume, n)[n]
     clean, _ = postprocess(lab, ck.class_names, ck.postprocess, volume)
     sl = slice(None) if zrange is None else slice(*zrange)
     ml = float(np.prod(volume.spacing)) / 1000.0
@@ -170,7 +181,10 @@ def vq_recon_dice(ck, cases, slices=None) -> dict:
     return res
 
 
-def evaluate_all(args, out: Path, work: Path) -> dict:
+def evaluate_all(args, out: Path, work: Path, part: str = "all") -> dict:
+    """``part``: "organs" (VQ reconstruction, N-sample Dice on the real held-out slices and unseen
+    phantoms beside the HU baselines and the MSA²Net demo), "negatives" (unseen pelvis/thorax
+    phantoms), "unlabelled" (the unlabelled CT's pelvis) or "all"."""
     from napari_genseg.io import load_volume
     from napari_genseg.models.checkpoints import load_checkpoint
     from napari_genseg.training import data as D
@@ -184,39 +198,41 @@ def evaluate_all(args, out: Path, work: Path) -> dict:
     real_slices = f"{a}:{b + 1}"
     val_phantoms = [c for s in prov["split"]["strategy"] if s.get("kind") == "by-case" for c in s["val_cases"]
                     if c.split("_")[-2] == "phantom"]
-    ph_specs = ["phantom:2@1000"] + [f"phantom:1@{int(n.split('_')[-1])}" for n in val_phantoms]
+    ph_specs = [f"phantom:{args.eval_phantoms}@1000"] + ([f"phantom:1@{int(v.split('_')[-1])}" for v in val_phantoms]
+                                                        if args.eval_val_phantoms else [])
     spacing = (3.0, 2.2, 2.2)
     real_cases = [c for s in D.load_sources([p["real_spec"]], LABEL_MAP, CLASSES) for c in s]
     ph_cases = [c for s in D.load_sources(ph_specs, None, CLASSES, phantom_spacing=spacing) for c in s]
     res = {"real_slices": real_slices, "phantoms": [c.name for c in ph_cases], "timing_s": {}}
+    n = args.eval_n
+    if part in ("negatives", "all"):
+        t0, neg = time.time(), {}
+        for spec in (f"phantom:{args.eval_negatives}@1200/pelvis", f"phantom:{args.eval_negatives}@1300/thorax"):
+            for c in D.load_sources([spec], None, CLASSES, phantom_spacing=spacing)[0]:
+                neg[c.name] = cleaned_counts(ck, c.volume, n)
+        res[f"negatives_N{n}"] = neg
+        res["timing_s"]["negatives"] = round(time.time() - t0, 1)
+    if part in ("unlabelled", "all") and p["unlabelled"].is_file():
+        t0 = time.time()
+        res[f"unlabelled_pelvis_0_40_N{n}"] = cleaned_counts(ck, load_volume(p["unlabelled"]), n, zrange=(0, 41))
+        res["timing_s"]["unlabelled"] = round(time.time() - t0, 1)
+    if part not in ("organs", "all"):
+        return res
     res["vq_recon"] = {"unseen_phantoms": vq_recon_dice(ck, ph_cases),
                        "real_heldout_block": vq_recon_dice(ck, real_cases, range(a, b + 1))}
     print(f"VQ reconstruction: {res['vq_recon']}", file=sys.stderr, flush=True)
-    for n in args.eval_n:
+    for name, cs, sl in (("real", real_cases, real_slices), ("phantom", ph_cases, None)):
         t0 = time.time()
-        res[f"real_N{n}"] = organ_metrics(ck, real_cases, n, slices=real_slices)
-        res[f"phantom_N{n}"] = organ_metrics(ck, ph_cases, n)
-        res["timing_s"][f"N{n}"] = round(time.time() - t0, 1)
-        print(f"N={n}: real {res[f'real_N{n}']['mean']}\n      phantom {res[f'phantom_N{n}']['mean']}",
-              file=sys.stderr, flush=True)
-    res["baselines_real"] = evaluate(out, [p["real_spec"]], label_map=LABEL_MAP, baseline="both",
-                                     slices=real_slices)["mean"]
-    res["baselines_phantom"] = evaluate(out, ph_specs, baseline="both", phantom_spacing=spacing)["mean"]
-    for m in ("model",):  # the evaluate() "model" row is AR-Seg's first class only: drop it
-        res["baselines_real"].pop(m, None)
-        res["baselines_phantom"].pop(m, None)
+        r = organ_metrics(ck, cs, n, slices=sl)
+        res["timing_s"][name] = round(time.time() - t0, 1)
+        for k, v in r.items():
+            res[f"{name}_N{k}"] = v
+            print(f"{name} N={k}: {v['mean']}", file=sys.stderr, flush=True)
+    # the HU baselines (whole volume) and the shipped MSA²Net demo on the same slices / cases
     msa = Path(args.msa2net)
-    if msa.is_file():
-        res["msa2net_real"] = evaluate(msa, [p["real_spec"]], label_map=LABEL_MAP, slices=real_slices)["mean"]["model"]
-        res["msa2net_phantom"] = evaluate(msa, ph_specs, phantom_spacing=spacing)["mean"]["model"]
-    neg = {}
-    for spec in ("phantom:2@1200/pelvis", "phantom:2@1300/thorax"):
-        for c in D.load_sources([spec], None, CLASSES, phantom_spacing=spacing)[0]:
-            neg[c.name] = cleaned_counts(ck, c.volume, 16)
-    res["negatives_N16"] = neg
-    if p["unlabelled"].is_file():
-        vol = load_volume(p["unlabelled"])
-        res["unlabelled_pelvis_0_40_N16"] = cleaned_counts(ck, vol, 16, zrange=(0, 41))
+    res["reference_real"] = evaluate(msa, [p["real_spec"]], label_map=LABEL_MAP, baseline="both",
+                                     slices=real_slices)["mean"]
+    res["reference_phantom"] = evaluate(msa, ph_specs, baseline="both", phantom_spacing=spacing)["mean"]
     return res
 
 
@@ -255,13 +271,26 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-stage0", action="store_true")
     ap.add_argument("--skip-stage1", action="store_true")
     ap.add_argument("--skip-stage2", action="store_true")
-    ap.add_argument("--eval-n", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--eval-n", type=int, default=16, help="samples of the consensus (N = 1 is read from the same run)")
+    ap.add_argument("--eval-phantoms", type=int, default=2, help="unseen abdomen phantoms (seeds 1000+), besides the val ones")
+    ap.add_argument("--eval-negatives", type=int, default=1, help="unseen pelvis and thorax phantoms each")
+    ap.add_argument("--eval-val-phantoms", action="store_true", help="also the phantoms held out for validation")
+    ap.add_argument("--skip-eval", action="store_true")
+    ap.add_argument("--eval-part", default=None, choices=["organs", "negatives", "unlabelled"],
+                    help="evaluate this part of the shipped file only, into WORK/eval_PART.json, and exit")
     ap.add_argument("--msa2net", default=str(HERE / "msa2net_demo.safetensors"))
     args = ap.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     if args.only_stage is not None:
         run_stage(args, args.only_stage, work)
+        return 0
+    if args.eval_part is not None:
+        torch.set_num_threads(args.threads)
+        t0 = time.time()
+        r = evaluate_all(args, Path(args.out), work, args.eval_part)
+        r["wall_s"] = round(time.time() - t0, 1)
+        (work / f"eval_{args.eval_part}.json").write_text(json.dumps(r, indent=2, default=str))
         return 0
     raw = list(argv if argv is not None else sys.argv[1:])
     command = "python models/train_arseg_demo.py " + " ".join(shlex.quote(a) for a in raw)
@@ -292,7 +321,21 @@ def main(argv=None) -> int:
     save_checkpoint(out, ck.model, ck.family, ck.config_name, ck.config, ck.class_names, ck.input, prov, half=True)
     size_mb = out.stat().st_size / 1e6
 
-    ev = evaluate_all(args, out, work)
+    if args.skip_eval:
+        return 0
+    # three evaluation parts in parallel processes (one thread each)
+    t1 = time.time()
+    base = [sys.executable, __file__, *[a for a in raw if not a.startswith("--skip-stage")]]
+    procs = [subprocess.Popen(base + ["--eval-part", part]) for part in ("organs", "negatives", "unlabelled")]
+    if any(pr.wait() != 0 for pr in procs):
+        raise SystemExit("an evaluation part failed")
+    ev = {}
+    for part in ("organs", "negatives", "unlabelled"):
+        r = json.loads((work / f"eval_{part}.json").read_text())
+        ev.setdefault("timing_s", {}).update(r.pop("timing_s", {}))
+        ev[f"wall_s_{part}"] = r.pop("wall_s", None)
+        ev.update(r)
+    ev["eval_wall_s"] = round(time.time() - t1, 1)
     ev.update(stages=stages, train_wall_s=round(train_wall, 1), size_mb=round(size_mb, 2), command=command,
               total_wall_s=round(time.time() - t0, 1))
     (work / "arseg_demo_eval.json").write_text(json.dumps(ev, indent=2, default=str))
