@@ -101,6 +101,11 @@ def run_stage(args, stage: int, work: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- evaluation
+def _organ_ids(ck) -> list[int]:
+    """Label ids of liver and spleen in ``ck.class_names`` (another checkpoint may have more classes)."""
+    return [i for i, n in enumerate(ck.class_names) if n in CLASSES[1:]]
+
+
 def segment(ck, volume, n: int, slices=None, seed: int = 0, batch_size: int = 8) -> dict:
     """{N: (z, y, x) uint8 labels} for N = n and N = 1: each organ's consensus of the N samples
     (mean of the N sample masks > 0.5; liver 1, spleen 2, spleen where both) and, from the same run,
@@ -111,7 +116,7 @@ def segment(ck, volume, n: int, slices=None, seed: int = 0, batch_size: int = 8)
     zs = parse_slices(slices, volume.shape[0])
     out = {n: np.zeros(volume.shape, np.uint8), 1: np.zeros(volume.shape, np.uint8)}
     hw, sp = volume.shape[1:], volume.spacing[1:]
-    for cid in range(1, len(ck.class_names)):
+    for cid in _organ_ids(ck):
         pred = make_predictor(ck, device="cpu", precision="fp32", n_samples=n, target_class=cid, seed=seed)
         res = run_to_end(run_volume(pred, volume, slices=zs, batch_size=batch_size))
         out[n][res.labels == cid] = cid
@@ -127,7 +132,7 @@ def organ_metrics(ck, cases, n: int, slices=None) -> dict:
     from napari_genseg.engine import parse_slices
     from napari_genseg.metrics import evaluate_labels
 
-    classes = {i: c for i, c in enumerate(ck.class_names) if i}
+    classes = {i: ck.class_names[i] for i in _organ_ids(ck)}
     per = {n: {}, 1: {}}
     for c in cases:
         zs = parse_slices(slices, c.n_slices)
@@ -151,7 +156,7 @@ def cleaned_counts(ck, volume, n: int, zrange=None) -> dict:
     ml = float(np.prod(volume.spacing)) / 1000.0
     out = {}
     for i, name in enumerate(ck.class_names):
-        if i:
+        if i in _organ_ids(ck):
             out[name] = {"raw_voxels": int((lab[sl] == i).sum()), "voxels": int((clean[sl] == i).sum()),
                          "ml": round(float((clean[sl] == i).sum()) * ml, 1)}
     return out
@@ -171,8 +176,9 @@ def vq_recon_dice(ck, cases, slices=None) -> dict:
     ds = ArSegItems(cases, items, list(ck.class_names), grid, norm, ck.config.mask_size, empty_fraction=0.0)
     vq = ck.model.vq.float().eval()
     res = {}
-    for cid, name in enumerate(ck.class_names[1:]):
-        m = torch.stack([ds[i][1] for i in range(len(ds)) if ds.items[i][1] == cid + 1])
+    for cid in _organ_ids(ck):
+        name = ck.class_names[cid]
+        m = torch.stack([ds[i][1] for i in range(len(ds)) if ds.items[i][1] == cid])
         with torch.no_grad():
             p = torch.cat([(vq.decode_tokens(vq.encode_tokens(m[s:s + 32])) > 0).float() for s in range(0, len(m), 32)])
         inter, den = (p * m).flatten(1).sum(1), p.flatten(1).sum(1) + m.flatten(1).sum(1)
@@ -200,14 +206,27 @@ def evaluate_all(args, out: Path, work: Path, part: str = "all") -> dict:
                     if c.split("_")[-2] == "phantom"]
     ph_specs = [f"phantom:{args.eval_phantoms}@1000"] + ([f"phantom:1@{int(v.split('_')[-1])}" for v in val_phantoms]
                                                         if args.eval_val_phantoms else [])
+    ph_specs_self = ph_specs  # the phantoms this process segments (the "phantoms" part takes the 2nd+)
+    if part == "organs" and args.eval_phantoms > 1:
+        ph_specs_self = ["phantom:1@1000"]
+    elif part == "phantoms":
+        ph_specs_self = [f"phantom:{args.eval_phantoms - 1}@1001"]
     spacing = (3.0, 2.2, 2.2)
     real_cases = [c for s in D.load_sources([p["real_spec"]], LABEL_MAP, CLASSES) for c in s]
-    ph_cases = [c for s in D.load_sources(ph_specs, None, CLASSES, phantom_spacing=spacing) for c in s]
+    ph_cases = [c for s in D.load_sources(ph_specs_self, None, CLASSES, phantom_spacing=spacing) for c in s]
     res = {"real_slices": real_slices, "phantoms": [c.name for c in ph_cases], "timing_s": {}}
     n = args.eval_n
+    if part == "phantoms":
+        t0 = time.time()
+        for k, v in organ_metrics(ck, ph_cases, n).items():
+            res[f"phantom_N{k}"] = v
+        res["timing_s"]["phantoms"] = round(time.time() - t0, 1)
+        return res
     if part in ("negatives", "all"):
         t0, neg = time.time(), {}
-        for spec in (f"phantom:{args.eval_negatives}@1200/pelvis", f"phantom:{args.eval_negatives}@1300/thorax"):
+        specs = [f"phantom:{args.eval_negatives}@1200/pelvis"] + (
+            [f"phantom:{args.eval_negatives}@1300/thorax"] if args.eval_thorax else [])
+        for spec in specs:
             for c in D.load_sources([spec], None, CLASSES, phantom_spacing=spacing)[0]:
                 neg[c.name] = cleaned_counts(ck, c.volume, n)
         res[f"negatives_N{n}"] = neg
@@ -234,6 +253,27 @@ def evaluate_all(args, out: Path, work: Path, part: str = "all") -> dict:
                                      slices=real_slices)["mean"]
     res["reference_phantom"] = evaluate(msa, ph_specs, baseline="both", phantom_spacing=spacing)["mean"]
     return res
+
+
+def merge_eval(results: list[dict], parts) -> dict:
+    """One evaluation dict from the parts' JSONs: the phantom per-case rows of the "organs" and
+    "phantoms" parts together, their means recomputed over all cases."""
+    ev: dict = {"timing_s": {}}
+    for part, r in zip(parts, results):
+        r = dict(r)
+        ev["timing_s"].update(r.pop("timing_s", {}))
+        ev[f"wall_s_{part}"] = r.pop("wall_s", None)
+        for k, v in r.items():
+            if k.startswith("phantom_N") and k in ev:
+                per = {**ev[k]["per_case"], **v["per_case"]}
+                organs = next(iter(per.values())).keys()
+                ev[k] = {"per_case": per, "mean": {o: {m: float(np.mean([per[c][o][m] for c in per]))
+                                                      for m in ("dice", "iou", "hd95_mm")} for o in organs}}
+            elif k == "phantoms" and k in ev:
+                ev[k] = ev[k] + v
+            else:
+                ev[k] = v
+    return ev
 
 
 def _loss_summary(prov: dict) -> dict:
@@ -275,8 +315,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-phantoms", type=int, default=2, help="unseen abdomen phantoms (seeds 1000+), besides the val ones")
     ap.add_argument("--eval-negatives", type=int, default=1, help="unseen pelvis and thorax phantoms each")
     ap.add_argument("--eval-val-phantoms", action="store_true", help="also the phantoms held out for validation")
+    ap.add_argument("--eval-thorax", action="store_true", help="also unseen thorax phantoms as negatives")
     ap.add_argument("--skip-eval", action="store_true")
-    ap.add_argument("--eval-part", default=None, choices=["organs", "negatives", "unlabelled"],
+    ap.add_argument("--eval-part", default=None, choices=["organs", "phantoms", "negatives", "unlabelled"],
                     help="evaluate this part of the shipped file only, into WORK/eval_PART.json, and exit")
     ap.add_argument("--msa2net", default=str(HERE / "msa2net_demo.safetensors"))
     args = ap.parse_args(argv)
@@ -326,15 +367,12 @@ def main(argv=None) -> int:
     # three evaluation parts in parallel processes (one thread each)
     t1 = time.time()
     base = [sys.executable, __file__, *[a for a in raw if not a.startswith("--skip-stage")]]
-    procs = [subprocess.Popen(base + ["--eval-part", part]) for part in ("organs", "negatives", "unlabelled")]
+    parts = ("organs", "phantoms", "negatives", "unlabelled") if args.eval_phantoms > 1 else (
+        "organs", "negatives", "unlabelled")
+    procs = [subprocess.Popen(base + ["--eval-part", part]) for part in parts]
     if any(pr.wait() != 0 for pr in procs):
         raise SystemExit("an evaluation part failed")
-    ev = {}
-    for part in ("organs", "negatives", "unlabelled"):
-        r = json.loads((work / f"eval_{part}.json").read_text())
-        ev.setdefault("timing_s", {}).update(r.pop("timing_s", {}))
-        ev[f"wall_s_{part}"] = r.pop("wall_s", None)
-        ev.update(r)
+    ev = merge_eval([json.loads((work / f"eval_{part}.json").read_text()) for part in parts], parts)
     ev["eval_wall_s"] = round(time.time() - t1, 1)
     ev.update(stages=stages, train_wall_s=round(train_wall, 1), size_mb=round(size_mb, 2), command=command,
               total_wall_s=round(time.time() - t0, 1))
