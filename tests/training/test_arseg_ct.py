@@ -134,3 +134,16 @@ def test_negative_cases_give_empty_items():
     ds = ArSegItems(cases, [(0, list(range(10)))], ORGANS, SliceGrid(32), Normalization(), 32, empty_fraction=0.3)
     assert sorted(k for _, k, _ in ds.items) == [1, 1, 1, 2, 2, 2]
     assert all(float(ds[i][1].sum()) == 0 for i in range(len(ds)))
+
+
+def test_cli_takes_stage0_and_encoder_init():
+    import argparse
+
+    from napari_genseg.training.cli import add_training_commands, config_from_args
+
+    ap = argparse.ArgumentParser()
+    add_training_commands(ap.add_subparsers())
+    cfg = config_from_args(ap.parse_args(["train", "--model", "arseg_ct", "--stage", "2", "--init", "s1.safetensors",
+                                          "--encoder-init", "s0.safetensors"]))
+    assert (cfg.stage, cfg.init, cfg.encoder_init) == (2, "s1.safetensors", "s0.safetensors")
+    assert config_from_args(ap.parse_args(["train", "--model", "arseg_ct", "--stage", "0"])).stage == 0
