@@ -67,7 +67,7 @@ def _mask(size: int, batch: int = 2) -> torch.Tensor:
 
 
 # ---- configs and registry ------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["arseg_paper", "arseg_light", "arseg_tiny"])
+@pytest.mark.parametrize("name", ["arseg_paper", "arseg_light", "arseg_ct", "arseg_tiny"])
 def test_config_json_round_trip(name):
     cfg = CONFIGS[name]
     back = type(cfg)(**json.loads(json.dumps(dataclasses.asdict(cfg))))
@@ -88,6 +88,7 @@ def test_config_json_round_trip(name):
         {"mask_size": 100},
         {"in_chans": 4},
         {"svd_energy": 0.0},
+        {"seg_head_dim": -1},
     ],
 )
 def test_config_validation(bad):
@@ -100,7 +101,7 @@ def test_registry_entries():
     assert fam.kind == "arseg" and fam.default_config == "arseg_light"
     assert fam.import_official is import_official
     names = {e.name for e in registry.list_configs("arseg")}
-    assert {"arseg_paper", "arseg_light", "arseg_tiny"} <= names
+    assert {"arseg_paper", "arseg_light", "arseg_ct", "arseg_tiny"} <= names
     paper = registry.get_entry("arseg_paper")
     assert paper.paper and paper.expected_params == PAPER_PARAMS
     assert registry.get_entry("arseg").name == "arseg_light"
@@ -491,3 +492,35 @@ def test_fidelity_sam_vit_b():
     ref = np.load(folder / "output.npy")
     assert y.shape == ref.shape == (1, 256, 64, 64)
     assert np.abs(y - ref).max() <= 1e-3
+
+
+def test_encoder_head_only_in_configs_that_ask_for_it():
+    """``seg_head_dim`` adds the stage-0 head (``arseg_ct``); the paper and light configs keep their
+    exact state-dict keys (old checkpoints still load) and have no stage 0."""
+    with torch.device("meta"):
+        light, ct = ArSeg(CONFIGS["arseg_light"]), ArSeg(CONFIGS["arseg_ct"])
+    assert light.encoder_head is None and not any(k.startswith("encoder_head.") for k in light.state_dict())
+    with pytest.raises(ValueError, match="stage 0"):
+        light.stage_parameters(0)
+    assert CONFIGS["arseg_ct"].train_image_encoder is False and CONFIGS["arseg_ct"].seg_head_dim > 0
+    # stage 2 of arseg_ct trains the segmentor only (the pre-trained encoder stays frozen)
+    seg = {id(p) for p in ct.stage_parameters(2)}
+    assert seg == {id(p) for p in ct.segmentor.parameters()}
+    assert 2 * registry.count_parameters(ct) <= 12e6  # the shipped fp16 demo stays under 12 MB
+    # the demo encoder, the VQ and the segmentor sizes are arseg_light's
+    assert registry.count_parameters(ct.vq) == registry.count_parameters(light.vq)
+    assert registry.count_parameters(ct.image_encoder) == registry.count_parameters(light.image_encoder)
+
+
+def test_encoder_logits_decode_every_pixel_from_the_embedding():
+    cfg = dataclasses.replace(CONFIGS["arseg_tiny"], seg_head_dim=8)
+    torch.manual_seed(0)
+    m = ArSeg(cfg).eval()
+    x = torch.rand(2, 1, cfg.img_size, cfg.img_size)
+    out = m.encoder_logits(x)
+    assert out.shape == (2, cfg.num_classes + 1, cfg.img_size, cfg.img_size)
+    # the head sees the embedding only: the logits are a function of embed(x)
+    with torch.no_grad():
+        assert torch.allclose(m.encoder_head(m.embed(x)), out)
+    with pytest.raises(RuntimeError, match="no encoder head"):
+        ArSeg(CONFIGS["arseg_tiny"]).encoder_logits(x)

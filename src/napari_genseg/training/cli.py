@@ -34,6 +34,7 @@ _FLAGS = {
     "init": "init",
     # options of one task's config (AR-Seg); a model whose task lacks them refuses them by name
     "stage": "stage", "empty_fraction": "empty_fraction", "roi_fov_mm": "roi_fov_mm", "roi_jitter_mm": "roi_jitter_mm",
+    "encoder_init": "encoder_init",
 }
 
 
@@ -181,10 +182,13 @@ def add_training_commands(sub) -> None:
     p.add_argument("--time-budget-minutes", type=float, default=None,
                    help="train for this wall time; the lr schedule follows the elapsed fraction")
     p.add_argument("--stage", type=int, default=None, choices=[0, 1, 2],
-                   help="AR-Seg: 1 = mask autoencoder, 2 = segmentor (frozen VQ; use --init); MARSeg: "
+                   help="AR-Seg: 0 = image encoder as a segmentation network (configs with an encoder "
+                   "head, e.g. arseg_ct), 1 = mask autoencoder, 2 = segmentor (frozen VQ; use --init); MARSeg: "
                    "0 = KL autoencoder, 1 = MAR pre-training, 2 = segmentation (use --init)")
     p.add_argument("--init", default=None,
                    help="start from this checkpoint's weights (fine-tuning; AR-Seg stage 2: the stage-1 checkpoint)")
+    p.add_argument("--encoder-init", default=None,
+                   help="AR-Seg stage 2: load the image encoder (+ head) of this stage-0 checkpoint")
     p.add_argument("--empty-fraction", type=float, default=None,
                    help="AR-Seg: slices without the target per slice with it (per class, 0.1)")
     p.add_argument("--roi-fov-mm", type=float, default=None,

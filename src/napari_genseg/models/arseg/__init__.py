@@ -10,7 +10,9 @@ next-scale transformer, KV cache), ``sampling`` (ArSeg model, batched KV-cached 
 ``importer`` (official checkpoint keys).
 
 Registered configurations: ``arseg_paper`` (MedSAM ViT-B, 1024², the paper's sizes),
-``arseg_light`` (small encoder at 128², CPU-trainable demo), ``arseg_tiny`` (tests).
+``arseg_light`` (small encoder at 128², trained with the segmentor), ``arseg_ct`` (the shipped
+demo's: the small encoder pre-trained as a CT segmentation network in a stage 0 and frozen, in place
+of MedSAM), ``arseg_tiny`` (tests).
 """
 
 from __future__ import annotations
@@ -60,6 +62,15 @@ CONFIGS: dict[str, ArSegConfig] = {
         vq_z_channels=64, vq_norm_groups=8, vocab_size=512, code_dim=32, num_cond_tokens=64,
         svd_max_rank=32, width=192, depth=4, heads=6,
     ),
+    # CPU demo on CT (models/arseg_demo.md): the light encoder pre-trained as a segmentation network
+    # (stage 0, head on the embedding) and frozen in stage 2, standing in for MedSAM
+    "arseg_ct": ArSegConfig(
+        img_size=128, in_chans=1, num_classes=2, encoder_kind="light", embed_dim=128,
+        train_image_encoder=False, light_widths=(32, 64, 96, 128), light_dim=128, light_depth=2,
+        light_heads=4, seg_head_dim=64, mask_size=128, vq_ch=16, vq_ch_mult=(1, 1, 2, 2, 4),
+        vq_num_res_blocks=1, vq_z_channels=64, vq_norm_groups=8, vocab_size=512, code_dim=32,
+        num_cond_tokens=64, svd_max_rank=32, width=192, depth=4, heads=6,
+    ),
     # fast tests: every part present, everything tiny (still 8 scales / 204 tokens)
     "arseg_tiny": ArSegConfig(
         img_size=64, in_chans=1, num_classes=3, encoder_kind="light", embed_dim=32,
@@ -92,6 +103,10 @@ registry.register_config(
 registry.register_config(
     "arseg", "arseg_light", CONFIGS["arseg_light"],
     description="CPU demo: light conv+ViT encoder at 128², 4x192 transformer",
+)
+registry.register_config(
+    "arseg", "arseg_ct", CONFIGS["arseg_ct"],
+    description="CPU demo on CT: light encoder pre-trained as a segmenter (stage 0) and frozen",
 )
 registry.register_config(
     "arseg", "arseg_tiny", CONFIGS["arseg_tiny"],

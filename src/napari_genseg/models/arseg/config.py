@@ -57,6 +57,11 @@ class ArSegConfig:
     light_dim: int = 128
     light_depth: int = 2
     light_heads: int = 4
+    #: width of the stage-0 segmentation head on the image embedding (0 = no head). With a head the
+    #: image encoder can be pre-trained as a segmentation network (per-pixel classes decoded from the
+    #: embedding alone, no skip connections) and then frozen for stage 2: a CT-trained encoder in
+    #: place of the paper's MedSAM (not in the paper; see ``light_encoder.EmbeddingSegHead``)
+    seg_head_dim: int = 0
 
     # ---- multi-scale mask autoencoder -----------------------------------------------------------
     mask_size: int = 128
@@ -155,6 +160,8 @@ class ArSegConfig:
                  "img_size must be a multiple of 2 ** len(light_widths)")
             need(self.light_dim % self.light_heads == 0, "light_dim must be divisible by light_heads")
             need(self.light_depth >= 0, "light_depth must be >= 0")
+        need(isinstance(self.seg_head_dim, int) and not isinstance(self.seg_head_dim, bool)
+             and self.seg_head_dim >= 0, "seg_head_dim must be an int >= 0")
         need(len(self.vq_ch_mult) >= 1 and all(m >= 1 for m in self.vq_ch_mult), "bad vq_ch_mult")
         need(_is_pow2(self.mask_size // self.latent_size) and self.mask_size % self.latent_size == 0
              and self.latent_size >= 1, "mask_size must be latent_size * 2 ** (len(vq_ch_mult) - 1)")

@@ -6,6 +6,10 @@ stride-2 conv stages (GroupNorm + GELU, one residual 3x3 conv each) down to stri
 embedding, then a 1x1 conv + LayerNorm2d neck to C_e channels.
 
 Shapes (arseg_light): x [B, 1, 128, 128] -> [B, 128, 8, 8].
+
+:class:`EmbeddingSegHead` (not in the paper) decodes per-pixel class logits from the embedding alone,
+so that an encoder can be pre-trained as a segmentation network on CT and then frozen, standing in
+for the paper's segmentation-trained MedSAM encoder (``arseg_ct``, stage 0).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch.nn.functional as F
 
 from .sam_encoder import LayerNorm2d
 
-__all__ = ["LightImageEncoder"]
+__all__ = ["LightImageEncoder", "EmbeddingSegHead"]
 
 
 def _groups(c: int) -> int:
@@ -92,3 +96,33 @@ class LightImageEncoder(nn.Module):
         for blk in self.blocks:
             t = blk(t)
         return self.neck(t.transpose(1, 2).reshape(b, c, h, w))
+
+
+class EmbeddingSegHead(nn.Module):
+    """Per-pixel class logits decoded from an image embedding only (no skip connections).
+
+    conv3x3 -> GN -> GELU at the embedding grid, then ``log2(up)`` times (nearest x2, conv3x3, GN,
+    GELU) with the width halved at each step (at least 16), then a 1x1 conv to ``num_classes``.
+    Without skips every bit of the mask must pass through the embedding, which is what the
+    segmentor's adapter sees: the head exists to train the encoder (stage 0), not to segment.
+
+    Shapes: embedding [B, in_dim, h, w] -> logits [B, num_classes, h * up, w * up].
+    Raises ``ValueError`` when ``up`` is not a power of 2.
+    """
+
+    def __init__(self, in_dim: int, dim: int, up: int, num_classes: int) -> None:
+        super().__init__()
+        if up < 1 or up & (up - 1):
+            raise ValueError(f"up must be a power of 2, got {up}")
+        self.stem = nn.Sequential(nn.Conv2d(in_dim, dim, 3, padding=1), nn.GroupNorm(_groups(dim), dim), nn.GELU())
+        blocks, c = [], dim
+        for _ in range(up.bit_length() - 1):
+            co = max(16, c // 2)
+            blocks.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                        nn.Conv2d(c, co, 3, padding=1), nn.GroupNorm(_groups(co), co), nn.GELU()))
+            c = co
+        self.up = nn.Sequential(*blocks)
+        self.out = nn.Conv2d(c, num_classes, 1)
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        return self.out(self.up(self.stem(e)))

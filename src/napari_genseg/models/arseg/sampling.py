@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ArSegConfig
-from .light_encoder import LightImageEncoder
+from .light_encoder import EmbeddingSegHead, LightImageEncoder
 from .maskvq import MaskVQ
 from .sam_encoder import SamImageEncoder
 from .segmentor import KVCache, NextScaleSegmentor
@@ -156,6 +156,9 @@ class ArSeg(nn.Module):
             )
         self.vq = MaskVQ(cfg)
         self.segmentor = NextScaleSegmentor(cfg)
+        #: stage-0 head (``cfg.seg_head_dim`` > 0): background + num_classes per-pixel logits
+        self.encoder_head = (EmbeddingSegHead(cfg.embed_dim, cfg.seg_head_dim, cfg.img_size // cfg.embed_grid,
+                                              cfg.num_classes + 1) if cfg.seg_head_dim else None)
 
     # ---- sizes --------------------------------------------------------------------------------
     @property
@@ -221,6 +224,17 @@ class ArSeg(nn.Module):
         return torch.cat(outs, 0)
 
     # ---- training -----------------------------------------------------------------------------
+    def encoder_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Stage 0: per-pixel logits of the image encoder's own segmentation head.
+
+        Shapes: x [B, in_chans, img_size, img_size] -> [B, num_classes + 1, img_size, img_size]
+        (channel 0 = background, channel c = AdaLN class c - 1). Raises ``RuntimeError`` for a
+        config without a head (``seg_head_dim == 0``).
+        """
+        if self.encoder_head is None:
+            raise RuntimeError("this AR-Seg config has no encoder head (seg_head_dim = 0): no stage 0")
+        return self.encoder_head(self.embed(x))
+
     def _as_embedding(self, embedding_or_x: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         t = embedding_or_x
@@ -251,7 +265,12 @@ class ArSeg(nn.Module):
         return self.token_loss(embedding_or_x, gt_token_ids, class_ids)
 
     def stage_parameters(self, stage: int) -> list[nn.Parameter]:
-        """Trainable parameters of stage 1 (the VQ) or stage 2 (segmentor [+ image encoder])."""
+        """Trainable parameters of stage 0 (image encoder + its segmentation head, when the config
+        has one), stage 1 (the VQ) or stage 2 (segmentor [+ image encoder])."""
+        if stage == 0:
+            if self.encoder_head is None:
+                raise ValueError("stage 0 needs a config with an encoder head (seg_head_dim > 0)")
+            return list(self.image_encoder.parameters()) + list(self.encoder_head.parameters())
         if stage == 1:
             return list(self.vq.parameters())
         if stage == 2:
@@ -259,4 +278,4 @@ class ArSeg(nn.Module):
             if self.cfg.train_image_encoder:
                 params += list(self.image_encoder.parameters())
             return params
-        raise ValueError("stage must be 1 or 2")
+        raise ValueError("stage must be 0, 1 or 2")

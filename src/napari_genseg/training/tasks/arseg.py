@@ -1,10 +1,16 @@
-"""AR-Seg training: stage 1 (multi-scale mask autoencoder) and stage 2 (next-scale segmentor).
+"""AR-Seg training: stage 0 (image encoder pre-training, optional), stage 1 (multi-scale mask
+autoencoder) and stage 2 (next-scale segmentor).
 
 Chen et al., "Autoregressive Medical Image Segmentation via Next-Scale Mask Prediction" (MICCAI
 2025), Sec. 2.1 (mask VQ) and 2.2 (next-scale prediction); the loop around it is the one
 training loop (``training/loop.py``).
 
-* Stage 1: ``model.vq.loss(mask)`` = Dice + BCE + VQ on binary target masks (every target class;
+* Stage 0 (configs with ``seg_head_dim`` > 0, e.g. ``arseg_ct``; not in the paper): the image
+  encoder + its segmentation head (``ArSeg.encoder_logits``) trained as a slice segmentation network
+  (Dice + CE on the class ids, the segmentation task's items and validation). Stage 2 then loads the
+  encoder from it (``encoder_init``) and keeps it frozen when ``train_image_encoder`` is False: a
+  CT-trained encoder in place of the paper's MedSAM.
+* Stage 1: ``model.vq.loss(mask)`` (``init``: continue from that checkpoint's VQ) = Dice + BCE + VQ on binary target masks (every target class;
   for a class with several annotators, e.g. the phantoms' ``liver_lesion``, every annotator's mask).
   Validation: reconstruction Dice of the held-out masks; score = recon_dice.
 * Stage 2 (``init`` = a stage-1 checkpoint; VQ frozen, in eval mode): cross-entropy on the token
@@ -13,8 +19,10 @@ training loop (``training/loop.py``).
   LIDC). Validation: teacher-forced token CE and accuracy; score = token_acc.
 
 Items are (case, slice, class): slices that contain the target, plus slices without it at rate
-``empty_fraction`` (per class; so the model also learns to answer "nothing here"). Validation =
-held-out cases (no slice-block hold-out).
+``empty_fraction`` of those (per class and case; a case without the target, e.g. a pelvis phantom,
+gives ``empty_fraction`` of its slices), so the model also learns to answer "nothing here". Validation =
+held-out cases; a single-case source (a real CT) holds out a slice block (``holdout_slices``,
+as the segmentation task does). ``repeat`` oversamples a data spec's (or a kind's) items.
 
 ``genseg train --model arseg_light --stage 1 ...`` / ``--stage 2 --init STAGE1.safetensors``.
 """
@@ -60,6 +68,9 @@ class ArSegTrainConfig(TrainConfig):
     roi_fov_mm: float | None = None
     #: ROI mode: uniform jitter (mm, per axis) of the crop centre; default 1/6 of the field of view
     roi_jitter_mm: float | None = None
+    #: stage 2: load ``image_encoder.*`` (and ``encoder_head.*``) from this stage-0 checkpoint after
+    #: ``init`` (the stage-1 checkpoint, for the VQ)
+    encoder_init: str | None = None
 
 
 # ----------------------------------------------------------------------------- data
@@ -82,11 +93,13 @@ class ArSegItems(torch.utils.data.Dataset):
     mask (1, M, M) float {0,1} on the mask grid, AdaLN class id = label id - 1).
 
     A multi-annotator class draws one annotator per item (``all_annotators``: every annotator is
-    an item of its own instead, for stage 1)."""
+    an item of its own instead, for stage 1). ``case_repeat`` (case index -> n) repeats a case's
+    items n times (e.g. the one real CT among many phantoms)."""
 
     def __init__(self, cases, split_items, class_names, grid: SliceGrid, norm: Normalization,
                  mask_size: int, augment: D.Augment | None = None, empty_fraction: float = 0.1,
-                 class_repeat: dict | None = None, seed: int = 0, all_annotators: bool = False):
+                 class_repeat: dict | None = None, seed: int = 0, all_annotators: bool = False,
+                 case_repeat: dict | None = None):
         self.grid, self.norm, self.mask_size, self.augment, self.seed = grid, norm, mask_size, augment, seed
         self.epoch = 0
         rng = np.random.default_rng(seed)
@@ -108,9 +121,11 @@ class ArSegItems(torch.utils.data.Dataset):
                 present = g.flatten(2).any(-1).any(-1)  # (n,)
                 pos_idx = [i for i in range(len(zs)) if bool(present[i])]
                 neg_idx = [i for i in range(len(zs)) if not bool(present[i])]
-                n_neg = min(len(neg_idx), int(round(empty_fraction * len(pos_idx))))
+                # a case without the target at all (a pelvis/thorax negative) gives empty_fraction of its
+                # slices, so whole-torso negatives teach "nothing here" too
+                n_neg = min(len(neg_idx), int(round(empty_fraction * (len(pos_idx) or len(zs)))))
                 neg_idx = [int(v) for v in rng.choice(neg_idx, n_neg, replace=False)] if n_neg else []
-                rep = max(1, int(class_repeat.get(class_names[k], 1)))
+                rep = max(1, int(class_repeat.get(class_names[k], 1))) * max(1, int((case_repeat or {}).get(ci, 1)))
                 for i in sorted(pos_idx + neg_idx):
                     for j in (range(a) if all_annotators else [-1]):
                         self.items += [(pos + i, k, j)] * rep
@@ -156,6 +171,17 @@ class _Stage1(nn.Module):
         return self.vq.loss(mask)
 
 
+class _Stage0(nn.Module):
+    """Stage-0 objective (what DDP wraps): the encoder head's per-pixel logits of a batch of slices."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.encoder_logits(x)
+
+
 class _Stage2(nn.Module):
     """Stage-2 objective (what DDP wraps): token CE of the mask's VQ tokens (frozen VQ, no grad)."""
 
@@ -180,8 +206,8 @@ class ArSegTask(SliceTask):
     def __init__(self, cfg: ArSegTrainConfig, run):
         super().__init__(cfg, run)
         self.stage = int(cfg.stage)
-        if self.stage not in (1, 2):
-            raise TrainOptionError("stage must be 1 or 2")
+        if self.stage not in (0, 1, 2):
+            raise TrainOptionError("stage must be 0, 1 or 2")
         if len(self.class_names) < 2:
             raise TrainOptionError("need a background and at least one target class")
         self.init_meta = None
@@ -192,19 +218,34 @@ class ArSegTask(SliceTask):
         if self.spec.entry.family != "arseg":
             raise TrainOptionError(f"{self.cfg.model} is not an AR-Seg config")
         mcfg = self.spec.config
+        if self.stage == 0 and not mcfg.seg_head_dim:
+            raise TrainOptionError(f"{self.cfg.model} has no encoder head (seg_head_dim = 0): no stage 0")
         self.mask_size = int(mcfg.mask_size)
         self.set_input(mcfg.img_size)
         return self.spec
 
     def data(self) -> TaskData:
         cfg = self.cfg
-        cases, split = self.split_sources("none", phantom_annotators=cfg.phantom_annotators)
+        cases, split = self.split_sources(cfg.holdout_slices, phantom_annotators=cfg.phantom_annotators)
+        self.cases, self.split = cases, split
         if cfg.roi_fov_mm:
             return self._roi_data(cases, split)
+        if self.stage == 0:
+            from ..losses import make_loss
+
+            self.criterion = make_loss("dice_ce").to(self.run.device)
+            ds = self.slice_dataset(cases, split)
+            self.n_train = len(ds)
+            return TaskData(cases, split, ds, f"{len(ds)} train slices, {sum(len(z) for _, z in split.val)} val slices")
+        case_repeat = {}
+        for ci, c in enumerate(cases):
+            r = cfg.repeat.get(c.source, cfg.repeat.get(c.kind))
+            if r:
+                case_repeat[ci] = int(r)
         common = dict(class_names=self.class_names, grid=self.grid, norm=self.norm, mask_size=self.mask_size,
                       empty_fraction=cfg.empty_fraction, seed=cfg.seed, all_annotators=self.stage == 1)
         ds = ArSegItems(cases, split.train, augment=D.Augment.from_options(cfg.augment),
-                        class_repeat=cfg.class_repeat, **common)
+                        class_repeat=cfg.class_repeat, case_repeat=case_repeat, **common)
         self.val = ArSegItems(cases, split.val, augment=None, **common) if split.val else None
         if len(ds) == 0:
             raise D.DataSpecError("no training items (no slice contains a target class)")
@@ -244,10 +285,14 @@ class ArSegTask(SliceTask):
         return meta
 
     def prepare(self, model, resuming: bool) -> None:
+        if self.stage == 1 and self.cfg.init and not resuming:
+            self._load_vq(model)
+            return
         if self.stage != 2 or resuming:
             return
         if not self.cfg.init:
             self.run.log("warning: stage 2 without --init: the VQ is untrained")
+            self._load_encoder(model)
             return
         ck = load_init_weights(model, self.cfg.init, self.spec.entry.family)
         if list(ck.class_names) != self.class_names:
@@ -255,6 +300,48 @@ class ArSegTask(SliceTask):
         prov = ck.provenance if isinstance(getattr(ck, "provenance", None), dict) else None
         self.init_meta = {"path": str(self.cfg.init), "provenance": None if prov is None else {
             k: prov.get(k) for k in ("stage", "git_commit", "wall_seconds", "hyperparameters", "data", "validation")}}
+        self._load_encoder(model)
+
+    def _load_vq(self, model) -> None:
+        """Stage 1 with ``init``: continue training the mask VQ of that AR-Seg checkpoint (any config
+        whose VQ has the same shapes; its encoder, segmentor and classes are not used)."""
+        from ...models.checkpoints import CheckpointError, load_checkpoint
+
+        ck = load_checkpoint(self.cfg.init, expect_model=self.spec.entry.family)
+        sd = {k[3:]: v.float() for k, v in ck.model.state_dict().items() if k.startswith("vq.")}
+        try:
+            model.vq.load_state_dict(sd)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{self.cfg.init}: its mask VQ does not fit this model "
+                                  f"({str(exc).splitlines()[0]})") from None
+        prov = ck.provenance if isinstance(getattr(ck, "provenance", None), dict) else {}
+        self.init_meta = {"path": str(self.cfg.init), "config": ck.config_name, "vq_only": True, "provenance": {
+            k: prov.get(k) for k in ("stage", "git_commit", "wall_seconds", "hyperparameters", "data", "validation")}}
+        self.run.log(f"stage 1 continues the mask VQ of {self.cfg.init}")
+
+    def _load_encoder(self, model) -> None:
+        """Stage 2 with ``encoder_init``: the image encoder (+ head) of that stage-0 checkpoint."""
+        if not self.cfg.encoder_init or getattr(self, "_encoder_loaded", False):
+            return
+        from ...models.checkpoints import CheckpointError, load_checkpoint
+
+        ck = load_checkpoint(self.cfg.encoder_init, expect_model=self.spec.entry.family)
+        sd = {k: v.float() for k, v in ck.model.state_dict().items()
+              if k.startswith(("image_encoder.", "encoder_head."))}
+        own = {k for k in model.state_dict() if k.startswith(("image_encoder.", "encoder_head."))}
+        if set(sd) != own:
+            raise CheckpointError(f"{self.cfg.encoder_init}: its image encoder does not fit this model")
+        try:
+            model.load_state_dict(sd, strict=False)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{self.cfg.encoder_init}: its image encoder does not fit this model "
+                                  f"({str(exc).splitlines()[0]})") from None
+        self._encoder_loaded = True
+        prov = ck.provenance if isinstance(getattr(ck, "provenance", None), dict) else {}
+        self.encoder_meta = {"path": str(self.cfg.encoder_init), "provenance": {
+            k: prov.get(k) for k in ("stage", "git_commit", "wall_seconds", "hyperparameters", "data", "validation")}}
+        self.run.log(f"image encoder from {self.cfg.encoder_init}"
+                     + ("" if self.spec.config.train_image_encoder else " (frozen)"))
 
     def trainable_parameters(self, model):
         return model.stage_parameters(self.stage)
@@ -265,9 +352,16 @@ class ArSegTask(SliceTask):
             model.vq.eval()
 
     def objective(self, model):
+        if self.stage == 0:
+            return _Stage0(model)
         return _Stage1(model.vq) if self.stage == 1 else _Stage2(model)
 
     def loss(self, net, batch):
+        if self.stage == 0:
+            xb, yb = batch
+            with self.run.autocast():
+                logits = net(xb)
+            return self.criterion(logits.float(), yb), {}
         with self.run.autocast():
             out = net(*batch)
         if self.stage == 1:
@@ -276,6 +370,13 @@ class ArSegTask(SliceTask):
 
     @torch.no_grad()
     def validate(self, model):
+        if self.stage == 0:
+            if not self.split.val:
+                return None
+            from .segmentation import validate_slices
+
+            return validate_slices(_Stage0(model), self.cases, self.split.val, self.class_names, self.norm,
+                                   self.grid, self.run.device, self.cfg.batch_size)
         if self.val is None or len(self.val) == 0:
             return None
         was = model.training
@@ -314,9 +415,10 @@ class ArSegTask(SliceTask):
     def provenance(self) -> dict:
         cfg = self.cfg
         return {"stage": self.stage, "init": self.init_meta,
-                "loss": "dice+bce+vq" if self.stage == 1 else "token_ce",
+                "encoder_init": getattr(self, "encoder_meta", None),
+                "loss": {0: "dice_ce (encoder head)", 1: "dice+bce+vq", 2: "token_ce"}[self.stage],
                 "hyperparameters": {"empty_fraction": cfg.empty_fraction, "class_repeat": cfg.class_repeat,
-                                    "mask_size": self.mask_size,
+                                    "mask_size": self.mask_size, "repeat": cfg.repeat,
                                     **({"roi_fov_mm": float(cfg.roi_fov_mm), "roi_jitter_mm": self.roi_jitter_mm}
                                        if cfg.roi_fov_mm else {})}}
 
