@@ -581,8 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime", "onnxruntime-int8"],
                        help="auto = ONNX Runtime when napari-genseg[onnx] is installed and the model exports "
                             "(MSA²Net, MARSeg; AR-Seg encoder and decoder; cpu, fp32), else torch; "
-                            "onnxruntime-int8 = MSA²Net/MARSeg with int8 MatMul weights (faster, masks "
-                            "not identical to fp32)")
+                            "onnxruntime-int8 = MSA²Net/MARSeg with int8 MatMul weights (opt-in; masks "
+                            "not identical to fp32; speed measured in benchmarks/backends.md)")
         p.add_argument("--batch-size", type=_count(1), default=4)
         p.add_argument("--slices", default=None, help="all (default), 'a:b' (b exclusive) or 'a-b' (inclusive)")
         p.add_argument("--grid", default=None, choices=["resize", "spacing"],
