@@ -34,12 +34,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 
 import numpy as np
 import torch
+
+from napari_genseg.device import cpu_model_name
 
 from napari_genseg.models import registry
 from napari_genseg.models.arseg import DEFAULT_TEMPERATURES, sample_tokens
@@ -116,17 +117,6 @@ def bench_config(name: str, ns: list[int], reps: int, official_max: int) -> list
                 "ratio": t_official / engine_total,
             })
     return rows
-
-
-def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``; ``platform`` elsewhere)."""
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
-    except OSError:
-        pass
-    return name
 
 
 def _slice_hu() -> tuple[np.ndarray, tuple[float, float]]:
@@ -294,7 +284,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     reps = 2 if args.quick else 5
-    print(f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    print(f"{cpu_model_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.1f} at start (timings are per slice, seconds)")
     rows, paper = [], None
     for name in args.configs:

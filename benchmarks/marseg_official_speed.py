@@ -48,7 +48,6 @@ import argparse
 import functools
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import sys
 import time
@@ -57,19 +56,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from napari_genseg.device import cpu_model_name
+
 # ------------------------------------------------------------------------------------ the machine
-
-
-def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``; ``platform`` elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def cpu_isa() -> str:
@@ -312,7 +301,6 @@ def _worker(key: str, argv, conn) -> None:
         conn.send((time.perf_counter() - t0, time.thread_time() - c0))
 
 
-
 def main(argv=None) -> int:
     ap = _parser()
     args = ap.parse_args(argv)
@@ -332,7 +320,7 @@ def main(argv=None) -> int:
 
     native, why = cpu_bf16_support()
     load0 = os.getloadavg()
-    out(f"CPU: {cpu_name()}; ISA: {cpu_isa()}; {os.cpu_count()} logical CPUs; torch {torch.__version__} "
+    out(f"CPU: {cpu_model_name()}; ISA: {cpu_isa()}; {os.cpu_count()} logical CPUs; torch {torch.__version__} "
         f"(kernels {torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} thread(s); "
         f"bf16: {'native' if native else 'not native'} ({why})")
     out(f"Load average at start: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")

@@ -17,24 +17,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
 import torch
 
+from napari_genseg.device import cpu_model_name
+
 from napari_genseg.models import registry
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _isa() -> str:
@@ -66,7 +56,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"CPU: {_cpu_name()} ({_isa()}, {os.cpu_count()} logical cores), torch {torch.__version__}, "
+    print(f"CPU: {cpu_model_name()} ({_isa()}, {os.cpu_count()} logical cores), torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.1f}")
     builds = [("inference build", True)] + ([("full build", False)] if args.full else [])
     print(f"{'config':<14} {'build':<16} {'params run':>12} {'median s/slice':>15} {'best s/slice':>13}")

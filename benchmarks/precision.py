@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
@@ -29,13 +28,10 @@ import numpy as np
 
 
 def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``; ``platform`` elsewhere) and the load average."""
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
-    except OSError:
-        pass
+    """The CPU's model name (``device.cpu_model_name``) and the load average."""
+    from napari_genseg.device import cpu_model_name
+
+    name = cpu_model_name()
     load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     return f"{name}, {os.cpu_count()} CPUs{load}"
 

@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from napari_genseg.device import cpu_model_name
+
 REPO = Path(__file__).resolve().parents[1]
 CT = REPO.parent / "shared" / "data" / "real" / "ct-abdomen" / "ct_abdomen_small.nii.gz"
 
@@ -114,7 +116,7 @@ def main() -> None:
         child(args)
         return
     ncpu = os.cpu_count() or 1
-    print(f"CPU: {ncpu} logical CPUs ({_cpu_name()}); input: {args.input or 'phantom'}; "
+    print(f"CPU: {ncpu} logical CPUs ({cpu_model_name()}); input: {args.input or 'phantom'}; "
           f"{args.slices} slices, batch 4, fp32; background load: {args.load_procs} busy processes; "
           f"{args.repeats} interleaved rounds (median)")
     specs = []
@@ -140,18 +142,6 @@ def main() -> None:
         n = "/".join(sorted({str(r["torch_threads"]) for r in a + b}))
         pol = "/".join(sorted({r["policy"] for r in a + b}))
         print(f"{th:>9} {n:>4} {pol:>9} {sa:>10.2f} sl/s {sb:>6.2f} sl/s {sa / sb:>9.2f}x {la:>8.1f}")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

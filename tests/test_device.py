@@ -107,3 +107,10 @@ def test_help_states_the_bf16_rule_not_a_speed_claim(capsys):
         main(["segment", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "native" in text and "AVX512_BF16" in text and "faster" not in text
+
+
+def test_cpu_model_name_reads_the_model_name_line(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9R14 96-Core Processor\n")
+    assert D.cpu_model_name(str(info)) == "AMD EPYC 9R14 96-Core Processor"
+    assert D.cpu_model_name(str(tmp_path / "absent")) != ""  # platform's name, or "unknown CPU"

@@ -53,6 +53,19 @@ _X86_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 _ARM_BF16_FLAGS = ("bf16",)
 
 
+def cpu_model_name(path: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name as the benchmarks print it: the first ``model name`` line of ``path``
+    (Linux), else ``platform.processor()`` / ``platform.machine()``, else ``"unknown CPU"``."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def _proc_cpu_flags(path: str = "/proc/cpuinfo") -> set[str] | None:
     """The CPU feature flags of the first processor in ``path`` (x86 ``flags``, Arm ``Features``);
     None where the file does not exist (macOS, Windows) or has no such line."""
