@@ -19,12 +19,7 @@ ort = pytest.importorskip("onnxruntime", reason="the onnx extra (napari-genseg[o
 _INPUT = {"normalization": {"kind": "hu_window", "low": -125.0, "high": 275.0}, "grid": "resize"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (tests/conftest.py)
 
 
 def _tiny_checkpoint(tmp_path, name="msa2net_tiny", classes=("background", "liver")):

@@ -26,12 +26,7 @@ _INPUT = {"normalization": {"kind": "hu_window", "low": -125.0, "high": 275.0, "
 _MATMUL = (nn.Linear, nn.Conv2d)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (tests/conftest.py)
 
 
 def _ckpt() -> Checkpoint:

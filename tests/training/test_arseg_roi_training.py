@@ -16,12 +16,7 @@ from napari_genseg.preprocessing import Normalization
 CLASSES = ["background", "liver_lesion"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (tests/conftest.py)
 
 
 def test_item_centres_are_component_bounding_box_centres():

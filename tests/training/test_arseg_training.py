@@ -17,13 +17,7 @@ LIVER = ["background", "liver"]
 PHANTOM = dict(phantom_shape=[12, 64, 64], phantom_spacing=[3.0, 3.5, 3.5])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: several times faster than the default on a shared, loaded CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (tests/conftest.py)
 
 
 def _cfg(out, **kw):

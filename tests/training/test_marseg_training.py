@@ -20,12 +20,7 @@ from napari_genseg.training.tasks.marseg import MARSEG_NORMALIZATION
 PHANTOM = dict(phantom_shape=[8, 64, 64], phantom_spacing=[3.0, 3.5, 3.5])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (tests/conftest.py)
 
 
 def _cfg(out, **kw):
