@@ -87,6 +87,13 @@ def stage_config(args, stage: int, work: Path):
     else:
         kw.update(lr=args.lr2, warmup_steps=40, grad_clip=1.0, init=str(work / "arseg_stage1.safetensors"),
                   encoder_init=str(work / "arseg_stage0.safetensors"), half=False)
+        if args.stage2_resume_minutes:
+            # continue WORK/arseg_stage2 exactly (its .train.pt) up to a longer total budget; the
+            # cosine lr follows the elapsed fraction of the new total
+            del kw["init"], kw["encoder_init"]
+            kw["resume"] = str(work / "arseg_stage2.safetensors")
+            minutes = args.stage2_resume_minutes
+            kw.update(time_budget_minutes=minutes, max_minutes=minutes * 1.4 + 3)
     return ArSegTrainConfig.from_dict(kw)
 
 
@@ -311,6 +318,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-stage0", action="store_true")
     ap.add_argument("--skip-stage1", action="store_true")
     ap.add_argument("--skip-stage2", action="store_true")
+    ap.add_argument("--stage2-resume-minutes", type=float, default=None,
+                    help="resume stage 2 from WORK/arseg_stage2 (its .train.pt) up to this total wall-time budget")
     ap.add_argument("--eval-n", type=int, default=16, help="samples of the consensus (N = 1 is read from the same run)")
     ap.add_argument("--eval-phantoms", type=int, default=2, help="unseen abdomen phantoms (seeds 1000+), besides the val ones")
     ap.add_argument("--eval-negatives", type=int, default=1, help="unseen pelvis and thorax phantoms each")
