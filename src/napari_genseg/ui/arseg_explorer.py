@@ -17,7 +17,9 @@ with another key drops the old votes and tokens. Samples and scales of a slice a
 its tokens in a worker thread when the slice is shown (the GUI thread only writes one slice into
 the layers). Export writes the scale progression of the current slice (GIF, MP4 or PNG strip).
 The Box tab (``ui/arseg_roi.py``) runs a crop-trained checkpoint in a box the user draws (region-
-of-interest mode) and pastes its consensus into a Labels layer as one undo step.
+of-interest mode) and pastes its consensus into a Labels layer as one undo step. The Edit tab
+(``ui/arseg_redraw.py``) lets the reader correct the consensus at a coarse scale k and redraw
+scales k+1..K (``ArSegPredictor.redraw``), again as one undo step.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from ..predictors import ArSegPredictor, make_predictor, predictor_class
 from ..predictors.uncertainty import max_disagreement_percent
 from ._run import LayerEdit, add_class_labels, load_model, notify_error
 from .arseg_export import render_progression_frames, save_progression
-from .arseg_state import ArSegResults, RunKey, checkpoint_signature, image_signature
+from .arseg_state import ArSegResults, RunKey, checkpoint_signature, decode_composite, image_signature
 from .layers import volume_from_layer
 
 __all__ = ["ArSegExplorer", "SHOW_CHOICES"]
@@ -144,9 +146,13 @@ class ArSegExplorer(Container):
         from .arseg_roi import RoiPanel
 
         self.roi = RoiPanel(self)
-        self._tab_containers = (run_tab, view_tab, export_tab, self.roi)
+        # ---- Edit tab: correct a coarse scale and redraw the finer ones (ui/arseg_redraw.py)
+        from .arseg_redraw import RedrawPanel
+
+        self.redraw = RedrawPanel(self)
+        self._tab_containers = (run_tab, view_tab, self.redraw, export_tab, self.roi)
         self._tabs = QTabWidget()
-        for tab, title in zip(self._tab_containers, ("Run", "View", "Export", "Box")):
+        for tab, title in zip(self._tab_containers, ("Run", "View", "Edit", "Export", "Box")):
             self._tabs.addTab(tab.native, title)
         # ---- always visible
         self._run = PushButton(text="Run AR-Seg")
@@ -333,6 +339,8 @@ class ArSegExplorer(Container):
         res = self.results
         z = list(p.z)
         res.add(z, p.outputs["votes"], p.outputs["tokens"])
+        for zi in z:  # the run's mean wall time per slice so far (shown next to a redraw's)
+            res.run_seconds[zi] = p.elapsed / max(p.done, 1)
         thr = float(self._threshold.value)
         if self._edit is not None:
             self._edit.set_slices(z, res.consensus(z, thr))
@@ -360,8 +368,10 @@ class ArSegExplorer(Container):
         self._show_slice()
 
     def cancel(self, *_):
+        """Stop the run (finished slices stay) or the redraw (nothing of it is written)."""
         if self.worker is not None:
             self.worker.quit()
+        self.redraw.cancel()
 
     # ------------------------------------------------------------------ results
     def _on_threshold(self, *_):
@@ -373,6 +383,7 @@ class ArSegExplorer(Container):
         lay, res = self._layer("consensus"), self.results
         if lay is None or res is None or not res.tokens or self.worker is not None:
             return
+        self.redraw.sync()
         zs = res.slices
         edit = LayerEdit(lay).begin()
         try:
@@ -403,6 +414,7 @@ class ArSegExplorer(Container):
         if not self._ticking:
             self._show.value = "scales"
         self._show_scale()
+        self.redraw.refresh_hint()
 
     def _on_step(self, *_):
         self._show.value = "scales"
@@ -446,11 +458,11 @@ class ArSegExplorer(Container):
         if not jobs:
             return
         z, k = jobs[0]
-        tokens, hw, spacing = res.tokens[z], vol.shape[1:], vol.spacing[1:]
+        (version, tokens, regions), hw, spacing = res.decode_job(z), vol.shape[1:], vol.spacing[1:]
 
         @thread_worker(start_thread=False, ignore_errors=True)
         def decode():
-            return res, z, k, pred.decode_samples(tokens, hw, spacing, upto_scale=k)
+            return res, z, k, version, decode_composite(pred, tokens, regions, hw, spacing, upto_scale=k)
 
         self._decoder = decode()
         self._decoder.returned.connect(self._on_decoded)
@@ -459,8 +471,8 @@ class ArSegExplorer(Container):
         self._decoder.start()
 
     def _on_decoded(self, out):
-        res, z, k, masks = out
-        res.store_scale(z, k, masks)
+        res, z, k, version, masks = out
+        res.store_scale(z, k, masks, version)
 
     def _on_decode_error(self, job, exc):
         self._decode_failed = job
@@ -495,6 +507,8 @@ class ArSegExplorer(Container):
     def _show_slice(self):
         """Bring the layer shown (sample or scales) to the current slice with what is decoded,
         and queue the decoding the view still needs; hidden layers catch up when shown."""
+        self.redraw.sync()
+        self.redraw.refresh_hint()
         if self._show.value == "sample":
             self._show_sample()
         elif self._show.value == "scales":
@@ -538,8 +552,9 @@ class ArSegExplorer(Container):
         if res is None or z not in res.tokens:
             raise KeyError(f"no AR-Seg results on slice {z}")
         for k in res.missing_scales(z):
-            res.store_scale(z, k, self.predictor.decode_samples(res.tokens[z], self.volume.shape[1:],
-                                                                self.volume.spacing[1:], upto_scale=k))
+            version, tokens, regions = res.decode_job(z)
+            res.store_scale(z, k, decode_composite(self.predictor, tokens, regions, self.volume.shape[1:],
+                                                   self.volume.spacing[1:], upto_scale=k), version)
         return np.stack([res.scale_votes(z, k) for k in range(1, res.num_scales + 1)]).astype(np.float32) / res.n
 
     def text_overlay(self):

@@ -18,7 +18,7 @@ import numpy as np
 from ..predictors.arseg import consensus_from_votes
 from ..predictors.uncertainty import disagreement_percent
 
-__all__ = ["RunKey", "image_signature", "checkpoint_signature", "ArSegResults"]
+__all__ = ["RunKey", "image_signature", "checkpoint_signature", "ArSegResults", "SliceState", "decode_composite"]
 
 
 @dataclass(frozen=True)
@@ -52,12 +52,35 @@ def checkpoint_signature(ckpt) -> str:
     return f"{ckpt.config_name}:{p}:{st.st_size}:{st.st_mtime_ns}"
 
 
+@dataclass(frozen=True)
+class SliceState:
+    """What one slice's results are made of (for a redraw's undo / redo): its votes (H, W) uint8,
+    its tokens (N, L) and its redrawn regions ``((y0, y1, x0, x1), tokens (N, L))``, oldest first."""
+
+    votes: np.ndarray
+    tokens: np.ndarray
+    regions: tuple = ()
+
+
+def decode_composite(pred, tokens: np.ndarray, regions, hw, spacing_yx, upto_scale=None) -> np.ndarray:
+    """(N, H, W) bool sample masks of a slice whose ``regions`` were redrawn: decoded from
+    ``tokens`` (``pred.decode_samples``), then, region by region (oldest first), the pixels of
+    each box ``(y0, y1, x0, x1)`` (half-open slice pixels) decoded from that region's tokens."""
+    masks = pred.decode_samples(tokens, hw, spacing_yx, upto_scale=upto_scale)
+    for (y0, y1, x0, x1), t in regions:
+        masks[:, y0:y1, x0:x1] = pred.decode_samples(t, hw, spacing_yx, upto_scale=upto_scale)[:, y0:y1, x0:x1]
+    return masks
+
+
 class ArSegResults:
     """Votes and tokens of the slices run under one :class:`RunKey`, plus a bounded cache of what
     was decoded from the tokens: per slice, the votes after scale k (k = 1..K) and the N
     full-scale sample masks.
 
-    votes: (Z, H, W) uint8, 0 on slices not run; tokens: {z: (N, L) int16}.
+    votes: (Z, H, W) uint8, 0 on slices not run; tokens: {z: (N, L) int16}; regions: {z: [(box,
+    tokens)]} of redraws limited to a box (``decode_composite``); run_seconds: {z: wall seconds
+    per slice of the run that produced it}; version: {z: n} bumped whenever a slice's results
+    change (a decode started before the change is then not stored).
     """
 
     def __init__(self, key: RunKey, shape: tuple[int, int, int], num_scales: int, cache_slices: int = 32):
@@ -68,6 +91,9 @@ class ArSegResults:
         self.num_scales = int(num_scales)
         self.votes = np.zeros(shape, np.uint8)
         self.tokens: dict[int, np.ndarray] = {}
+        self.regions: dict[int, list] = {}
+        self.run_seconds: dict[int, float] = {}
+        self.version: dict[int, int] = {}
         # z -> {"scales": {k: (H, W) uint8 votes after scale k}, "masks": packed (N, H, W) bits}
         self._decoded: OrderedDict[int, dict] = OrderedDict()
         self._cache_slices = cache_slices
@@ -83,7 +109,43 @@ class ArSegResults:
         self.votes[zs] = votes
         for z, t in zip(zs, tokens):
             self.tokens[z] = t
-            self._decoded.pop(z, None)
+            self.regions.pop(z, None)
+            self._changed(z)
+
+    def _changed(self, z: int) -> None:
+        self._decoded.pop(z, None)
+        self.version[z] = self.version.get(z, 0) + 1
+
+    # ---- one slice's state (a redraw replaces it; its undo puts the old one back)
+    def state(self, z: int) -> SliceState:
+        """Slice z's current :class:`SliceState` (copies). Raises ``KeyError`` if z was not run."""
+        return SliceState(self.votes[z].copy(), self.tokens[z], tuple(self.regions.get(z, ())))
+
+    def set_state(self, z: int, st: SliceState) -> None:
+        """Make ``st`` slice z's results (drops what was decoded of it)."""
+        self.votes[z] = st.votes
+        self.tokens[z] = st.tokens
+        if st.regions:
+            self.regions[z] = list(st.regions)
+        else:
+            self.regions.pop(z, None)
+        self._changed(z)
+
+    def redrawn(self, z: int, votes: np.ndarray, tokens: np.ndarray, box=None) -> SliceState:
+        """The state of slice z after a redraw whose N samples mark ``votes`` (H, W) uint8 and
+        whose tokens are ``tokens`` (N, L): everywhere (``box`` None), or only inside ``box``
+        (y0, y1, x0, x1), the rest keeping its votes and decoding from the older tokens."""
+        old = self.state(z)
+        if box is None:
+            return SliceState(np.asarray(votes, np.uint8).copy(), np.asarray(tokens).astype(np.int16))
+        y0, y1, x0, x1 = (int(v) for v in box)
+        v = old.votes.copy()
+        v[y0:y1, x0:x1] = np.asarray(votes)[y0:y1, x0:x1]
+        return SliceState(v, old.tokens, old.regions + (((y0, y1, x0, x1), np.asarray(tokens).astype(np.int16)),))
+
+    def decode_job(self, z: int):
+        """What a worker needs to decode slice z: (version, tokens, regions)."""
+        return self.version.get(z, 0), self.tokens[z], tuple(self.regions.get(z, ()))
 
     def consensus(self, zs, threshold: float) -> np.ndarray:
         """(len(zs), H, W) uint8: the target class id where votes / N > threshold, else 0."""
@@ -136,10 +198,11 @@ class ArSegResults:
         done = set() if e is None else set(e["scales"])
         return [k for k in range(1, self.num_scales + 1) if k not in done]
 
-    def store_scale(self, z: int, k: int, masks: np.ndarray) -> None:
+    def store_scale(self, z: int, k: int, masks: np.ndarray, version: int | None = None) -> None:
         """Keep the N masks (N, H, W) bool decoded after scale k of slice z (their votes; at the
-        last scale the masks themselves). Least recently used slices beyond ``cache_slices`` go."""
-        if z not in self.tokens:
+        last scale the masks themselves). Least recently used slices beyond ``cache_slices`` go.
+        With ``version``, masks decoded from an older state of the slice are dropped."""
+        if z not in self.tokens or (version is not None and version != self.version.get(z, 0)):
             return
         e = self._entry(z, create=True)
         e["scales"][int(k)] = masks.sum(0, dtype=np.uint8)
