@@ -22,7 +22,7 @@ from . import config, importer, light_encoder, maskvq, sam_encoder, sampling, se
 from .config import ArSegConfig
 from .importer import import_official
 from .maskvq import MaskVQ
-from .sampling import DEFAULT_TEMPERATURES, ArSeg, sample_tokens
+from .sampling import DEFAULT_TEMPERATURES, ArSeg, prefix_scales, sample_tokens
 from .segmentor import KVCache, NextScaleSegmentor, block_causal_mask
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "KVCache",
     "block_causal_mask",
     "sample_tokens",
+    "prefix_scales",
     "import_official",
     "DEFAULT_TEMPERATURES",
     "CONFIGS",

@@ -10,6 +10,13 @@ Sampling (Eq. 4), for B images and N samples each:
    with the cache only the new scale's tokens run through the transformer.
 
 ``use_kv_cache=False`` re-runs the whole prefix at every scale (same draws, for testing).
+
+Teacher-forced prefix (issue 13, "redraw the finer scales"): ``prefix_ids`` (B, L_k) fixes the
+tokens of scales 1..k (L_k = sum of pn_s² over the first k scales, 1 <= k < K) for all N samples of
+an image; sampling starts at scale k+1 from p(r_{k+1..K} | r_{1..k}, c, f), the next-scale
+factorisation of the paper's Eq. 4 conditioned on the given coarse scales. With the KV cache the
+conditioning tokens, the start token and the inputs of scales 2..k+1 (all determined by the prefix)
+run once on the B image rows; only scales k+2..K run on the B*N sample rows.
 Consensus, votes, uncertainty and resizing to the slice grid belong to the predictor
 (``napari_genseg.predictors.arseg``).
 """
@@ -29,7 +36,7 @@ from .maskvq import MaskVQ
 from .sam_encoder import SamImageEncoder
 from .segmentor import KVCache, NextScaleSegmentor
 
-__all__ = ["ArSeg", "sample_tokens", "draw_tokens", "eval_mode", "DEFAULT_TEMPERATURES"]
+__all__ = ["ArSeg", "sample_tokens", "draw_tokens", "eval_mode", "prefix_scales", "DEFAULT_TEMPERATURES"]
 
 #: per-scale temperatures of the paper's inference
 DEFAULT_TEMPERATURES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.1)
@@ -73,46 +80,92 @@ def eval_mode(module: nn.Module):
         module.train(was_training)
 
 
+def prefix_scales(prefix_len: int, patch_nums: Sequence[int]) -> int:
+    """Number k of whole scales in a prefix of ``prefix_len`` tokens (L_k = sum pn_s², s <= k).
+
+    Raises ``ValueError`` unless 1 <= k < K (the last scale must stay to be sampled) and the
+    length ends exactly at a scale boundary.
+    """
+    offsets = [0]
+    for pn in patch_nums:
+        offsets.append(offsets[-1] + int(pn) * int(pn))
+    k_max = len(patch_nums)
+    if prefix_len in offsets[1:k_max]:
+        return offsets.index(prefix_len)
+    if prefix_len == offsets[-1]:
+        raise ValueError(f"a prefix of all {k_max} scales leaves nothing to sample: k must be < K = {k_max}")
+    raise ValueError(f"prefix of {prefix_len} tokens is not scales 1..k for 1 <= k < {k_max} "
+                     f"(allowed lengths {offsets[1:k_max]})")
+
+
 @torch.no_grad()
 def sample_tokens(segmentor: NextScaleSegmentor, vq: MaskVQ, embedding: torch.Tensor,
                   class_ids: torch.Tensor, n_samples: int, generator: torch.Generator | None = None,
                   temperatures: Sequence[float] | float = DEFAULT_TEMPERATURES,
-                  top_k: int | None = 100, use_kv_cache: bool = True):
+                  top_k: int | None = 100, use_kv_cache: bool = True,
+                  prefix_ids: torch.Tensor | None = None):
     """Draw N token maps per image, all B*N at once.
 
     Shapes: embedding [B, C_e, h, w]; class_ids (B,) -> (ids (B, N, L) int64,
     f_hat [B*N, code_dim, n, n] the full-scale cumulative f_hat of each sample).
+
+    ``prefix_ids`` (B, L_k) int64 (or (L_k,), the same for every image): the token ids of scales
+    1..k, teacher-forced for all N samples (see the module docstring); ``ids[:, :, :L_k]`` then
+    equal them and only scales k+1..K are drawn (their temperatures stay those of scales k+1..K).
+    Raises ``ValueError`` for n_samples < 1, a prefix that is not scales 1..k with 1 <= k < K, a
+    batch mismatch or ids outside 0..V-1.
     """
     if n_samples < 1:
         raise ValueError("n_samples must be >= 1")
+    if prefix_ids is not None:
+        prefix_ids = torch.as_tensor(prefix_ids, device=embedding.device).long()
+        if prefix_ids.ndim == 1:
+            prefix_ids = prefix_ids.unsqueeze(0).expand(embedding.shape[0], -1)
+        if prefix_ids.ndim != 2 or prefix_ids.shape[0] != embedding.shape[0]:
+            raise ValueError(f"prefix_ids must be (B, L_k) with B = {embedding.shape[0]}, got {tuple(prefix_ids.shape)}")
+        prefix_scales(prefix_ids.shape[1], vq.quantizer.patch_nums)
+        if prefix_ids.numel() and (int(prefix_ids.min()) < 0 or int(prefix_ids.max()) >= segmentor.vocab_size):
+            raise ValueError(f"prefix_ids must lie in 0..{segmentor.vocab_size - 1}")
     with eval_mode(segmentor), eval_mode(vq):
         return _sample(segmentor, vq, embedding, class_ids, int(n_samples), generator,
-                       temperatures, top_k, use_kv_cache)
+                       temperatures, top_k, use_kv_cache, prefix_ids)
 
 
 def _sample(segmentor, vq, embedding, class_ids, n_samples, generator, temperatures, top_k,
-            use_kv_cache):
+            use_kv_cache, prefix_ids=None):
     q = vq.quantizer
     pns = q.patch_nums
     temps = _temperatures(temperatures, len(pns))
     b, n = embedding.shape[0], int(n_samples)
     m = b * n
+    kp = 0 if prefix_ids is None else prefix_scales(prefix_ids.shape[1], pns)  # scales kept
     cond, cls = segmentor.condition(embedding, class_ids.to(embedding.device))  # once
     cls_m = cls.repeat_interleave(n, 0)
+    side = q.latent_size
+    # the prefix's cumulative f_hat and the inputs it determines (scales 2..kp+1), on the B image rows
+    f_hat_b = embedding.new_zeros(b, q.dim, side, side)
+    inputs_b = []
+    for si in range(kp):
+        f_hat_b = f_hat_b + q.scale_vectors(si, prefix_ids[:, q.offsets[si]:q.offsets[si + 1]])
+        inputs_b.append(q.next_input(si, f_hat_b))
     cache = None
     if use_kv_cache:
         cache = KVCache(segmentor.depth, segmentor.seq_len)
-        h = segmentor.run(segmentor.prefix_tokens(cond, cls), cls, 0, cache)  # B rows
-        logits = segmentor.logits(h[:, -1:], cls).repeat_interleave(n, 0)
+        x = segmentor.prefix_tokens(cond, cls)
+        if inputs_b:
+            x = torch.cat([x, segmentor.scale_tokens(torch.cat(inputs_b, 1), 1)], dim=1)
+        h = segmentor.run(x, cls, 0, cache)  # B rows: conditioning, start and the prefix's inputs
+        logits = segmentor.logits(h[:, -pns[kp] ** 2:], cls).repeat_interleave(n, 0)
         cache.repeat_interleave(n)
     else:
         cond_m = cond.repeat_interleave(n, 0)
-        logits = segmentor.forward_tokens(cond_m, cls_m, None)
-    side = q.latent_size
-    f_hat = embedding.new_zeros(m, q.dim, side, side)
-    ids, inputs = [], []
-    for si, pn in enumerate(pns):
-        if si > 0:
+        pre = torch.cat(inputs_b, 1).repeat_interleave(n, 0) if inputs_b else None
+        logits = segmentor.forward_tokens(cond_m, cls_m, pre)[:, q.offsets[kp]:]
+    f_hat = f_hat_b.repeat_interleave(n, 0)
+    inputs = [t.repeat_interleave(n, 0) for t in inputs_b]
+    ids = [prefix_ids.repeat_interleave(n, 0)] if kp else []
+    for si in range(kp, len(pns)):
+        if si > kp:
             if use_kv_cache:  # only the new scale's tokens run; earlier ones come from the cache
                 x = segmentor.scale_tokens(inputs[-1], q.offsets[si])
                 h = segmentor.run(x, cls_m, segmentor.num_cond + q.offsets[si], cache)
@@ -202,13 +255,16 @@ class ArSeg(nn.Module):
     def sample(self, embedding: torch.Tensor, class_ids: torch.Tensor, n_samples: int,
                generator: torch.Generator | None = None,
                temperatures: Sequence[float] | float = DEFAULT_TEMPERATURES,
-               top_k: int | None = 100, use_kv_cache: bool = True) -> torch.Tensor:
+               top_k: int | None = 100, use_kv_cache: bool = True,
+               prefix_ids: torch.Tensor | None = None) -> torch.Tensor:
         """N token maps per image, drawn as one batch of B*N.
 
         Shapes: embedding [B, C_e, h, w]; class_ids (B,) int64 -> ids (B, N, L) int64, L = 204.
+        ``prefix_ids`` (B, L_k): teacher-forced tokens of scales 1..k (1 <= k < K), kept in
+        ``ids[:, :, :L_k]``; sampling continues at scale k+1 (``sample_tokens``).
         """
         ids, _ = sample_tokens(self.segmentor, self.vq, embedding, class_ids, n_samples,
-                               generator, temperatures, top_k, use_kv_cache)
+                               generator, temperatures, top_k, use_kv_cache, prefix_ids)
         return ids
 
     @torch.no_grad()
