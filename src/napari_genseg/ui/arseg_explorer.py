@@ -271,7 +271,7 @@ class ArSegExplorer(Container):
         """Start a run (returns the worker, or None when the input was refused)."""
         from napari.qt.threading import thread_worker
 
-        if self.worker is not None:
+        if self.worker is not None or self.redraw.worker is not None:
             return None
         image = self._image.value
         if image is None:
@@ -316,6 +316,7 @@ class ArSegExplorer(Container):
             self._sample.max = pred.n
         self._layers["consensus"] = add_class_labels(self.viewer, image, f"{image.name} [arseg] consensus",
                                                      self._class_names)
+        self.redraw.watch(self._layers["consensus"])
         self._on_show()
         self._edit = LayerEdit(self._layers["consensus"]).begin()
         batch = int(self._batch.value)
