@@ -82,6 +82,7 @@ def test_edit_layer_holds_the_scale_k_consensus_on_the_mask_grid_over_the_anatom
 
 def test_redraw_in_a_box_replaces_the_consensus_there_as_one_undo_step(
         make_napari_viewer_proxy, qtbot, arseg_tiny_checkpoint):
+    from napari.utils.colormaps.standardize_color import transform_color
     viewer = make_napari_viewer_proxy()
     w, image = _setup(viewer, qtbot, arseg_tiny_checkpoint)
     cons = w._layer("consensus")
@@ -101,6 +102,8 @@ def test_redraw_in_a_box_replaces_the_consensus_there_as_one_undo_step(
     clicks.add([Z, 10.0, 40.0])
     clicks.add([Z + 1, 10.0, 40.0])  # another slice: not this redraw's
     assert list(clicks.features["positive"]) == [True, False, False]
+    green, magenta = transform_color(["#33ff66", "#ff33cc"])
+    np.testing.assert_allclose(clicks.face_color, [green, magenta, magenta])  # positive / negative
     assert w.redraw.clicks(Z) == [(30, 20, True), (10, 40, False)]
     before_labels, before_votes = cons.data.copy(), w.results.votes.copy()
     before_tokens, before_var = w.results.tokens[Z], var.data.copy()

@@ -9,7 +9,7 @@ results:
   ``AR-Seg edit (scale k)``: shape (1, M, M), placed on the slice with the image's scale and
   translate composed with ``ArSegPredictor.mask_grid_transform`` (mask pixel u sits at slice pixel
   u * s + t), one slice deep at the slice's z. It is selected in paint mode with the target class
-  and a brush one scale-k cell wide: paint adds, the eraser removes.
+  and a brush half a scale-k cell wide: paint adds, the eraser removes.
 * Optional prompts: clicks in the Points layer ``AR-Seg clicks`` ("Add clicks"; green = positive,
   i.e. inside, magenta = negative; feature ``positive``): a click on the edited slice sets the whole
   scale-k cell under it (``ArSegPredictor.click_cell``) to inside / outside before the mask is
@@ -104,6 +104,7 @@ class RedrawPanel(Container):
         self._hint = ""
         self._status.native.setWordWrap(True)
         self.extend([self._k, row, self._sign, row2, self._status])
+        self.native.layout().addStretch(1)  # keep the rows together at the top of the tab
         self._k.changed.connect(self._on_k)
         self._edit_btn.changed.connect(self.edit_at_scale)
         self._redraw_btn.changed.connect(self.redraw)
@@ -230,7 +231,7 @@ class RedrawPanel(Container):
         self.viewer.layers.selection.active = lay
         lay.selected_label = cid
         pk = int(self.ex.predictor.cfg.patch_nums[job.k - 1])
-        lay.brush_size = max(1, math.ceil(data.shape[-1] / pk))  # one scale-k cell
+        lay.brush_size = max(1, math.ceil(data.shape[-1] / pk / 2))  # half a scale-k cell
         lay.mode = "paint"
         M = data.shape[-1]
         self._status.value = (f"slice {job.z}, scale {job.k} ({pk}x{pk} cells on the {M}x{M} mask grid): "
@@ -245,10 +246,11 @@ class RedrawPanel(Container):
             return None
         lay = self.clicks_layer
         if lay is None or lay not in self.viewer.layers:
+            h, w = image.data.shape[-2:]
             lay = self.viewer.add_points(
                 np.empty((0, 3)), ndim=3, name=CLICKS_LAYER, scale=image.scale, translate=image.translate,
-                features={"positive": np.array([], bool)}, size=max(float(min(image.scale[-2:])) * 5, 1.0),
-                face_color=CLICK_COLORS[True], border_color="black", border_width=0.15)
+                features={"positive": np.array([], bool)}, size=max(3.0, min(h, w) / 40),  # image pixels
+                face_color="positive", face_color_cycle=CLICK_COLORS, border_color="black", border_width=0.15)
             self.clicks_layer = lay
         self._on_sign()
         self.viewer.layers.selection.active = lay
@@ -259,9 +261,7 @@ class RedrawPanel(Container):
         lay = self.clicks_layer
         if lay is None:
             return
-        positive = bool(self._sign.value)
-        lay.feature_defaults = {"positive": positive}
-        lay.current_face_color = CLICK_COLORS[positive]
+        lay.feature_defaults = {"positive": bool(self._sign.value)}  # the colour follows the feature
 
     def clicks(self, z: int) -> list[tuple[int, int, bool]]:
         """The clicks on slice z as (y, x, positive) image pixels (others are ignored)."""
@@ -399,7 +399,8 @@ class RedrawPanel(Container):
         ex._show.value = "consensus"
         self.viewer.layers.selection.active = cons
         overlay = ex.text_overlay()
-        overlay.text = f"AR-Seg slice {z}: {timing}"
+        overlay.text = f"redraw from scale {r.from_scale}: {r.seconds:.1f} s" + (
+            f" (full run {full:.1f} s)" if full is not None else "")
         overlay.visible = True
 
     # ------------------------------------------------------------------ undo / redo
