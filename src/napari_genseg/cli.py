@@ -1,4 +1,5 @@
-"""``genseg`` command line: segment, info, models, import, export, demo (train/evaluate in training/).
+"""``genseg`` command line: segment, info, models, import, export, demo, redraw (``redraw_cli``;
+train/evaluate in training/).
 
 Errors: a mistake in what the user gave (a missing or unreadable file, an output that would
 overwrite the input, an unwritable folder, a bad option, an unusable checkpoint) is raised as
@@ -657,6 +658,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="genseg-demo", help="output folder for --headless")
     run_opts(p)
     p.set_defaults(func=cmd_demo)
+
+    from .redraw_cli import add_redraw_command
+
+    add_redraw_command(sub, _count)
 
     try:
         from .training.cli import add_training_commands

@@ -39,7 +39,8 @@ from .base import PredictorOptionError, input_contract, model_input
 from .embedding_cache import EmbeddingCache, embedding_signature, tensor_digest
 from .uncertainty import disagreement_percent
 
-__all__ = ["ArSegPredictor", "RedrawResult", "RedrawError", "consensus_from_votes", "cell_block"]
+__all__ = ["ArSegPredictor", "RedrawResult", "RedrawError", "consensus_from_votes", "cell_block",
+           "redraw_consensus", "check_box"]
 
 
 class RedrawError(InputError, ValueError):
@@ -444,7 +445,7 @@ class ArSegPredictor:
         k = int(from_scale) if isinstance(from_scale, (int, np.integer)) and not isinstance(from_scale, bool) else from_scale
         self._pn(k)
         n, threshold, cls_id = self._check_options(n_samples, threshold, target_class)
-        y0, y1, x0, x1 = _check_box(box, hw)
+        y0, y1, x0, x1 = check_box(box, hw)
         prev = np.zeros(hw, bool) if previous is None else np.asarray(previous)
         if prev.shape != hw:
             raise RedrawError(f"previous mask {prev.shape} and slice {hw} differ in shape")
@@ -464,17 +465,27 @@ class ArSegPredictor:
                                     use_kv_cache=use_kv_cache, prefix_ids=prefix, **opts)[0]  # (N, L)
         samples = self._masks(tok, hw, spacing_yx)
         seconds = time.perf_counter() - t0
-        votes = samples.sum(0, dtype=np.uint8)
-        inside = np.zeros(hw, bool)
-        inside[y0:y1, x0:x1] = True
-        consensus = np.where(inside, consensus_from_votes(votes, n, threshold), prev != 0)
-        var = np.where(inside, disagreement_percent(votes, n, consensus), 0.0).astype(np.float32)
+        consensus, var = redraw_consensus(samples, (y0, y1, x0, x1), prev, threshold)
         return RedrawResult(tok.long().cpu().numpy(), samples, consensus, var, k, seconds, cached, edited, cells,
                             (y0, y1, x0, x1))
 
 
-def _check_box(box, hw) -> tuple[int, int, int, int]:
-    """(y0, y1, x0, x1) half-open pixel box inside an hw slice (None = the whole slice)."""
+def redraw_consensus(samples: np.ndarray, box, previous: np.ndarray, threshold: float = 0.5):
+    """(N, H, W) bool samples -> (consensus (H, W) bool: mean > threshold inside ``box`` (y0, y1, x0,
+    x1), ``previous`` outside; variability (H, W) float32: % of the N disagreeing inside, 0 outside)."""
+    n = samples.shape[0]
+    votes = samples.sum(0, dtype=np.uint8)
+    y0, y1, x0, x1 = box
+    inside = np.zeros(samples.shape[1:], bool)
+    inside[y0:y1, x0:x1] = True
+    consensus = np.where(inside, consensus_from_votes(votes, n, threshold), np.asarray(previous) != 0)
+    var = np.where(inside, disagreement_percent(votes, n, consensus), 0.0).astype(np.float32)
+    return consensus, var
+
+
+def check_box(box, hw) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1) half-open pixel box inside an ``hw`` slice (None = the whole slice); raises
+    :class:`RedrawError` for anything else."""
     if box is None:
         return 0, hw[0], 0, hw[1]
     try:

@@ -28,9 +28,12 @@ import numpy as np
 import torch
 
 from ..device import autocast_context
+from ..preprocessing import as_float_hu
 from ..roi import RoiBox, RoiCrop, crop_for_box
-from .arseg import ArSegPredictor, consensus_from_votes
+from .arseg import (ArSegPredictor, RedrawError, RedrawResult, cell_block, check_box, consensus_from_votes,
+                    redraw_consensus)
 from .base import PredictorOptionError
+from .embedding_cache import tensor_digest
 from .uncertainty import disagreement_percent
 
 __all__ = ["ArSegRoiPredictor", "RoiResult", "roi_meta", "shipped_roi_checkpoint", "ROI_DEMO"]
@@ -103,6 +106,8 @@ class ArSegRoiPredictor:
         self.fov_mm = float(fov_mm)
         self.img_size = int(predictor.cfg.img_size)
         self.mask_size = int(predictor.cfg.mask_size)
+        #: input digest -> embedding of the last run's slices (a redraw of them skips the encoder)
+        self._emb_memo: dict[str, torch.Tensor] = {}
 
     @classmethod
     def from_checkpoint(cls, ckpt, *, fov_mm: float | None = None, device="auto", precision: str = "auto",
@@ -167,6 +172,9 @@ class ArSegRoiPredictor:
             x = crop.from_slices(np.asarray(image[zb[0]:zb[-1] + 1]), pad_value=pred.norm.pad_value_hu)
             xt = pred.norm(torch.from_numpy(x)[:, None].to(pred.device))
             emb = pred.embed(xt)
+            if s == 0:
+                self._emb_memo = {}
+            self._emb_memo.update((tensor_digest(xi), ei) for xi, ei in zip(xt, emb))
             cls = torch.full((len(zb),), pred.target_class - 1, dtype=torch.long, device=pred.device)
             opts = {"temperatures": pred.temperatures} if pred.temperatures else {}
             with autocast_context(pred.device, pred.precision):
@@ -207,3 +215,136 @@ class ArSegRoiPredictor:
             masks = self.decode_samples(tokens, crop, box, upto_scale=k)
             per_scale.append(masks.sum(0, dtype=np.uint8))
         return np.stack(per_scale), masks
+
+    # ------------------------------------------------------------------ redraw the finer scales
+    def _mask_crop(self, box: RoiBox, spacing_yx) -> RoiCrop:
+        return self.crop(box, tuple(float(v) for v in spacing_yx)).with_size(self.mask_size)
+
+    def mask_grid_transform(self, box: RoiBox, spacing) -> tuple[tuple[float, float], tuple[float, float]]:
+        """napari ``scale``/``translate`` (box pixels, (y, x)) overlaying the crop's (M, M) mask grid on
+        the box: mask pixel u lies at box coordinate u * scale + translate (``RoiCrop.sample_points``)."""
+        sy, sx = (float(v) for v in tuple(spacing)[-2:])
+        mc = self._mask_crop(box, (sy, sx))
+        ys, xs = mc.sample_points()
+        return ((mc.pixel_mm / sy, mc.pixel_mm / sx), (float(ys[0]) - box.y0, float(xs[0]) - box.x0))
+
+    def to_mask_grid(self, mask_box: np.ndarray, box: RoiBox, spacing) -> np.ndarray:
+        """(h, w) bool on the box's pixels -> (M, M) bool on the crop's mask grid (bilinear, Gaussian
+        pre-filtered where the grid is coarser, > 0.5; off the box = background)."""
+        m = np.asarray(mask_box)
+        h, w = box.shape[1:]
+        if m.shape != (h, w):
+            raise RedrawError(f"a box mask must be ({h}, {w}) (the box's pixels), got shape {m.shape}")
+        sy, sx = (float(v) for v in tuple(spacing)[-2:])
+        canvas = np.zeros((box.y1 + 1, box.x1 + 1), np.float32)  # the slice up to the box: outside = 0
+        canvas[box.y0:box.y1, box.x0:box.x1] = m != 0
+        return self._mask_crop(box, (sy, sx)).from_slices(canvas, pad_value=0.0) > 0.5
+
+    def from_mask_grid(self, grid_mask: np.ndarray, box: RoiBox, spacing) -> np.ndarray:
+        """(M, M) bool crop mask-grid mask -> (h, w) bool on the box's pixels (bilinear > 0.5)."""
+        g = np.asarray(grid_mask)
+        if g.shape != (self.mask_size, self.mask_size):
+            raise RedrawError(f"a mask-grid mask must be ({self.mask_size}, {self.mask_size}), got shape {g.shape}")
+        sy, sx = (float(v) for v in tuple(spacing)[-2:])
+        return self._mask_crop(box, (sy, sx)).to_box(np.where(g, 1.0, 0.0), box) > 0.5
+
+    def click_cell(self, y: float, x: float, k: int, box: RoiBox, spacing) -> tuple[int, int]:
+        """The scale-k cell (i, j) of box pixel (y, x): the crop mask-grid pixel (u, v) holding it
+        (nearest pixel centre), then (floor(u p_k / M), floor(v p_k / M)). Raises RedrawError for a
+        pixel outside the box or a scale outside 1..K."""
+        pn = self.base._pn(k, allow_last=True)
+        h, w = box.shape[1:]
+        if not (0 <= y < h and 0 <= x < w):
+            raise RedrawError(f"pixel ({y}, {x}) is outside the {h} x {w} box")
+        sy, sx = (float(v) for v in tuple(spacing)[-2:])
+        cu, cv = self._mask_crop(box, (sy, sx)).crop_coords(box.y0 + y, box.x0 + x)
+        u = min(max(int(np.floor(cu + 0.5)), 0), self.mask_size - 1)
+        v = min(max(int(np.floor(cv + 0.5)), 0), self.mask_size - 1)
+        return (u * pn) // self.mask_size, (v * pn) // self.mask_size
+
+    def encode_mask(self, mask_box: np.ndarray, box: RoiBox, spacing) -> np.ndarray:
+        """(h, w) bool box mask -> (L,) int64 VQ token ids (``to_mask_grid`` + ``encode_grid``)."""
+        return self.base.encode_grid(self.to_mask_grid(mask_box, box, spacing))
+
+    @torch.inference_mode()
+    def scale_mask(self, tokens: np.ndarray, k: int, box: RoiBox, spacing) -> np.ndarray:
+        """(L,) token ids -> (h, w) bool box mask decoded from scales 1..k only."""
+        self.base._pn(k, allow_last=True)
+        sy, sx = (float(v) for v in tuple(spacing)[-2:])
+        crop = self.crop(box, (sy, sx))
+        return self.decode_samples(np.asarray(tokens, np.int64)[None], crop, box, upto_scale=int(k))[0]
+
+    @torch.inference_mode()
+    def redraw(self, image: np.ndarray, spacing, box: RoiBox, edited_crop_mask: np.ndarray, from_scale: int, *,
+               z: int | None = None, edited_on: str = "box", target_class: int | None = None,
+               n_samples: int | None = None, seed: int | None = None, region=None, clicks=(),
+               previous: np.ndarray | None = None, threshold: float = 0.5,
+               use_kv_cache: bool = True) -> RedrawResult:
+        """``ArSegPredictor.redraw`` in ROI mode, on slice ``z`` of ``box`` (default: the box's only
+        slice) of ``image`` (Z, H, W) HU with ``spacing`` (sz, sy, sx) or (sy, sx) mm.
+
+        edited_crop_mask: (h, w) bool on the box's pixels (``edited_on="box"``) or (M, M) on the crop's
+        mask grid (``"mask"``; ``mask_grid_transform``); clicks (y, x, positive) in box pixels
+        (``click_cell``); ``region`` (y0, y1, x0, x1) box pixels limits the change (default: the whole
+        box), ``previous`` (h, w) bool is kept outside it. The crop is embedded once (reused from the
+        last ``run`` of the same box). Returns a :class:`RedrawResult` on the box's pixels (h, w).
+        Raises RoiError / RedrawError (InputErrors) for a bad box, slice, scale, mask, click or option.
+        """
+        image = np.asarray(image)
+        box.check(np.shape(image))
+        h, w = box.shape[1:]
+        if z is None:
+            if box.shape[0] != 1:
+                raise RedrawError(f"box {box} holds {box.shape[0]} slices: say which one to redraw (z)")
+            z = box.z0
+        if not (isinstance(z, (int, np.integer)) and box.z0 <= int(z) < box.z1):
+            raise RedrawError(f"slice {z!r} is not in the box's slices {box.z0}..{box.z1 - 1}")
+        base = self.base
+        k = from_scale
+        base._pn(k)
+        k = int(k)
+        n, threshold, cls_id = base._check_options(n_samples, threshold, target_class)
+        reg = check_box(region, (h, w))
+        prev = np.zeros((h, w), bool) if previous is None else np.asarray(previous)
+        if prev.shape != (h, w):
+            raise RedrawError(f"previous mask {prev.shape} and box {(h, w)} differ in shape")
+        sy, sx = (float(v) for v in tuple(spacing)[-2:])
+        e = np.asarray(edited_crop_mask)
+        if edited_on == "box":
+            grid = self.to_mask_grid(e, box, (sy, sx))
+        elif edited_on == "mask":
+            if e.shape != (self.mask_size, self.mask_size):
+                raise RedrawError(f"an edited mask on the mask grid must be ({self.mask_size}, {self.mask_size}), "
+                                  f"got shape {e.shape}")
+            grid = e != 0
+        else:
+            raise RedrawError(f"edited_on must be 'box' or 'mask', got {edited_on!r}")
+        pn = base._pn(k)
+        grid = np.array(grid, bool, copy=True)
+        cells = []
+        for c in clicks or ():
+            if len(c) != 3:
+                raise RedrawError(f"a click is (y, x, positive), got {c!r}")
+            i, j = self.click_cell(c[0], c[1], k, box, (sy, sx))
+            grid[cell_block(i, j, pn, self.mask_size)] = bool(c[2])
+            cells.append((i, j))
+        edited = base.encode_grid(grid)
+        lk = int(base.model.vq.quantizer.offsets[k])
+        crop = self.crop(box, (sy, sx))
+        x = crop.from_slices(as_float_hu(image[int(z)]), pad_value=base.norm.pad_value_hu)
+        xt = base.norm(torch.from_numpy(x)[None, None].to(base.device))
+        emb = self._emb_memo.get(tensor_digest(xt[0]))
+        cached = emb is not None
+        emb = base.embed(xt) if emb is None else emb[None]
+        gen = base.generator if seed is None else torch.Generator(device=base.device).manual_seed(int(seed))
+        t0 = time.perf_counter()
+        cls = torch.full((1,), cls_id - 1, dtype=torch.long, device=base.device)
+        opts = {"temperatures": base.temperatures} if base.temperatures else {}
+        prefix = torch.as_tensor(edited[None, :lk], device=base.device)
+        with autocast_context(base.device, base.precision):
+            tok = base.model.sample(emb, cls, n_samples=n, generator=gen, top_k=base.top_k,
+                                    use_kv_cache=use_kv_cache, prefix_ids=prefix, **opts)[0]
+        samples = self._logits(tok, crop, box) > 0
+        seconds = time.perf_counter() - t0
+        consensus, var = redraw_consensus(samples, reg, prev, threshold)
+        return RedrawResult(tok.long().cpu().numpy(), samples, consensus, var, k, seconds, cached, edited, cells, reg)
