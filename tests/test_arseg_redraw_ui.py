@@ -104,7 +104,7 @@ def test_redraw_in_a_box_replaces_the_consensus_there_as_one_undo_step(
     assert list(clicks.features["positive"]) == [True, False, False]
     green, magenta = transform_color(["#33ff66", "#ff33cc"])
     np.testing.assert_allclose(clicks.face_color, [green, magenta, magenta])  # positive / negative
-    assert w.redraw.clicks(Z) == [(30, 20, True), (10, 40, False)]
+    assert w.redraw.clicks(image, Z) == [(30, 20, True), (10, 40, False)]
     before_labels, before_votes = cons.data.copy(), w.results.votes.copy()
     before_tokens, before_var = w.results.tokens[Z], var.data.copy()
     calls = []
@@ -223,3 +223,104 @@ def test_edit_and_redraw_are_refused_without_results(make_napari_viewer_proxy, q
     viewer.dims.set_current_step(0, Z + 1)  # a slice without a run
     assert w.redraw.edit_at_scale() is None and w.redraw.edit_layer is None
     assert "Run AR-Seg on this slice first" in w.redraw._status.value
+
+
+@pytest.fixture
+def roi_checkpoint(tmp_path):
+    """arseg_tiny as a 40 mm region-of-interest checkpoint whose every sample marks its whole crop
+    (mask decoder output bias +30; the tokens still differ from draw to draw)."""
+    import torch
+
+    from napari_genseg.models import registry
+    from napari_genseg.models.checkpoints import save_checkpoint
+
+    entry = registry.get_entry("arseg_tiny")
+    torch.manual_seed(0)
+    model = registry.get_family("arseg").build(entry.config)
+    with torch.no_grad():
+        model.vq.decoder.conv_out.weight.zero_()
+        model.vq.decoder.conv_out.bias.fill_(30.0)
+    inp = {"normalization": {"kind": "hu_window", "low": -125, "high": 275}, "grid": "resize",
+           "roi": {"fov_mm": 40.0}}
+    return save_checkpoint(tmp_path / "roi.safetensors", model, "arseg", "arseg_tiny", entry.config,
+                           ["background", "liver_lesion"], inp)
+
+
+def test_roi_mode_edits_the_box_result_and_redraws_it_as_one_undo_step(make_napari_viewer_proxy, qtbot,
+                                                                       roi_checkpoint):
+    from napari_genseg.phantom import PHANTOM_CLASSES, make_phantom
+    from napari_genseg.ui._run import add_class_labels
+    from napari_genseg.ui.arseg_explorer import ArSegExplorer
+    from napari_genseg.ui.layers import image_layer_data
+    from napari_genseg.volume import Volume
+
+    viewer = make_napari_viewer_proxy()
+    ph = make_phantom(seed=1, shape=(6, 64, 72), spacing=(3.0, 2.0, 1.6))
+    d, kw, _ = image_layer_data(Volume(ph.image, spacing=ph.spacing, origin=(4.5, -20.0, 8.0)), "ph")
+    image = viewer.add_image(d, **kw)
+    labels = add_class_labels(viewer, image, "ph labels", list(PHANTOM_CLASSES))
+    labels.data[:] = ph.labels
+    w = ArSegExplorer(viewer)
+    w._image.value = image
+    w._device.value, w._samples.value = "cpu", 3
+    w.roi._checkpoint.value = str(roi_checkpoint)
+    w.roi._paste_to.value = labels
+    viewer.dims.set_current_step(0, 3)
+    shapes = w.roi.draw_box()
+    shapes.add_rectangles(np.array([[3, 10.2, 30.4], [3, 10.2, 41.9], [3, 27.7, 41.9], [3, 27.7, 30.4]]))
+    assert w.roi.run() is not None
+    qtbot.waitUntil(lambda: w.roi.worker is None, timeout=60000)
+    res, pred = w.roi.result, w.roi.predictor
+    assert str(res.box) == "3:4,11:28,31:42"
+    w.redraw._source.value = "box"
+    assert not w.redraw._use_box.enabled
+    w.redraw._k.value = 3
+    assert w.redraw.edit_at_scale() is not None
+    qtbot.waitUntil(lambda: w.redraw._prep is None, timeout=30000)
+    lay = w.redraw.edit_layer
+    M = pred.mask_size
+    assert lay.data.shape == (1, M, M) and lay.mode == "paint"
+    cons3 = w.roi.progression[0, 2] / 3 > 0.5
+    np.testing.assert_array_equal(lay.data[0] > 0, pred.to_mask_grid(cons3, res.box, (2.0, 1.6)))
+    # marker: a 3 x 3 pixel block of the box; the mask pixels the crop's grid gives it sit on it
+    block = np.zeros((17, 11), bool)
+    block[6:9, 4:7] = True
+    grid = pred.to_mask_grid(block, res.box, (2.0, 1.6))
+    assert grid.any()
+    lo = np.asarray(image.data_to_world((3, 11 + 6 - 0.5, 31 + 4 - 0.5)))
+    hi = np.asarray(image.data_to_world((3, 11 + 9 - 0.5, 31 + 7 - 0.5)))
+    inside = np.zeros((M, M), bool)
+    for u in range(M):
+        for v in range(M):
+            c = np.asarray(lay.data_to_world((0, u, v)))
+            assert c[0] == pytest.approx(lo[0])  # the box's slice
+            inside[u, v] = lo[1] <= c[1] <= hi[1] and lo[2] <= c[2] <= hi[2]
+    assert grid[~inside].sum() == 0  # nothing off the marker
+    assert grid.sum() >= 0.5 * inside.sum()  # and most of it
+    # the reader erases part of the pasted lesion (a stroke of its own), then corrects scale 3
+    labels.data_setitem((np.full(20, 3), np.repeat(np.arange(14, 18), 5), np.tile(np.arange(33, 38), 4)),
+                        np.zeros(20, np.uint8))
+    lay.data[0] = 0
+    lay.data[0, M // 4: 3 * M // 4, M // 4: 3 * M // 4] = res.target_class
+    before, votes_before, tokens_before = labels.data.copy(), res.votes.copy(), res.tokens.copy()
+    assert w.redraw.redraw() is not None
+    qtbot.waitUntil(lambda: w.redraw.worker is None, timeout=60000)
+    r = w.redraw.last
+    assert r is not None and r.samples.shape == (3, 17, 11)
+    inbox = np.zeros(before.shape, bool)
+    inbox[3, 11:28, 31:42] = True
+    assert not (labels.data != before)[~inbox].any()
+    np.testing.assert_array_equal(labels.data[3, 11:28, 31:42] == 6, r.consensus)  # liver_lesion = 6 by name
+    np.testing.assert_array_equal(res.votes[0], r.samples.sum(0))
+    np.testing.assert_array_equal(res.tokens[0], r.tokens)
+    np.testing.assert_array_equal(w.roi.progression[0, -1], res.votes[0])
+    np.testing.assert_array_equal(w.roi._layers["consensus"].data[0] > 0, r.consensus)
+    assert "redraw from scale 3:" in w.redraw._status.value
+    assert "20 pixel(s) changed" in w.redraw._status.value  # the redrawn lesion fills the box again
+    labels.undo()
+    np.testing.assert_array_equal(labels.data, before)
+    np.testing.assert_array_equal(res.votes, votes_before)
+    np.testing.assert_array_equal(res.tokens, tokens_before)
+    labels.redo()
+    np.testing.assert_array_equal(res.tokens[0], r.tokens)
+    np.testing.assert_array_equal(labels.data[3, 11:28, 31:42] == 6, r.consensus)

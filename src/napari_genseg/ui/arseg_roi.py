@@ -71,6 +71,8 @@ class RoiPanel(Container):
         self.result = None  # predictors.arseg_roi.RoiResult of the last run
         self.progression = None  # (nz, K, h, w) uint8 votes after each scale
         self.masks = None  # (nz, N, h, w) bool full-scale samples
+        self.predictor = None  # the ArSegRoiPredictor of the last result (the Edit tab redraws with it)
+        self.volume = None  # the Volume it ran on
         self._image_layer = None
         self._layers: dict[str, object] = {}
         self._shapes = create_widget(annotation=napari.layers.Shapes, label="box layer")
@@ -174,7 +176,7 @@ class RoiPanel(Container):
         def work():
             res = pred.run(data, vol.spacing, box)
             prog, masks = zip(*(pred.decode_progression(res.tokens[i], res.crop, box) for i in range(box.shape[0])))
-            return res, np.stack(prog), np.stack(masks)
+            return res, np.stack(prog), np.stack(masks), pred, vol
 
         self.worker = work()
         self.worker.returned.connect(self._on_result)
@@ -191,7 +193,7 @@ class RoiPanel(Container):
         self._run.enabled = True
 
     def _on_result(self, out):
-        res, self.progression, self.masks = out
+        res, self.progression, self.masks, self.predictor, self.volume = out
         self.result = res
         thr = float(self.ex._threshold.value)
         n_changed = self.paste(res, thr)
@@ -219,24 +221,42 @@ class RoiPanel(Container):
     def paste(self, res, threshold: float = 0.5) -> int:
         """Write ``res``'s consensus into the target Labels layer inside the box only, as one undo
         step; returns the number of voxels changed."""
-        lay = self._target_layer()
-        self._paste_layer_name = lay.name
-        name = self._class_names[res.target_class]
-        cid = res.target_class
+        lay, old, new = self.plan_paste(res.consensus(threshold), res.box, res.target_class)
+        return self.write_box(lay, res.box, old, new)
+
+    def class_id(self, lay, target_class: int) -> int:
+        """The id of the checkpoint's class ``target_class`` in Labels layer ``lay``: found by name
+        in its ``class`` feature when there, else ``target_class`` itself."""
+        name = self._class_names[target_class]
+        cid = target_class
         feats = getattr(lay, "features", None)
         if feats is not None and "class" in getattr(feats, "columns", ()) and name in list(feats["class"]):
             cid = int(list(feats["class"]).index(name))
             if "index" in feats.columns:
                 cid = int(list(feats["index"])[cid])
-        sl = res.box.slices
-        old = np.asarray(lay.data[sl])
-        cons = res.consensus(threshold)
+        return cid
+
+    def plan_paste(self, cons: np.ndarray, box, target_class: int):
+        """(target Labels layer, its labels in ``box`` now, those labels with ``cons`` pasted): the
+        class becomes ``cons`` in the box (its voxels outside ``cons`` go to 0, other classes'
+        voxels outside it are kept)."""
+        lay = self._target_layer()
+        self._paste_layer_name = lay.name
+        cid = self.class_id(lay, target_class)
+        old = np.asarray(lay.data[box.slices]).copy()
+        cons = np.asarray(cons, bool)
         new = old.copy()
         new[(old == cid) & ~cons] = 0
         new[cons] = cid
+        return lay, old, new
+
+    @staticmethod
+    def write_box(lay, box, old: np.ndarray, new: np.ndarray) -> int:
+        """Write ``new`` over ``old`` in ``box`` of Labels layer ``lay`` as ONE undo step
+        (``block_history`` + one ``data_setitem``); returns the number of voxels changed."""
         idx = np.nonzero(new != old)
         if idx[0].size:
-            origin = (res.box.z0, res.box.y0, res.box.x0)
+            origin = (box.z0, box.y0, box.x0)
             full = tuple(i + o for i, o in zip(idx, origin))
             with lay.block_history():
                 lay.data_setitem(full, new[idx].astype(lay.data.dtype))
