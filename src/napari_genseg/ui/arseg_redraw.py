@@ -456,8 +456,9 @@ class RedrawPanel(Container):
         emb = "embedding reused" if r.embedding_cached else "image re-embedded"
         timing = (f"redraw from scale {r.from_scale}: {r.seconds:.2f} s"
                   + (f" (full run {run_s:.2f} s/slice)" if run_s is not None else "") + f", {emb}")
-        self._status.value = (f"{timing}. Slice {job.z}: {n_changed} pixel(s) changed {region}; "
-                              f"Ctrl+Z on {layer.name} undoes it.")
+        target = "the consensus layer" if job.mode == "run" else f"'{layer.name}'"
+        self._status.value = (f"{timing}. Slice {job.z}: {n_changed} pixel(s) changed{region}; "
+                              f"Ctrl+Z on {target} undoes it.")
         if self.edit_layer is not None and self.edit_layer in self.viewer.layers:
             self.edit_layer.visible = False
         self.viewer.layers.selection.active = layer
@@ -506,7 +507,7 @@ class RedrawPanel(Container):
             with cons.block_history():
                 cons.data_setitem((np.full(idx[0].size, z), idx[0], idx[1]), new[idx])
         ex._show.value = "consensus"
-        return cons, int(idx[0].size), res.run_seconds.get(z), "" if whole else "in the box"
+        return cons, int(idx[0].size), res.run_seconds.get(z), "" if whole else " in the box"
 
     def _apply_box(self, job: _Job, r, prog, masks):
         from ..roi import RoiBox
@@ -529,7 +530,7 @@ class RedrawPanel(Container):
 
         self._record(("box", job.z, b), _Applied(lay, box.slices, old, new, before, after, restore, valid))
         n = roi.write_box(lay, box, old, new)
-        return lay, n, res.elapsed / max(b.shape[0], 1), "in the box"
+        return lay, n, res.elapsed / max(b.shape[0], 1), f" in box {b}"
 
     # ------------------------------------------------------------------ undo / redo
     def _refresh_run_slice(self, z: int) -> None:
