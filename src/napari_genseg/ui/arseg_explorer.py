@@ -76,7 +76,7 @@ def _legend(threshold: float) -> str:
 
 
 class ArSegExplorer(Container):
-    """The AR-Seg dock: tabs Run / View / Export above Run-Cancel, progress and status."""
+    """The AR-Seg dock: tabs Run / View / Edit / Export / Box above Run-Cancel, progress and status."""
 
     def __init__(self, napari_viewer):
         super().__init__(labels=False)

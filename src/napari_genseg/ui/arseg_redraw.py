@@ -412,7 +412,7 @@ class RedrawPanel(Container):
         self.worker.finished.connect(self._redraw_finished)
         self._status.value = (f"redrawing scales {k + 1}..{self._num_scales()} of slice {z} {where} "
                               f"({len(clicks)} click(s))...")
-        self._busy(True)
+        self._busy(True, cancellable=True)
         self.worker.start()
         return self.worker
 
@@ -423,10 +423,11 @@ class RedrawPanel(Container):
             self.worker.quit()
             self._status.value = "redraw cancelled: nothing changed"
 
-    def _busy(self, busy: bool) -> None:
+    def _busy(self, busy: bool, cancellable: bool = False) -> None:
+        """Buttons while a job of this tab runs (Cancel only for a redraw)."""
         self._edit_btn.enabled = self._redraw_btn.enabled = not busy
         self.ex._run.enabled = not busy and self.ex.worker is None
-        self.ex._cancel.enabled = busy or self.ex.worker is not None
+        self.ex._cancel.enabled = (busy and cancellable) or self.ex.worker is not None
 
     def _redraw_finished(self):
         self.worker = None
