@@ -15,10 +15,11 @@ Sample masks are decoded slice by slice (N rows at a time) on every path, so the
 ``predict`` and the masks of ``decode_samples`` / ``decode_progression`` are the same numbers.
 
 Redraw the finer scales (issue 13; :meth:`ArSegPredictor.redraw`): a mask edited at scale k is
-re-quantised by the mask VQ's residual quantiser (spec "Multi-scale mask autoencoder"), its tokens
-of scales 1..k are teacher-forced and scales k+1..K are sampled N times on the slice's (cached)
-image embedding: p(r_{k+1..K} | r_{1..k}, c, f), the paper's next-scale factorisation (Eq. 4,
-Sec. 2.3) conditioned on the reader's coarse scales. Geometry of the mask grid (M x M, M =
+re-quantised by the mask VQ's residual quantiser (paper Eq. 1 / Sec. 2.1; spec "Multi-scale mask
+autoencoder"), its tokens of scales 1..k are teacher-forced and scales k+1..K are sampled N times on
+the slice's (cached) image embedding: p(r_{k+1..K} | r_{1..k}, c, f), the tail of the next-scale
+factorisation (Eq. 3, Sec. 2.2) conditioned on the reader's coarse scales, drawn by Eq. 4 and
+aggregated as in Sec. 2.3 (consensus of N samples). Geometry of the mask grid (M x M, M =
 ``cfg.mask_size``) on the slice: :meth:`ArSegPredictor.mask_grid_transform`; a click's cell:
 :meth:`ArSegPredictor.click_cell`.
 """
@@ -443,7 +444,7 @@ class ArSegPredictor:
         quantised by the VQ (all K scales, ``encode_grid``); its ids of scales 1..k are teacher-forced
         and N samples of scales k+1..K drawn on the slice's image embedding, reused from the
         embedding cache / the last ``set_image`` when there (``ArSeg.sample(prefix_ids=...)``, KV
-        cache; spec "Inference", paper Eq. 4); the N masks are decoded onto the slice. ``box``
+        cache; spec "Inference", paper Eq. 3-4); the N masks are decoded onto the slice. ``box``
         (y0, y1, x0, x1) half-open slice pixels limits the change: outside it the consensus is
         ``previous`` ((H, W) bool, default empty) exactly. ``seed`` None continues the predictor's
         generator; an int draws from a fresh one (same seed, same draws on the same machine).
