@@ -186,6 +186,12 @@ def test_redraw_keeps_the_edited_tokens_and_is_seeded():
     assert np.array_equal(r.samples, p.decode_samples(r.tokens, img.shape))
     again = p.redraw(img, ed, k, seed=3)
     assert np.array_equal(again.tokens, r.tokens)
+    # exact prefix tokens (e.g. a reference's own) are kept as given, no quantisation
+    ref = p.encode_mask(_blob(img.shape, 30, 10, 8, 6))
+    pt = p.redraw(img, None, k, prefix_tokens=ref, seed=3)
+    assert (pt.tokens[:, : OFFSETS[k]] == ref[: OFFSETS[k]]).all()
+    with pytest.raises(RedrawError, match="at least 30 ids"):
+        p.redraw(img, None, k, prefix_tokens=ref[:20])
     # the edited mask given on the mask grid is the same request
     on_grid = p.redraw(img, p.to_mask_grid(ed), k, edited_on="mask", seed=3)
     assert np.array_equal(on_grid.tokens, r.tokens)
@@ -293,18 +299,21 @@ def test_click_cell_of_a_marker_pixel(grid, hw, spacing):
     rng = np.random.default_rng(1)
     k, pn = 3, 3
     checked = 0
+    cells = p.scale_cells(k, hw, spacing)
+    assert cells.shape == hw
     for _ in range(60):
         y, x = int(rng.integers(hw[0])), int(rng.integers(hw[1]))
         u, v = (y - ty) / sy, (x - tx) / sx  # continuous mask-grid coordinates of the pixel centre
         uu, vv = int(np.floor(u + 0.5)), int(np.floor(v + 0.5))  # the mask pixel holding it
         if not (0 <= uu < 32 and 0 <= vv < 32):
+            assert cells[y, x] == -1
             with pytest.raises(RedrawError, match="field of view"):
                 p.click_cell(y, x, k, hw, spacing)
             continue
         if abs(u % 1 - 0.5) < 1e-6 or abs(v % 1 - 0.5) < 1e-6:
             continue  # on a mask-pixel border: bilinear gives exactly 0.5 there
         i, j = p.click_cell(y, x, k, hw, spacing)
-        assert (i, j) == (uu * pn // 32, vv * pn // 32)
+        assert (i, j) == (uu * pn // 32, vv * pn // 32) and cells[y, x] == i * pn + j
         block = np.zeros((32, 32), bool)
         block[cell_block(i, j, pn, 32)] = True
         assert p.from_mask_grid(block, hw, spacing)[y, x]

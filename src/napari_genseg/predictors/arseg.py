@@ -15,10 +15,11 @@ Sample masks are decoded slice by slice (N rows at a time) on every path, so the
 ``predict`` and the masks of ``decode_samples`` / ``decode_progression`` are the same numbers.
 
 Redraw the finer scales (issue 13; :meth:`ArSegPredictor.redraw`): a mask edited at scale k is
-re-quantised by the mask VQ's residual quantiser (spec "Multi-scale mask autoencoder"), its tokens
-of scales 1..k are teacher-forced and scales k+1..K are sampled N times on the slice's (cached)
-image embedding: p(r_{k+1..K} | r_{1..k}, c, f), the paper's next-scale factorisation (Eq. 4,
-Sec. 2.3) conditioned on the reader's coarse scales. Geometry of the mask grid (M x M, M =
+re-quantised by the mask VQ's residual quantiser (paper Eq. 1 / Sec. 2.1; spec "Multi-scale mask
+autoencoder"), its tokens of scales 1..k are teacher-forced and scales k+1..K are sampled N times on
+the slice's (cached) image embedding: p(r_{k+1..K} | r_{1..k}, c, f), the tail of the next-scale
+factorisation (Eq. 3, Sec. 2.2) conditioned on the reader's coarse scales, drawn by Eq. 4 and
+aggregated as in Sec. 2.3 (consensus of N samples). Geometry of the mask grid (M x M, M =
 ``cfg.mask_size``) on the slice: :meth:`ArSegPredictor.mask_grid_transform`; a click's cell:
 :meth:`ArSegPredictor.click_cell`.
 """
@@ -318,6 +319,18 @@ class ArSegPredictor:
         m = int(self.cfg.mask_size)
         return (u * pn) // m, (v * pn) // m
 
+    def scale_cells(self, k: int, hw, spacing_yx=(1.0, 1.0)) -> np.ndarray:
+        """(H, W) int32: the scale-k cell index i * p_k + j of every slice pixel (``click_cell``'s rule,
+        vectorised), -1 where the pixel lies off the model's field of view."""
+        pn = self._pn(k, allow_last=True)
+        m = int(self.cfg.mask_size)
+        (sy, dy), (sx, dx) = self._axis_maps(hw, spacing_yx)
+        u = np.floor((np.arange(int(hw[0])) + 0.5) / sy - dy).astype(np.int64)
+        v = np.floor((np.arange(int(hw[1])) + 0.5) / sx - dx).astype(np.int64)
+        ok = ((u >= 0) & (u < m))[:, None] & ((v >= 0) & (v < m))[None, :]
+        cells = ((u * pn) // m)[:, None] * pn + ((v * pn) // m)[None, :]
+        return np.where(ok, cells, -1).astype(np.int32)
+
     def _pn(self, k, allow_last: bool = False) -> int:
         kk = int(self.num_scales)
         hi = kk if allow_last else kk - 1
@@ -420,7 +433,8 @@ class ArSegPredictor:
     def redraw(self, slice_hu: np.ndarray, edited_mask: np.ndarray, from_scale: int, *, spacing_yx=(1.0, 1.0),
                edited_on: str = "slice", target_class: int | None = None, n_samples: int | None = None,
                seed: int | None = None, box=None, clicks=(), previous: np.ndarray | None = None,
-               threshold: float = 0.5, use_kv_cache: bool = True) -> RedrawResult:
+               threshold: float = 0.5, use_kv_cache: bool = True,
+               prefix_tokens: np.ndarray | None = None) -> RedrawResult:
         """Keep the edited mask's scales 1..k, let AR-Seg redraw scales k+1..K (issue 13).
 
         slice_hu (H, W) float HU with pixel spacing ``spacing_yx`` (sy, sx) mm; edited_mask (H, W) bool
@@ -430,12 +444,15 @@ class ArSegPredictor:
         quantised by the VQ (all K scales, ``encode_grid``); its ids of scales 1..k are teacher-forced
         and N samples of scales k+1..K drawn on the slice's image embedding, reused from the
         embedding cache / the last ``set_image`` when there (``ArSeg.sample(prefix_ids=...)``, KV
-        cache; spec "Inference", paper Eq. 4); the N masks are decoded onto the slice. ``box``
+        cache; spec "Inference", paper Eq. 3-4); the N masks are decoded onto the slice. ``box``
         (y0, y1, x0, x1) half-open slice pixels limits the change: outside it the consensus is
         ``previous`` ((H, W) bool, default empty) exactly. ``seed`` None continues the predictor's
         generator; an int draws from a fresh one (same seed, same draws on the same machine).
-        ``n_samples``/``target_class`` default to the predictor's. Raises :class:`RedrawError`
-        (an InputError) for a bad scale, shape, box, click, N, threshold or class.
+        ``n_samples``/``target_class`` default to the predictor's. ``prefix_tokens`` (at least L_k
+        ids, e.g. a reference's own ``encode_mask`` tokens): keep exactly these ids for scales 1..k
+        instead of quantising ``edited_mask`` (which may then be None; no clicks). Raises
+        :class:`RedrawError` (an InputError) for a bad scale, shape, box, click, N, threshold, class
+        or prefix.
         """
         img = np.asarray(slice_hu)
         if img.ndim != 2:
@@ -449,10 +466,18 @@ class ArSegPredictor:
         prev = np.zeros(hw, bool) if previous is None else np.asarray(previous)
         if prev.shape != hw:
             raise RedrawError(f"previous mask {prev.shape} and slice {hw} differ in shape")
-        grid = self._edited_grid(edited_mask, edited_on, hw, spacing_yx)
-        grid, cells = self.apply_clicks(grid, clicks, k, hw, spacing_yx)
-        edited = self.encode_grid(grid)  # (L,)
         lk = int(self.model.vq.quantizer.offsets[k])
+        if prefix_tokens is None:
+            grid = self._edited_grid(edited_mask, edited_on, hw, spacing_yx)
+            grid, cells = self.apply_clicks(grid, clicks, k, hw, spacing_yx)
+            edited = self.encode_grid(grid)  # (L,)
+        else:
+            edited, cells = np.asarray(prefix_tokens).astype(np.int64).reshape(-1), []
+            if clicks:
+                raise RedrawError("clicks change the edited mask; with prefix_tokens there is none")
+            if edited.shape[0] < lk or edited.min(initial=0) < 0 or edited.max(initial=0) >= self.cfg.vocab_size:
+                raise RedrawError(f"prefix_tokens must hold at least {lk} ids (scales 1..{k}) in "
+                                  f"0..{self.cfg.vocab_size - 1}")
         x = model_input(img[None], spacing_yx, self.grid, self.norm, self.device)
         emb, cached = self._embedding(x)
         gen = self.generator if seed is None else torch.Generator(device=self.device).manual_seed(int(seed))

@@ -13,8 +13,9 @@ Sampling (Eq. 4), for B images and N samples each:
 
 Teacher-forced prefix (issue 13, "redraw the finer scales"): ``prefix_ids`` (B, L_k) fixes the
 tokens of scales 1..k (L_k = sum of pn_s² over the first k scales, 1 <= k < K) for all N samples of
-an image; sampling starts at scale k+1 from p(r_{k+1..K} | r_{1..k}, c, f), the next-scale
-factorisation of the paper's Eq. 4 conditioned on the given coarse scales. With the KV cache the
+an image; sampling starts at scale k+1 from p(r_{k+1..K} | r_{1..k}, c, f) = prod_{s > k} p(r_s | r_<s, c, f),
+the tail of the paper's next-scale factorisation (Eq. 3, Sec. 2.2), each scale drawn by Eq. 4 (Sec. 2.3);
+the conclusion names such clinician-in-the-loop use of the scales as future work. With the KV cache the
 conditioning tokens, the start token and the inputs of scales 2..k+1 (all determined by the prefix)
 run once on the B image rows; only scales k+2..K run on the B*N sample rows.
 Consensus, votes, uncertainty and resizing to the slice grid belong to the predictor
