@@ -138,7 +138,6 @@ def _sample(segmentor, vq, embedding, class_ids, n_samples, generator, temperatu
     pns = q.patch_nums
     temps = _temperatures(temperatures, len(pns))
     b, n = embedding.shape[0], int(n_samples)
-    m = b * n
     kp = 0 if prefix_ids is None else prefix_scales(prefix_ids.shape[1], pns)  # scales kept
     cond, cls = segmentor.condition(embedding, class_ids.to(embedding.device))  # once
     cls_m = cls.repeat_interleave(n, 0)
