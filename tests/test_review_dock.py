@@ -501,3 +501,100 @@ def test_reference_from_a_dicom_seg_lands_on_the_ct_slices(make_napari_viewer_pr
     ref = w.load_reference(ge / "liver.dcm", label_map="1:1")
     assert ref is not None and w._reference.value.name == ref.name == "liver.dcm (reference)"
     assert (np.asarray(ref.data) == 1).sum(axis=(1, 2)).tolist() == [36233, 35645, 35220]
+
+
+def test_outputs_that_cannot_be_written_are_one_line_and_keep_the_review(make_napari_viewer_proxy, double_checkpoint,
+                                                                        tmp_path, monkeypatch):
+    """Save, Export CSV, Add to training set into a folder that cannot exist (its parent is a
+    file: an OSError, as a full disk or a read-only share) gave a traceback, and on closing napari
+    with "Save" the window closed anyway; now: one error line each, nothing lost, window kept."""
+    from napari.utils.notifications import notification_manager
+
+    got = []
+    monkeypatch.setattr(notification_manager, "dispatch", got.append)
+    viewer = make_napari_viewer_proxy()
+    img = _image(viewer)
+    mask = _mask(viewer, img)
+    w = _dock(viewer, double_checkpoint, img, mask)
+    w._every_edits.value = 100
+    _paint(mask, 2, 5, 5, 1)
+    before = mask.data.copy()
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    bad = blocker / "sub"
+    assert w.save(bad / "reviewed.nii.gz") is None
+    assert w.export_csv(bad / "metrics.csv") is None
+    assert w.add_to_training_set(bad / "train") is None
+    monkeypatch.setattr(type(w), "ask_unsaved", lambda self: "save")
+    w._output.value = str(bad / "on_close.nii.gz")
+    assert w.confirm_close() is False  # the failed save keeps napari open
+    msgs = [str(n.message) for n in got]
+    assert len(msgs) == 4 and all("\n" not in m and "a_file" in m for m in msgs), msgs
+    assert w.dirty and w.state.status[2] == "edited"
+    np.testing.assert_array_equal(mask.data, before)
+    w.dirty = False  # let the fixture close the viewer
+
+
+def test_results_of_a_run_started_on_another_mask_are_dropped(make_napari_viewer_proxy, qtbot, double_checkpoint):
+    """Switching the mask while "Compute uncertainty" or "Re-run" runs: the result belonged to the
+    mask the run started on; it was written into the mask chosen now (the model's result pasted
+    into another empty mask, a re-run slice into another mask)."""
+    viewer = make_napari_viewer_proxy()
+    img = _image(viewer)
+    first = _mask(viewer, img, "first")
+    second = _mask(viewer, img, "second")
+    w = _dock(viewer, double_checkpoint, img, first)
+    assert w.compute_uncertainty() is not None
+    w._mask.value = second  # before the worker's result reaches the GUI thread
+    _wait(qtbot, w)
+    assert not first.data.any() and not second.data.any() and w.votes is None
+    assert "result dropped" in w._status.value
+    assert w.rerun_slice(index=3) is not None
+    w._mask.value = first
+    _wait(qtbot, w)
+    assert not first.data.any() and not second.data.any() and "result dropped" in w._status.value
+    w._mask.value = second  # the same run without a switch writes its slice
+    assert w.rerun_slice(index=3) is not None
+    _wait(qtbot, w)
+    assert second.data[3].any() and not first.data.any()
+
+
+def test_the_queue_after_an_edit_is_computed_off_the_gui_thread(make_napari_viewer_proxy, qtbot, double_checkpoint,
+                                                              monkeypatch):
+    """A paint stroke schedules the queue update (ranking, disagreement, model agreement, progress:
+    seconds on a real CT); it runs in a worker on a copy of the mask, not on the GUI thread, and
+    a paint event itself computes nothing over the volume."""
+    import threading
+
+    from napari_genseg.review.queue import ReviewState
+    from napari_genseg.ui import review_dock
+
+    threads = []
+    real_rank, real_progress = review_dock.rank_slices, ReviewState.progress
+
+    def rank(*a, **k):
+        threads.append(("rank", threading.current_thread() is threading.main_thread()))
+        return real_rank(*a, **k)
+
+    def progress(self, *a, **k):
+        threads.append(("progress", threading.current_thread() is threading.main_thread()))
+        return real_progress(self, *a, **k)
+
+    monkeypatch.setattr(review_dock, "rank_slices", rank)
+    monkeypatch.setattr(ReviewState, "progress", progress)
+    viewer = make_napari_viewer_proxy()
+    img = _image(viewer)
+    mask = _mask(viewer, img)
+    w = _dock(viewer, double_checkpoint, img, mask)
+    def settled():
+        return getattr(w, "refresh_worker", None) is None and not w._refresh_timer.isActive()
+
+    qtbot.waitUntil(settled, timeout=10000)
+    threads.clear()
+    _paint(mask, 2, 5, 5, 1)
+    assert threads == []  # the paint event itself: no whole-volume work
+    qtbot.waitUntil(lambda: bool(threads) and settled(), timeout=10000)
+    assert ("rank", False) in threads and ("progress", False) in threads
+    assert all(not on_main for _, on_main in threads), threads
+    assert w.progress_text.startswith("1 of 1 slices with soft reviewed")
+    assert any(it.index == 2 for it in w.items)
