@@ -598,3 +598,39 @@ def test_the_queue_after_an_edit_is_computed_off_the_gui_thread(make_napari_view
     assert all(not on_main for _, on_main in threads), threads
     assert w.progress_text.startswith("1 of 1 slices with soft reviewed")
     assert any(it.index == 2 for it in w.items)
+
+
+def test_save_and_csv_reuse_the_metrics_the_worker_computed_for_this_mask(make_napari_viewer_proxy, qtbot,
+                                                                          double_checkpoint, tmp_path, monkeypatch):
+    """Save and Export CSV recomputed every metric on the GUI thread (HD95 of a real CT: seconds
+    of frozen window) though the metrics worker had just computed them; they now re-use the rows
+    computed on the same mask/reference, and compute afresh after an edit."""
+    import threading
+
+    from napari_genseg.ui import review_dock
+
+    calls = []
+    for name in ("volume_metrics", "volume_stats", "slice_metrics", "slice_stats"):
+        real = getattr(review_dock, name)
+        monkeypatch.setattr(review_dock, name, lambda *a, _r=real, _n=name, **k: calls.append(
+            (_n, threading.current_thread() is threading.main_thread())) or _r(*a, **k))
+    viewer = make_napari_viewer_proxy()
+    img = _image(viewer)
+    mask = _mask(viewer, img)
+    mask.data[2:5, 10:20, 10:20] = 1
+    ref = viewer.add_labels(np.roll(np.asarray(mask.data), 2, axis=2), name="ref", scale=mask.scale)
+    w = _dock(viewer, double_checkpoint, img, mask, reference=ref)
+    _paint(mask, 3, 0, 0, 1)
+    assert w.update_metrics() is not None or w.metrics_worker is not None
+    qtbot.waitUntil(lambda: w.metrics_worker is None and not w._metrics_timer.isActive() and bool(w.metric_rows),
+                    timeout=20000)
+    calls.clear()
+    out, log = w.save(tmp_path / "m.nii.gz")
+    csv = w.export_csv(tmp_path / "m.csv")
+    assert calls == [] and csv.exists()
+    assert json.loads(log.read_text())["metrics"]["rows"] == json.loads(json.dumps(w.metric_rows))
+    _paint(mask, 4, 0, 0, 1)  # an edit: the rows shown are stale until recomputed
+    _, log2 = w.save(tmp_path / "m2.nii.gz")
+    assert ("volume_metrics", True) in calls
+    assert json.loads(log2.read_text())["metrics"]["rows"] != json.loads(log.read_text())["metrics"]["rows"]
+    w.dirty = False
