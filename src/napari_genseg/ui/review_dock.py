@@ -14,7 +14,8 @@ reference Labels layer. Then:
   results on the same image (Labels layers with a run record, e.g. from the Segment dock) differ
   from the mask about a class (matched by name), one layer per class, ``<mask> models disagree:
   <class>`` in that class's colour (% of the models that know the class); the queue's "why"
-  names the classes. Click a row to go there; Previous / Next (Shift-B /
+  names the classes. After edits the queue is recomputed in a worker thread on a copy of the
+  mask (``refresh_later``): painting never waits for it. Click a row to go there; Previous / Next (Shift-B /
   Shift-N: Next skips reviewed slices), Accept (Shift-A), Flag (Shift-F). Painting a slice marks it
   edited. The progress line counts reviewed slices per class.
 * **Re-run model on this slice** (axial): never changes voxels the reader painted nor slices the
@@ -600,6 +601,9 @@ class ReviewDock(Container):
         self.state.set_status(i, status)
         self._note_work()
         self._fill_queue()
+        if self.refresh_worker is not None:  # its progress line predates this status: computed again
+            self._refresh_gen += 1
+            self._refresh_pending = True
         self._status.value = f"slice {i}: {status}"
 
     # ------------------------------------------------------------------ edits
