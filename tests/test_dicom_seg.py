@@ -208,6 +208,26 @@ def test_reference_seg_of_another_frame_of_reference_is_refused_in_one_line(tmp_
 
 
 @needs_ge
+def test_seg_whose_segments_match_no_class_is_refused_not_read_by_segment_number(tmp_path):
+    """``segment_classes`` maps segments to class ids by name; when no name matches it returns {},
+    and ``read_seg_labels(segments={})`` fell back to the segment numbers: a "spleen" segment 1
+    came back as class 1 of a model whose class 1 is the liver."""
+    from napari_genseg.io.seg_reference import SegReadError
+
+    vol = _read(GE)
+    ref = read_seg_labels(GE / "liver.dcm", vol)
+    out = write_dicom_seg(tmp_path / "spleen.dcm", ref, vol, ["background", "spleen"])
+    names = ["background", "liver", "spleen"]
+    back = read_seg_labels(out, vol, segments=segment_classes(out, names))
+    assert set(np.unique(back)) == {0, 2}  # by name: spleen is class 2
+    mapping = segment_classes(out, ["background", "liver"])
+    assert mapping == {}
+    with pytest.raises(SegReadError, match="none of its segments") as ei:
+        read_seg_labels(out, vol, segments=mapping)
+    assert "\n" not in str(ei.value)
+
+
+@needs_ge
 def test_ge_reference_liver_written_as_our_seg_matches_reference(tmp_path):
     import pydicom
 
