@@ -304,3 +304,20 @@ def test_entry_evicted_by_another_process_during_the_read_is_a_plain_miss(tmp_pa
     assert a.stats["refused"] == 0 and a.stats["misses"] == 1
     monkeypatch.setattr(ec.torch, "load", real)
     assert path.is_file() and torch.equal(a.get(sig), emb) and a.stats["disk_hits"] == 1
+
+
+def test_weights_are_hashed_once_per_model_not_per_slice_or_run(arseg_tiny_checkpoint, tmp_path, monkeypatch):
+    """The weights' digest (SAM ViT-B: ~360 MB) is part of every entry's signature: it is computed
+    once per loaded model; later runs hash only their slices (input + stored embedding)."""
+    from napari_genseg.predictors import embedding_cache as ec
+
+    hashed, real = [], ec._tensor_bytes
+    monkeypatch.setattr(ec, "_tensor_bytes", lambda t: hashed.append(t.numel()) or real(t))
+    p, _ = _predictor(arseg_tiny_checkpoint, tmp_path / "emb", n_samples=2)
+    n_weights = len(p.model.state_dict())
+    counts = []
+    for seed in range(3):
+        hashed.clear()
+        _run(p, _slices(seed=seed, n=2))
+        counts.append(len(hashed))
+    assert counts[0] == n_weights + 4 and counts[1:] == [4, 4]  # 2 inputs + 2 stored embeddings
