@@ -15,9 +15,9 @@ reference Labels layer. Then:
   from the mask about a class (matched by name), one layer per class, ``<mask> models disagree:
   <class>`` in that class's colour (% of the models that know the class); the queue's "why"
   names the classes. After edits the queue is recomputed in a worker thread on a copy of the
-  mask (``refresh_later``): painting never waits for it. Click a row to go there; Previous / Next (Shift-B /
-  Shift-N: Next skips reviewed slices), Accept (Shift-A), Flag (Shift-F). Painting a slice marks it
-  edited. The progress line counts reviewed slices per class.
+  mask (``refresh_later``): painting never waits for it. Click a row to go there; Previous /
+  Next (Shift-B / Shift-N: Next skips reviewed slices), Accept (Shift-A), Flag (Shift-F).
+  Painting a slice marks it edited. The progress line counts reviewed slices per class.
 * **Re-run model on this slice** (axial): never changes voxels the reader painted nor slices the
   reader accepted (the protection mask); one undo step.
 * **Metrics**: against the reference, Dice / IoU / HD95 (mm) per class for the volume and, next
