@@ -64,6 +64,11 @@ def _wait(qtbot, w, timeout=20000):
     qtbot.waitUntil(lambda: w.worker is None, timeout=timeout)
 
 
+def _queue_settled(qtbot, w, timeout=20000):
+    """Wait for the queue update that runs in a worker (``ReviewDock.refresh_later``)."""
+    qtbot.waitUntil(lambda: w.refresh_worker is None and not w._refresh_timer.isActive(), timeout=timeout)
+
+
 def _paint(layer, z, y, x, value):
     """A reader's brush stroke (napari's paint path: one history item, a paint event)."""
     layer.data_setitem((np.atleast_1d(z), np.atleast_1d(y), np.atleast_1d(x)), value)
@@ -77,6 +82,7 @@ def test_uncertainty_fills_an_empty_mask_ranks_the_queue_and_navigates(make_napa
     w._views.value = 8
     assert w.compute_uncertainty() is not None
     _wait(qtbot, w)
+    _queue_settled(qtbot, w)  # the uncertainty layer and the queue come from a worker
     assert mask.data[0, 16, 16] == 2 and mask.data[0, 10, 10] == 1  # the model's result, shown
     unc = viewer.layers["ct [testdouble] uncertainty"]
     assert unc.data.shape == mask.data.shape and unc.data.max() > 0

@@ -483,7 +483,8 @@ class ReviewDock(Container):
         self.autosaver = Autosaver(self._autosave_folder(), self.key, int(self._every_edits.value),
                                    float(self._every_seconds.value), mask_name=mask.name)
         self._offer_autosave()
-        self.refresh()
+        self._fill_queue(progress="")  # the queue of this target follows from a worker
+        self.refresh_later()
         self._schedule(metrics=True)
 
     def _autosave_folder(self) -> Path:
@@ -688,7 +689,7 @@ class ReviewDock(Container):
         self._restore_info.value = f"restored the {info.describe()}"
         self._status.value = self._restore_info.value
         self._offered = None
-        self.refresh()
+        self.refresh_later()
         self._schedule(metrics=True)
         return True
 
@@ -1017,7 +1018,7 @@ class ReviewDock(Container):
                 mask.metadata[RUN_KEY] = {"model": self._model_info["model"]}
         self.votes = votes
         self._votes_for = id(self._image.value)
-        self.refresh()
+        self.refresh_later()
         self._schedule(metrics=True)
         self._status.value = (f"uncertainty from {votes.n} {'views' if votes.source == 'tta' else 'samples'} "
                               f"on {len(votes.z)} slices; the queue is ranked")
