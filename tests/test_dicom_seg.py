@@ -180,6 +180,54 @@ def test_enhanced_ct_with_negated_rows_markers_round_trip(tmp_path):
 
 
 @needs_ge
+def test_reference_seg_of_another_frame_of_reference_is_refused_in_one_line(tmp_path):
+    """The GE liver SEG lies on the CT's positions; the same file with another FrameOfReferenceUID
+    (a SEG made on another scan that shares the scanner grid) must not be placed by position,
+    also after the image went through a napari layer's metadata."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from napari_genseg.io.labels import labels_for_image
+    from napari_genseg.io.seg_reference import SegReadError
+    from napari_genseg.ui.layers import image_layer_data, volume_from_layer
+
+    vol = _read(GE)
+    assert vol.meta["frame_of_reference_uid"] == str(pydicom.dcmread(GE / "01.dcm").FrameOfReferenceUID)
+    assert read_seg_labels(GE / "liver.dcm", vol).any()
+    other = pydicom.dcmread(GE / "liver.dcm")
+    other.FrameOfReferenceUID = generate_uid()
+    other.save_as(tmp_path / "other_scan.dcm")
+    kw = image_layer_data(vol, "ct")[1]
+    via_layer = volume_from_layer(vol.data, kw["metadata"], kw.get("scale"), kw.get("translate"))
+    for like in (vol, via_layer):
+        for read in (lambda: read_seg_labels(tmp_path / "other_scan.dcm", like),
+                     lambda: labels_for_image(like, tmp_path / "other_scan.dcm")):
+            with pytest.raises(SegReadError, match="frame of reference") as ei:
+                read()
+            assert isinstance(ei.value, InputError) and "\n" not in str(ei.value)
+
+
+@needs_ge
+def test_seg_whose_segments_match_no_class_is_refused_not_read_by_segment_number(tmp_path):
+    """``segment_classes`` maps segments to class ids by name; when no name matches it returns {},
+    and ``read_seg_labels(segments={})`` fell back to the segment numbers: a "spleen" segment 1
+    came back as class 1 of a model whose class 1 is the liver."""
+    from napari_genseg.io.seg_reference import SegReadError
+
+    vol = _read(GE)
+    ref = read_seg_labels(GE / "liver.dcm", vol)
+    out = write_dicom_seg(tmp_path / "spleen.dcm", ref, vol, ["background", "spleen"])
+    names = ["background", "liver", "spleen"]
+    back = read_seg_labels(out, vol, segments=segment_classes(out, names))
+    assert set(np.unique(back)) == {0, 2}  # by name: spleen is class 2
+    mapping = segment_classes(out, ["background", "liver"])
+    assert mapping == {}
+    with pytest.raises(SegReadError, match="none of its segments") as ei:
+        read_seg_labels(out, vol, segments=mapping)
+    assert "\n" not in str(ei.value)
+
+
+@needs_ge
 def test_ge_reference_liver_written_as_our_seg_matches_reference(tmp_path):
     import pydicom
 

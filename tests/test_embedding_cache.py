@@ -8,6 +8,7 @@ The encoder calls are counted on the model (``ArSeg.embed``), the one place an e
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import time
 
 import numpy as np
@@ -268,3 +269,55 @@ def test_unwritable_default_folder_warns_and_keeps_memory_only(arseg_tiny_checkp
     _run(p, _slices(n=1))
     _run(p, _slices(n=1))
     assert calls == [1]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-1", "lots"])
+def test_size_variable_must_be_a_finite_number_of_mib(monkeypatch, tmp_path, value):
+    """``GENSEG_EMBEDDING_CACHE_MB=inf`` (or nan) gave an OverflowError/ValueError traceback."""
+    monkeypatch.setenv("GENSEG_EMBEDDING_CACHE_MB", value)
+    with pytest.raises(CacheOptionError, match="GENSEG_EMBEDDING_CACHE_MB") as ei:
+        EmbeddingCache(tmp_path)
+    assert "\n" not in str(ei.value)
+
+
+def test_entry_evicted_by_another_process_during_the_read_is_a_plain_miss(tmp_path, monkeypatch):
+    """Process A sees an entry, process B evicts it before A reads it, and B (or C) writes it
+    again: A misses quietly and leaves the new entry alone (it was counted as refused, warned
+    about and the fresh entry of the other process deleted)."""
+    from napari_genseg.predictors import embedding_cache as ec
+
+    sig, emb = {"k": 1}, torch.arange(12.0).reshape(3, 4)
+    a, other = EmbeddingCache(tmp_path, memory_bytes=0), EmbeddingCache(tmp_path, memory_bytes=0)
+    other.put(sig, emb)
+    path = a.path(sig)
+    real = torch.load
+
+    def load_after_eviction(f, *args, **kw):
+        Path(f).unlink()  # the other process evicts it ...
+        try:
+            return real(f, *args, **kw)
+        finally:
+            other.put(sig, emb)  # ... and writes it again
+
+    monkeypatch.setattr(ec.torch, "load", load_after_eviction)
+    assert a.get(sig) is None
+    assert a.stats["refused"] == 0 and a.stats["misses"] == 1
+    monkeypatch.setattr(ec.torch, "load", real)
+    assert path.is_file() and torch.equal(a.get(sig), emb) and a.stats["disk_hits"] == 1
+
+
+def test_weights_are_hashed_once_per_model_not_per_slice_or_run(arseg_tiny_checkpoint, tmp_path, monkeypatch):
+    """The weights' digest (SAM ViT-B: ~360 MB) is part of every entry's signature: it is computed
+    once per loaded model; later runs hash only their slices (input + stored embedding)."""
+    from napari_genseg.predictors import embedding_cache as ec
+
+    hashed, real = [], ec._tensor_bytes
+    monkeypatch.setattr(ec, "_tensor_bytes", lambda t: hashed.append(t.numel()) or real(t))
+    p, _ = _predictor(arseg_tiny_checkpoint, tmp_path / "emb", n_samples=2)
+    n_weights = len(p.model.state_dict())
+    counts = []
+    for seed in range(3):
+        hashed.clear()
+        _run(p, _slices(seed=seed, n=2))
+        counts.append(len(hashed))
+    assert counts[0] == n_weights + 4 and counts[1:] == [4, 4]  # 2 inputs + 2 stored embeddings

@@ -64,6 +64,11 @@ def _wait(qtbot, w, timeout=20000):
     qtbot.waitUntil(lambda: w.worker is None, timeout=timeout)
 
 
+def _queue_settled(qtbot, w, timeout=20000):
+    """Wait for the queue update that runs in a worker (``ReviewDock.refresh_later``)."""
+    qtbot.waitUntil(lambda: w.refresh_worker is None and not w._refresh_timer.isActive(), timeout=timeout)
+
+
 def _paint(layer, z, y, x, value):
     """A reader's brush stroke (napari's paint path: one history item, a paint event)."""
     layer.data_setitem((np.atleast_1d(z), np.atleast_1d(y), np.atleast_1d(x)), value)
@@ -77,6 +82,7 @@ def test_uncertainty_fills_an_empty_mask_ranks_the_queue_and_navigates(make_napa
     w._views.value = 8
     assert w.compute_uncertainty() is not None
     _wait(qtbot, w)
+    _queue_settled(qtbot, w)  # the uncertainty layer and the queue come from a worker
     assert mask.data[0, 16, 16] == 2 and mask.data[0, 10, 10] == 1  # the model's result, shown
     unc = viewer.layers["ct [testdouble] uncertainty"]
     assert unc.data.shape == mask.data.shape and unc.data.max() > 0
@@ -501,3 +507,136 @@ def test_reference_from_a_dicom_seg_lands_on_the_ct_slices(make_napari_viewer_pr
     ref = w.load_reference(ge / "liver.dcm", label_map="1:1")
     assert ref is not None and w._reference.value.name == ref.name == "liver.dcm (reference)"
     assert (np.asarray(ref.data) == 1).sum(axis=(1, 2)).tolist() == [36233, 35645, 35220]
+
+
+def test_outputs_that_cannot_be_written_are_one_line_and_keep_the_review(make_napari_viewer_proxy, double_checkpoint,
+                                                                        tmp_path, monkeypatch):
+    """Save, Export CSV, Add to training set into a folder that cannot exist (its parent is a
+    file: an OSError, as a full disk or a read-only share) gave a traceback, and on closing napari
+    with "Save" the window closed anyway; now: one error line each, nothing lost, window kept."""
+    from napari.utils.notifications import notification_manager
+
+    got = []
+    monkeypatch.setattr(notification_manager, "dispatch", got.append)
+    viewer = make_napari_viewer_proxy()
+    img = _image(viewer)
+    mask = _mask(viewer, img)
+    w = _dock(viewer, double_checkpoint, img, mask)
+    w._every_edits.value = 100
+    _paint(mask, 2, 5, 5, 1)
+    before = mask.data.copy()
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    bad = blocker / "sub"
+    assert w.save(bad / "reviewed.nii.gz") is None
+    assert w.export_csv(bad / "metrics.csv") is None
+    assert w.add_to_training_set(bad / "train") is None
+    monkeypatch.setattr(type(w), "ask_unsaved", lambda self: "save")
+    w._output.value = str(bad / "on_close.nii.gz")
+    assert w.confirm_close() is False  # the failed save keeps napari open
+    msgs = [str(n.message) for n in got]
+    assert len(msgs) == 4 and all("\n" not in m and "a_file" in m for m in msgs), msgs
+    assert w.dirty and w.state.status[2] == "edited"
+    np.testing.assert_array_equal(mask.data, before)
+    w.dirty = False  # let the fixture close the viewer
+
+
+def test_results_of_a_run_started_on_another_mask_are_dropped(make_napari_viewer_proxy, qtbot, double_checkpoint):
+    """Switching the mask while "Compute uncertainty" or "Re-run" runs: the result belonged to the
+    mask the run started on; it was written into the mask chosen now (the model's result pasted
+    into another empty mask, a re-run slice into another mask)."""
+    viewer = make_napari_viewer_proxy()
+    img = _image(viewer)
+    first = _mask(viewer, img, "first")
+    second = _mask(viewer, img, "second")
+    w = _dock(viewer, double_checkpoint, img, first)
+    assert w.compute_uncertainty() is not None
+    w._mask.value = second  # before the worker's result reaches the GUI thread
+    _wait(qtbot, w)
+    assert not first.data.any() and not second.data.any() and w.votes is None
+    assert "result dropped" in w._status.value
+    assert w.rerun_slice(index=3) is not None
+    w._mask.value = first
+    _wait(qtbot, w)
+    assert not first.data.any() and not second.data.any() and "result dropped" in w._status.value
+    w._mask.value = second  # the same run without a switch writes its slice
+    assert w.rerun_slice(index=3) is not None
+    _wait(qtbot, w)
+    assert second.data[3].any() and not first.data.any()
+
+
+def test_the_queue_after_an_edit_is_computed_off_the_gui_thread(make_napari_viewer_proxy, qtbot, double_checkpoint,
+                                                              monkeypatch):
+    """A paint stroke schedules the queue update (ranking, disagreement, model agreement, progress:
+    seconds on a real CT); it runs in a worker on a copy of the mask, not on the GUI thread, and
+    a paint event itself computes nothing over the volume."""
+    import threading
+
+    from napari_genseg.review.queue import ReviewState
+    from napari_genseg.ui import review_dock
+
+    threads = []
+    real_rank, real_progress = review_dock.rank_slices, ReviewState.progress
+
+    def rank(*a, **k):
+        threads.append(("rank", threading.current_thread() is threading.main_thread()))
+        return real_rank(*a, **k)
+
+    def progress(self, *a, **k):
+        threads.append(("progress", threading.current_thread() is threading.main_thread()))
+        return real_progress(self, *a, **k)
+
+    monkeypatch.setattr(review_dock, "rank_slices", rank)
+    monkeypatch.setattr(ReviewState, "progress", progress)
+    viewer = make_napari_viewer_proxy()
+    img = _image(viewer)
+    mask = _mask(viewer, img)
+    w = _dock(viewer, double_checkpoint, img, mask)
+    def settled():
+        return getattr(w, "refresh_worker", None) is None and not w._refresh_timer.isActive()
+
+    qtbot.waitUntil(settled, timeout=10000)
+    threads.clear()
+    _paint(mask, 2, 5, 5, 1)
+    assert threads == []  # the paint event itself: no whole-volume work
+    qtbot.waitUntil(lambda: bool(threads) and settled(), timeout=10000)
+    assert ("rank", False) in threads and ("progress", False) in threads
+    assert all(not on_main for _, on_main in threads), threads
+    assert w.progress_text.startswith("1 of 1 slices with soft reviewed")
+    assert any(it.index == 2 for it in w.items)
+
+
+def test_save_and_csv_reuse_the_metrics_the_worker_computed_for_this_mask(make_napari_viewer_proxy, qtbot,
+                                                                          double_checkpoint, tmp_path, monkeypatch):
+    """Save and Export CSV recomputed every metric on the GUI thread (HD95 of a real CT: seconds
+    of frozen window) though the metrics worker had just computed them; they now re-use the rows
+    computed on the same mask/reference, and compute afresh after an edit."""
+    import threading
+
+    from napari_genseg.ui import review_dock
+
+    calls = []
+    for name in ("volume_metrics", "volume_stats", "slice_metrics", "slice_stats"):
+        real = getattr(review_dock, name)
+        monkeypatch.setattr(review_dock, name, lambda *a, _r=real, _n=name, **k: calls.append(
+            (_n, threading.current_thread() is threading.main_thread())) or _r(*a, **k))
+    viewer = make_napari_viewer_proxy()
+    img = _image(viewer)
+    mask = _mask(viewer, img)
+    mask.data[2:5, 10:20, 10:20] = 1
+    ref = viewer.add_labels(np.roll(np.asarray(mask.data), 2, axis=2), name="ref", scale=mask.scale)
+    w = _dock(viewer, double_checkpoint, img, mask, reference=ref)
+    _paint(mask, 3, 0, 0, 1)
+    assert w.update_metrics() is not None or w.metrics_worker is not None
+    qtbot.waitUntil(lambda: w.metrics_worker is None and not w._metrics_timer.isActive() and bool(w.metric_rows),
+                    timeout=20000)
+    calls.clear()
+    out, log = w.save(tmp_path / "m.nii.gz")
+    csv = w.export_csv(tmp_path / "m.csv")
+    assert calls == [] and csv.exists()
+    assert json.loads(log.read_text())["metrics"]["rows"] == json.loads(json.dumps(w.metric_rows))
+    _paint(mask, 4, 0, 0, 1)  # an edit: the rows shown are stale until recomputed
+    _, log2 = w.save(tmp_path / "m2.nii.gz")
+    assert ("volume_metrics", True) in calls
+    assert json.loads(log2.read_text())["metrics"]["rows"] != json.loads(log.read_text())["metrics"]["rows"]
+    w.dirty = False

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from napari_genseg.errors import InputError
-from napari_genseg.roi import RoiBox, RoiError, crop_for_box, parse_roi
+from napari_genseg.roi import RoiBox, RoiCrop, RoiError, crop_for_box, parse_roi
 
 
 def test_parse_roi_good_and_bad():
@@ -188,3 +188,52 @@ def test_shipped_roi_demo_finds_a_phantom_lesion_in_a_box():
     assert freq[ref].mean() > 3 * freq[~ref].mean()
     masks = pred.decode_samples(res.tokens[0], res.crop, box)
     assert np.mean([dice(m, ref) for m in masks]) > 0.3
+
+
+def _whole_slice_crop(crop, a, pad_value, order):
+    """The crop computed on the whole slice (filter everything, sample, pad): the reference the
+    windowed ``RoiCrop.from_slices`` must equal bit for bit."""
+    from scipy import ndimage as ndi
+
+    a = np.asarray(a, np.float32)
+    h, w = a.shape
+    ys, xs = crop.sample_points()
+    sigma = tuple(max(0.0, (crop.pixel_mm / s - 1.0) / 2.0) for s in crop.spacing_yx)
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    if order >= 1 and max(sigma) > 0:
+        a = ndi.gaussian_filter(a, sigma=sigma, mode="nearest")
+    v = ndi.map_coordinates(a, [yy, xx], order=order, mode="nearest")
+    inside = (yy >= -0.5) & (yy <= h - 0.5) & (xx >= -0.5) & (xx <= w - 0.5)
+    return np.where(inside, v, np.float32(pad_value))
+
+
+def test_crop_reads_only_its_window_and_equals_the_whole_slice_crop(monkeypatch):
+    """Crops at the slice's edges, outside it, with and without the anti-aliasing filter, of float
+    and bool slices: equal to filtering and sampling the whole slice; and the filter runs on the
+    crop's window, not on the whole slice (a 512² slice was filtered whole for every crop)."""
+    from napari_genseg import roi
+
+    rng = np.random.default_rng(0)
+    img = rng.normal(0, 300, (90, 70)).astype(np.float32)
+    mask = img > 200
+    seen, real = [], roi.ndi.gaussian_filter
+
+    def windowed(crop, a, pad, order):
+        monkeypatch.setattr(roi.ndi, "gaussian_filter", lambda a, **kw: seen.append(a.shape) or real(a, **kw))
+        try:
+            return crop.from_slices(a, pad_value=pad, order=order)
+        finally:
+            monkeypatch.setattr(roi.ndi, "gaussian_filter", real)
+
+    cases = [((45.0, 35.0), (0.5, 0.7), 20.0, 16),   # crop pixel 1.25 mm > slice pixels: filtered
+             ((0.0, 69.0), (0.8, 0.6), 30.0, 32),    # a corner, half outside
+             ((89.4, -3.0), (1.0, 1.0), 12.0, 24),   # crop pixel < slice pixel: no filter
+             ((200.0, 30.0), (1.0, 1.0), 10.0, 8),   # wholly outside the slice
+             ((10.5, 20.25), (0.4, 2.0), 15.0, 17)]  # anisotropic: filtered along y only
+    for centre, spacing, fov, size in cases:
+        crop = RoiCrop(centre, spacing, fov, size)
+        for a, pad in ((img, -1024.0), (mask, 0.0)):
+            for order in (0, 1):
+                np.testing.assert_array_equal(windowed(crop, a, pad, order),
+                                              _whole_slice_crop(crop, a, pad, order))
+    assert seen and all(s[0] * s[1] < img.size // 2 for s in seen), seen

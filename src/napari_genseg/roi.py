@@ -144,11 +144,15 @@ class RoiCrop:
                 (np.asarray(xs, np.float64) - self.center_yx[1]) * self.spacing_yx[1] / self.pixel_mm + c)
 
     def from_slices(self, slices: np.ndarray, pad_value: float = -1024.0, order: int = 1) -> np.ndarray:
-        """(n, H, W) or (H, W) values -> (n, size, size) / (size, size) float32 crop (bilinear for
-        ``order`` 1, nearest for 0); ``pad_value`` outside the slice. An axis along which the crop
-        pixel is larger than the slice pixel is Gaussian pre-filtered (sigma = (ratio - 1) / 2
-        slice pixels) against aliasing (only for ``order`` >= 1)."""
-        a = np.asarray(slices, dtype=np.float32)
+        """(n, H, W) or (H, W) values (any real or bool dtype) -> (n, size, size) / (size, size)
+        float32 crop (bilinear for ``order`` 1, nearest for 0); ``pad_value`` outside the slice. An
+        axis along which the crop pixel is larger than the slice pixel is Gaussian pre-filtered
+        (sigma = (ratio - 1) / 2 slice pixels) against aliasing (only for ``order`` >= 1).
+
+        Only the window of the slice the crop reads (its sample points, their interpolation
+        neighbours and the Gaussian's support, clipped to the slice) is converted and filtered:
+        the result equals filtering and sampling the whole slice, at the cost of the crop."""
+        a = np.asarray(slices)
         squeeze = a.ndim == 2
         if squeeze:
             a = a[None]
@@ -156,14 +160,25 @@ class RoiCrop:
         ys, xs = self.sample_points()
         ratio = (self.pixel_mm / self.spacing_yx[0], self.pixel_mm / self.spacing_yx[1])
         sigma = tuple(max(0.0, (r - 1.0) / 2.0) for r in ratio)
+        filtered = order >= 1 and max(sigma) > 0
         yy, xx = np.meshgrid(ys, xs, indexing="ij")
         inside = (yy >= -0.5) & (yy <= h - 0.5) & (xx >= -0.5) & (xx <= w - 0.5)
+        lo, hi = [0, 0], [h, w]  # order > 1: the spline pre-filter needs the whole slice
+        for ax, (pts, s, n) in enumerate(((ys, sigma[0], h), (xs, sigma[1], w))):
+            if order > 1:
+                break
+            r = (int(4.0 * s + 0.5) if filtered else 0) + 1  # gaussian_filter's radius (truncate 4) + 1
+            lo[ax] = min(max(int(np.floor(pts.min())) - r, 0), n - 1)
+            hi[ax] = max(min(int(np.floor(pts.max())) + 2 + r, n), lo[ax] + 1)
+        # integer shifts of coordinates >= the shift are exact in float64: same weights as unshifted
+        coords = [yy - lo[0], xx - lo[1]]
+        win = a[:, lo[0]:hi[0], lo[1]:hi[1]]
         out = np.empty((a.shape[0], self.size, self.size), np.float32)
         for i in range(a.shape[0]):
-            src = a[i]
-            if order >= 1 and max(sigma) > 0:
+            src = win[i].astype(np.float32, copy=False)
+            if filtered:
                 src = ndi.gaussian_filter(src, sigma=sigma, mode="nearest")
-            v = ndi.map_coordinates(src, [yy, xx], order=order, mode="nearest")
+            v = ndi.map_coordinates(src, coords, order=order, mode="nearest")
             out[i] = np.where(inside, v, np.float32(pad_value))
         return out[0] if squeeze else out
 

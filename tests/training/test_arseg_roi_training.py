@@ -81,3 +81,47 @@ def test_roi_training_records_the_field_of_view_and_the_roi_predictor_uses_it(tm
     assert pred.fov_mm == 36.0
     res = pred.run(np.zeros((3, 40, 40), np.float32), (3.0, 2.5, 2.5), RoiBox(0, 1, 4, 14, 6, 12))
     assert res.votes.shape == (1, 10, 6)
+
+
+def test_roi_items_equal_the_whole_volume_reference_and_keep_only_the_split_slices():
+    """Items (positives, negatives drawn with the seed) equal those of the whole-volume recipe (n
+    iterations of a 3x3 dilation of the class on every slice); the masks kept are the split's
+    slices only (all slices were kept, per class); an item's crops are those of the whole slice."""
+    from scipy import ndimage as ndi
+
+    from napari_genseg.roi import RoiCrop
+    from napari_genseg.training.tasks.arseg import target_masks
+    from napari_genseg.training.tasks.arseg_roi import NEGATIVE_HU
+
+    classes = ["background", "liver", "liver_lesion"]
+    c = phantom_cases(1, 3, classes, shape=(12, 72, 60), spacing=(3.0, 0.6, 0.8))[0]
+    zs = [9, 1, 4, 5]
+    norm = Normalization.from_dict({"kind": "hu_window", "low": -125, "high": 275})
+    fov, seed = 30.0, 3
+    ds = ArSegRoiItems([c], [(0, zs)], classes, img_size=48, mask_size=24, norm=norm, fov_mm=fov,
+                       empty_fraction=0.6, seed=seed, all_annotators=True)
+    rng, ref = np.random.default_rng(seed), []
+    n_iter = int(np.ceil(fov / 2 / 0.6)) + 1
+    for k in (1, 2):
+        m = target_masks(c, classes, k, slice(None))
+        union = m.any(0)
+        pos = [(z, cy, cx) for z in zs for cy, cx in roi_item_centres(union[z])]
+        near = ndi.binary_dilation(union, structure=np.ones((1, 3, 3), bool), iterations=n_iter)
+        cand = []
+        for z in zs:
+            yx = np.argwhere((c.image[z] >= NEGATIVE_HU[0]) & (c.image[z] <= NEGATIVE_HU[1]) & ~near[z])
+            cand += [(z, float(p[0]), float(p[1])) for p in yx[rng.integers(len(yx), size=min(4, len(yx)))]]
+        idx = rng.choice(len(cand), size=min(int(round(0.6 * len(pos))), len(cand)), replace=False)
+        neg = [cand[int(i)] for i in sorted(idx)]
+        ref += [(0, z, k, cy, cx, j) for z, cy, cx in pos + neg for j in range(m.shape[0])]
+        assert ds.masks[(0, k)].shape[1] == len(zs)  # the split's slices, not all 12
+    assert ds.n_neg > 0 and ds.items == ref
+    for i in range(0, len(ds), 3):
+        _, z, k, cy, cx, a = ds.items[i]
+        crop = RoiCrop((cy, cx), (0.6, 0.8), fov, 48, fov)
+        x, y, cls = ds[i]
+        full = target_masks(c, classes, k, slice(None))[a, z].astype(np.float32)
+        y_ref = torch.from_numpy(crop.from_slices(full[None], pad_value=0.0)[0] > 0.5).float()[None, None]
+        y_ref = (torch.nn.functional.interpolate(y_ref, size=(24, 24), mode="area") > 0.5).float()[0]
+        x_ref = norm(torch.from_numpy(crop.from_slices(c.image[z][None], pad_value=norm.pad_value_hu)))
+        assert cls == k - 1 and torch.equal(y, y_ref) and torch.equal(x, x_ref.float())

@@ -397,6 +397,7 @@ def _assemble(frames: list[Frame], first, uid: str, notes: list[str], source_pat
     meta = {
         "format": "dicom",
         "series_uid": uid,
+        "frame_of_reference_uid": str(first.get("FrameOfReferenceUID") or ""),
         "series_description": str(first.get("SeriesDescription") or ""),
         "modality": modality,
         "n_slices": len(frames),

@@ -10,6 +10,12 @@ Each frame's pixel centres are mapped to LPS world positions and then to the vol
 voxels (``Volume`` axes (z, y, x) = (S, P, L)), so the mask lands on the right voxels whatever the
 slice order or in-plane direction of either object. Only frames whose in-plane axes coincide with
 the volume's axes (within 1e-3) are supported: an oblique SEG raises.
+
+World positions are comparable only within one frame of reference (PS3.3 C.7.4.1): a SEG whose
+FrameOfReferenceUID differs from the one of the DICOM series the volume was read from (its
+``meta["frame_of_reference_uid"]``) is refused, whatever its positions (another study of the
+same patient, or another patient scanned with the same protocol, lies on the same scanner grid).
+A volume with no recorded frame of reference (NIfTI) is matched by position alone.
 """
 
 from __future__ import annotations
@@ -43,7 +49,8 @@ def read_seg_labels(path: str | Path, like: Volume, segments: dict[int, int] | N
         path: a DICOM Segmentation Storage file (BINARY or FRACTIONAL; fractional frames are
             thresholded at 50 % of MaximumFractionalValue).
         like: the CT volume whose grid the labels are placed on (its ``origin``/``spacing`` in LPS mm).
-        segments: SegmentNumber -> label id (default: each segment number is its own label id).
+        segments: SegmentNumber -> label id (default None: each segment number is its own label
+            id); segments not in it are skipped, and an empty mapping is refused.
         tolerance_vox: how far (in voxels) a frame's pixel centres may lie off the volume's voxel
             centres before the SEG is refused as not on this grid.
 
@@ -51,7 +58,8 @@ def read_seg_labels(path: str | Path, like: Volume, segments: dict[int, int] | N
         ``(z, y, x)`` uint8 (uint16 above 255) array, 0 = background.
 
     Raises:
-        SegReadError: not a SEG, oblique frames, or frames off the volume's grid / outside it.
+        SegReadError: not a SEG, no segment mapped, another frame of reference than the
+            volume's DICOM series, oblique frames, or frames off the volume's grid / outside it.
     """
     import pydicom
 
@@ -61,6 +69,11 @@ def read_seg_labels(path: str | Path, like: Volume, segments: dict[int, int] | N
         raise SegReadError(f"{path}: not a DICOM file ({exc})") from None
     if getattr(ds, "Modality", "") != "SEG" or "PerFrameFunctionalGroupsSequence" not in ds:
         raise SegReadError(f"{path}: not a DICOM Segmentation object (Modality {getattr(ds, 'Modality', '?')})")
+    want = str((like.meta or {}).get("frame_of_reference_uid") or "")
+    got = str(ds.get("FrameOfReferenceUID") or "")
+    if want and got != want:
+        raise SegReadError(f"{Path(path).name}: its frame of reference ({got or 'none'}) is not the image's "
+                           f"({want}): the SEG was made on another scan, its positions do not apply")
     pix = ds.pixel_array
     if pix.ndim == 2:
         pix = pix[None]
@@ -69,7 +82,13 @@ def read_seg_labels(path: str | Path, like: Volume, segments: dict[int, int] | N
     else:
         pix = pix > 0
     shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
-    seg_map = segments or {int(s.SegmentNumber): int(s.SegmentNumber) for s in ds.SegmentSequence}
+    if segments is None:
+        seg_map = {int(s.SegmentNumber): int(s.SegmentNumber) for s in ds.get("SegmentSequence", [])}
+    else:  # an empty mapping maps nothing: never fall back to the segment numbers
+        seg_map = {int(k): int(v) for k, v in segments.items()}
+    if not seg_map:
+        raise SegReadError(f"{Path(path).name}: none of its segments maps to a label id "
+                           f"(segments {sorted(int(s.SegmentNumber) for s in ds.get('SegmentSequence', []))})")
     out = np.zeros(like.shape, np.uint16 if max(seg_map.values()) > 255 else np.uint8)
     sp = np.asarray(like.spacing, float)  # (sz, sy, sx)
     org = np.asarray(like.origin, float)  # (S, P, L)

@@ -34,6 +34,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -85,8 +86,8 @@ def _default_max_bytes() -> int:
         mb = float(env)
     except ValueError:
         raise CacheOptionError(f"GENSEG_EMBEDDING_CACHE_MB must be a number of MiB, not {env!r}") from None
-    if mb < 0:
-        raise CacheOptionError(f"GENSEG_EMBEDDING_CACHE_MB must be >= 0, not {env!r}")
+    if not (math.isfinite(mb) and mb >= 0):
+        raise CacheOptionError(f"GENSEG_EMBEDDING_CACHE_MB must be a finite number >= 0, not {env!r}")
     return int(mb * 1024**2)
 
 
@@ -264,14 +265,18 @@ class EmbeddingCache:
             return None
         try:
             entry = torch.load(path, map_location="cpu", weights_only=True)
-            t = entry["embedding"]
-            ok = (isinstance(entry, dict) and entry.get("format") == FORMAT
-                  and entry.get("signature") == _canonical(signature) and isinstance(t, torch.Tensor)
-                  and list(t.shape) == entry.get("shape") and str(t.dtype) == entry.get("dtype")
-                  and tensor_digest(t) == entry.get("sha256"))
             why = "its signature or checksum does not match"
-        except Exception as exc:  # truncated, corrupt, not a torch file: refuse, never crash
-            ok, why = False, f"unreadable ({type(exc).__name__})"
+        except FileNotFoundError:
+            # another process evicted it between the look and the read: a plain miss (a refusal
+            # would delete the entry that process may have written again meanwhile)
+            return None
+        except Exception as exc:  # noqa: BLE001 - truncated, corrupt, not a torch file: refuse, never crash
+            entry, why = None, f"unreadable ({type(exc).__name__})"
+        t = entry.get("embedding") if isinstance(entry, dict) else None
+        ok = (isinstance(t, torch.Tensor) and entry.get("format") == FORMAT
+              and entry.get("signature") == _canonical(signature)
+              and list(t.shape) == entry.get("shape") and str(t.dtype) == entry.get("dtype")
+              and tensor_digest(t) == entry.get("sha256"))
         if not ok:
             self.stats["refused"] += 1
             log.warning("embedding cache: entry %s refused (%s); recomputing", path.name, why)

@@ -14,9 +14,10 @@ reference Labels layer. Then:
   results on the same image (Labels layers with a run record, e.g. from the Segment dock) differ
   from the mask about a class (matched by name), one layer per class, ``<mask> models disagree:
   <class>`` in that class's colour (% of the models that know the class); the queue's "why"
-  names the classes. Click a row to go there; Previous / Next (Shift-B /
-  Shift-N: Next skips reviewed slices), Accept (Shift-A), Flag (Shift-F). Painting a slice marks it
-  edited. The progress line counts reviewed slices per class.
+  names the classes. After edits the queue is recomputed in a worker thread on a copy of the
+  mask (``refresh_later``): painting never waits for it. Click a row to go there; Previous /
+  Next (Shift-B / Shift-N: Next skips reviewed slices), Accept (Shift-A), Flag (Shift-F).
+  Painting a slice marks it edited. The progress line counts reviewed slices per class.
 * **Re-run model on this slice** (axial): never changes voxels the reader painted nor slices the
   reader accepted (the protection mask); one undo step.
 * **Metrics**: against the reference, Dice / IoU / HD95 (mm) per class for the volume and, next
@@ -114,6 +115,14 @@ def painted_classes(atom) -> set[int]:
     return {int(v) for v in vals} - {0}
 
 
+def _one_line(exc: BaseException) -> str:
+    """An error as one line for a notification (an OSError names its file and reason)."""
+    if isinstance(exc, OSError) and not isinstance(exc, InputError) and exc.strerror:
+        where = exc.filename if exc.filename is not None else ""
+        return f"{where}: {exc.strerror}" if where else exc.strerror
+    return " ".join(str(exc).split())
+
+
 def _table(rows: list, columns: list) -> dict:
     """A magicgui Table value in its "split" form (rows, row index, column names)."""
     return {"data": rows, "index": list(range(len(rows))), "columns": list(columns)}
@@ -145,6 +154,11 @@ class ReviewDock(Container):
         self.viewer = napari_viewer
         self.worker = None
         self.metrics_worker = None
+        self.refresh_worker = None  # the queue update after edits (refresh_later)
+        self._refresh_pending = False
+        self._refresh_gen = 0  # bumped by every refresh: an older worker's result is not shown
+        self.closed = False  # the dock's widgets are gone: late worker results are dropped
+        self._metrics_for = None  # what the metric rows shown were computed on (_metrics_key)
         self.state: ReviewState | None = None
         self.votes: VoteVolume | None = None
         self.protect: np.ndarray | None = None
@@ -246,7 +260,7 @@ class ReviewDock(Container):
         self._refresh_timer = QTimer(self.native)  # dies with the dock
         self._refresh_timer.setSingleShot(True)
         self._refresh_timer.setInterval(400)
-        self._refresh_timer.timeout.connect(self.refresh)
+        self._refresh_timer.timeout.connect(self.refresh_later)
         self._metrics_timer = QTimer(self.native)  # dies with the dock
         self._metrics_timer.setSingleShot(True)
         self._metrics_timer.setInterval(1500)
@@ -324,7 +338,9 @@ class ReviewDock(Container):
         self.native.installEventFilter(self._close_guard)
 
     def _teardown(self, *_):
-        """The dock's Qt widget is gone (napari closed it): stop listening to the viewer."""
+        """The dock's Qt widget is gone (napari closed it): stop listening to the viewer; results of
+        workers still running are dropped when they arrive."""
+        self.closed = True
         for t in (self._refresh_timer, self._metrics_timer, self._autosave_timer):
             try:
                 t.stop()
@@ -467,7 +483,8 @@ class ReviewDock(Container):
         self.autosaver = Autosaver(self._autosave_folder(), self.key, int(self._every_edits.value),
                                    float(self._every_seconds.value), mask_name=mask.name)
         self._offer_autosave()
-        self.refresh()
+        self._fill_queue(progress="")  # the queue of this target follows from a worker
+        self.refresh_later()
         self._schedule(metrics=True)
 
     def _autosave_folder(self) -> Path:
@@ -485,21 +502,21 @@ class ReviewDock(Container):
         self.flags = {int(k): str(v) for k, v in (flags or {}).items()}
         self.refresh()
 
-    def _all_flags(self) -> dict[int, str]:
-        mask = self._mask.value
-        meta = dict(((mask.metadata or {}).get(FLAGS_KEY) or {}) if mask is not None else {})
-        out = {int(k): str(v) for k, v in meta.items()}
-        if mask is not None and self.axis == 0:
+    @staticmethod
+    def _flags_of(mask: np.ndarray, metadata: dict, axis: int, flags: dict, n: int) -> dict[int, str]:
+        """Per-slice flags {slice: reason} from the mask layer's metadata (:data:`FLAGS_KEY`), the
+        Segment dock's clean-up report and ``flags`` (:meth:`set_flags`); any thread."""
+        out = {int(k): str(v) for k, v in dict(metadata.get(FLAGS_KEY) or {}).items()}
+        if axis == 0:
             # the Segment dock's 3-D clean-up report (postprocessing.py): slices that lost stray
             # components, second large components, an organ on the wrong side (axial slices)
-            rep = ((mask.metadata or {}).get(RUN_KEY) or {}).get("postprocessing")
+            rep = (metadata.get(RUN_KEY) or {}).get("postprocessing")
             if isinstance(rep, dict) and rep.get("enabled"):
                 from ..postprocessing import slice_flags
 
-                for z, reasons in slice_flags(np.asarray(mask.data), rep).items():
+                for z, reasons in slice_flags(mask, rep).items():
                     out[z] = "; ".join([out[z], *reasons] if z in out else reasons)
-        out.update(self.flags)
-        n = self.state.n_slices if self.state else 0
+        out.update(flags)
         return {k: v for k, v in out.items() if 0 <= k < n}
 
     # ------------------------------------------------------------------ slices and navigation
@@ -585,6 +602,9 @@ class ReviewDock(Container):
         self.state.set_status(i, status)
         self._note_work()
         self._fill_queue()
+        if self.refresh_worker is not None:  # its progress line predates this status: computed again
+            self._refresh_gen += 1
+            self._refresh_pending = True
         self._status.value = f"slice {i}: {status}"
 
     # ------------------------------------------------------------------ edits
@@ -611,8 +631,7 @@ class ReviewDock(Container):
             return
         self.dirty = True
         self.autosaver.note_edit()
-        self._autosave(force=False)
-        self._update_progress()
+        self._autosave(force=False)  # the progress line follows with the queue (refresh)
 
     def _autosave(self, force: bool) -> Path | None:
         mask = self._bound  # the mask this review state and autosaver belong to
@@ -670,7 +689,7 @@ class ReviewDock(Container):
         self._restore_info.value = f"restored the {info.describe()}"
         self._status.value = self._restore_info.value
         self._offered = None
-        self.refresh()
+        self.refresh_later()
         self._schedule(metrics=True)
         return True
 
@@ -693,54 +712,121 @@ class ReviewDock(Container):
             self._metrics_timer.start()
 
     def refresh(self, *_) -> None:
-        """Recompute the uncertainty layer (against the mask shown now), the queue and progress."""
+        """Recompute the uncertainty layer (against the mask shown now), the queue and progress,
+        on the calling thread (:meth:`refresh_later` does it in a worker)."""
+        self._refresh_gen += 1
         if self.state is None or not self._valid_target():
             self._fill_queue()
             return
-        mask = np.asarray(self._mask.value.data)
-        unc = None
-        if self.votes is not None and self.votes.shape == mask.shape:
-            dis = self.votes.disagreement(mask)
-            self._uncertainty_layer(dis)
-            unc = self.votes.slice_scores(mask, self.axis, dis)
-        ref_data, _ = self._reference_data(mask.shape)
-        models, disputed = self._model_agreement(mask)
-        self.items = rank_slices(mask, self.axis, self._spacing(), uncertainty=unc, reference=ref_data,
-                                 flags=self._all_flags() or None, models=models)
-        for it in self.items:  # name the classes the models disagree about on that slice
-            if it.index in disputed:
-                names = [n for _, n in sorted(disputed[it.index], key=lambda sn: -sn[0])]
-                it.note = "; ".join(filter(None, [it.note, "models disagree on " + ", ".join(names)]))
-        self._fill_queue()
+        self._refresh_apply(self._refresh_compute(self._refresh_inputs()))
 
-    def _model_agreement(self, mask: np.ndarray):
-        """Model agreement per class (``review.uncertainty.class_model_disagreement``) against the
-        other models' layers: one ``<mask> models disagree: <class>`` layer per class where they
-        disagree (stale ones removed). Returns ((n,) per-slice score %, the max over classes, or
-        None without other models; {slice: [(score, class name), ...]})."""
-        others = self.model_layers()
-        keep, disputed, models = set(), {}, None
+    def refresh_later(self, *_):
+        """The refresh after edits (debounced): the whole-volume work (disagreement, ranking, model
+        agreement, progress: seconds on a 512² x 150 CT) runs in a worker thread on a copy of the
+        mask and only its result is shown on the GUI thread, so painting never waits for it.
+        Asked while one runs, it runs again when that one ends; a result for a target no longer
+        reviewed, or older than a later refresh, is dropped. Returns the worker (None: none started)."""
+        from napari.qt.threading import thread_worker
+
+        if self.state is None or not self._valid_target():
+            self.refresh()
+            return None
+        if self.refresh_worker is not None:
+            self._refresh_pending = True
+            return None
+        self._refresh_pending = False
+        self._refresh_gen += 1
+        gen, target, inputs = self._refresh_gen, self._target(), self._refresh_inputs()
+
+        @thread_worker(start_thread=False, ignore_errors=True)
+        def work():
+            return self._refresh_compute(inputs)
+
+        def show(out):
+            if self.closed:
+                return
+            now = self._target()
+            if gen == self._refresh_gen and all(a is b for a, b in zip(now[:2], target[:2])) and now[2] == target[2]:
+                self._refresh_apply(out)
+
+        self.refresh_worker = work()
+        self.refresh_worker.returned.connect(show)
+        self.refresh_worker.errored.connect(lambda exc: notify_error(exc, "Queue update failed"))
+        self.refresh_worker.finished.connect(self._on_refresh_finished)
+        self.refresh_worker.start()
+        return self.refresh_worker
+
+    def _on_refresh_finished(self):
+        if self.closed:
+            return
+        self.refresh_worker = None
+        if self._refresh_pending:
+            self._refresh_pending = False
+            self._refresh_timer.start()
+
+    def _refresh_inputs(self) -> dict:
+        """What the queue is computed from, read on the GUI thread: a copy of the mask (the reader
+        may paint while a worker computes) and of the review state, the reference, the votes,
+        the flags' sources and the other models' layers."""
+        layer = self._mask.value
+        mask = np.array(layer.data)
+        votes = self.votes if self.votes is not None and self.votes.shape == mask.shape else None
+        ref_data, _ = self._reference_data(mask.shape)
+        others = [(lay.name, np.asarray(lay.data), self.layer_class_names(lay) or None) for lay in self.model_layers()]
+        return {"mask": mask, "axis": self.axis, "spacing": self._spacing(), "votes": votes, "reference": ref_data,
+                "metadata": dict(layer.metadata or {}), "flags": dict(self.flags), "names": self.class_names(),
+                "others": others, "state": ReviewState.from_dict(self.state.to_dict())}
+
+    @classmethod
+    def _refresh_compute(cls, inp: dict) -> dict:
+        """The queue's whole-volume work (any thread): uncertainty (% disagreeing), model agreement
+        per class (``review.uncertainty.class_model_disagreement``: (cd, the models' names) for each
+        class in dispute), the ranked slices naming the classes in dispute, the progress line."""
+        mask, axis = inp["mask"], inp["axis"]
+        dis = unc = None
+        if inp["votes"] is not None:
+            dis = inp["votes"].disagreement(mask)
+            unc = inp["votes"].slice_scores(mask, axis, dis)
+        agreement, disputed, models = [], {}, None
+        others = inp["others"]
         if others:
-            per_class = class_model_disagreement(
-                mask, self.class_names() or None, [(np.asarray(lay.data), self.layer_class_names(lay) or None)
-                                                   for lay in others])
-            models = np.zeros(mask.shape[self.axis], np.float32)
+            per_class = class_model_disagreement(mask, inp["names"] or None, [(d, n) for _, d, n in others])
+            models = np.zeros(mask.shape[axis], np.float32)
             for cd in per_class:
                 if not cd.data.any():
                     continue
-                voters = [others[k].name for k in cd.models]
-                name = f"{self._mask.value.name} models disagree: {cd.name}"
-                self._class_agreement_layer(name, cd, voters)
-                keep.add(name)
-                sc = cd.slice_scores(mask, self.axis)
+                agreement.append((cd, [others[k][0] for k in cd.models]))
+                sc = cd.slice_scores(mask, axis)
                 models = np.maximum(models, sc)
                 for i in np.flatnonzero(sc > 0):
                     disputed.setdefault(int(i), []).append((float(sc[i]), cd.name))
+        state = inp["state"]
+        flags = cls._flags_of(mask, inp["metadata"], axis, inp["flags"], state.n_slices)
+        items = rank_slices(mask, axis, inp["spacing"], uncertainty=unc, reference=inp["reference"],
+                            flags=flags or None, models=models)
+        for it in items:  # name the classes the models disagree about on that slice
+            if it.index in disputed:
+                names = [n for _, n in sorted(disputed[it.index], key=lambda sn: -sn[0])]
+                it.note = "; ".join(filter(None, [it.note, "models disagree on " + ", ".join(names)]))
+        return {"disagreement": dis, "agreement": agreement, "items": items,
+                "progress": state.progress(mask, inp["names"])}
+
+    def _refresh_apply(self, out: dict) -> None:
+        """Show a :meth:`_refresh_compute` result (GUI thread): the uncertainty layer, one
+        ``<mask> models disagree: <class>`` layer per class in dispute (stale ones removed), the queue."""
+        if out["disagreement"] is not None:
+            self._uncertainty_layer(out["disagreement"])
+        keep = set()
+        for cd, voters in out["agreement"]:
+            name = f"{self._mask.value.name} models disagree: {cd.name}"
+            self._class_agreement_layer(name, cd, voters)
+            keep.add(name)
         for name in self._agreement_layers - keep:
             if name in self.viewer.layers:
                 self.viewer.layers.remove(name)
         self._agreement_layers = keep
-        return models, disputed
+        self.items = out["items"]
+        self._fill_queue(progress=out["progress"])
 
     def _class_agreement_layer(self, name: str, cd, voters: list[str]):
         """The Image layer of one class's model disagreement (%), transparent at 0 and in the
@@ -765,12 +851,15 @@ class ReviewDock(Container):
                                      colormap=cmap, contrast_limits=(0, 100), opacity=0.8,
                                      blending="translucent", metadata=meta)
 
-    def _fill_queue(self):
+    def _fill_queue(self, progress: str | None = None):
         st = self.state
         rows = [[it.index, round(it.score, 2), st.status[it.index] if st else "", it.reasons] for it in self.items]
         self._queue.value = _table(rows, ["slice", "score", "status", "why"])
         self._queue.native.resizeColumnsToContents()
-        self._update_progress()
+        if progress is not None and st is not None:
+            self._progress_line.value = progress
+        else:
+            self._update_progress()
 
     def _update_progress(self):
         if self.state is None or not self._valid_target():
@@ -880,7 +969,8 @@ class ReviewDock(Container):
         self._model_info = {"model": model_record(ckpt), "views": views}
         self.worker = work()
         self.worker.yielded.connect(self._on_progress)
-        self.worker.returned.connect(self._on_uncertainty)
+        target = self._target()
+        self.worker.returned.connect(lambda out: self._on_uncertainty(out, target))
         self.worker.errored.connect(lambda exc: notify_error(exc, "Uncertainty failed"))
         self.worker.finished.connect(self._on_finished)
         self._compute.enabled = False
@@ -891,10 +981,34 @@ class ReviewDock(Container):
         return self.worker
 
     def _on_progress(self, p):
+        if self.closed:
+            return
         self._run_progress.value = int(round(100 * p.fraction))
 
-    def _on_uncertainty(self, out):
+    def _target(self) -> tuple:
+        """(image layer, mask layer, review axis) now: what a worker's result belongs to."""
+        return self._image.value, self._mask.value, self.axis
+
+    def _still_target(self, target: tuple, what: str) -> bool:
+        """True when ``target`` (:meth:`_target` when the run started) is still what is reviewed;
+        otherwise the run's result is dropped with a status line (it was computed for another
+        image or mask: writing it would change a layer the reader is not looking at)."""
+        if self.closed:
+            return False
+        now = self._target()
+        if all(a is b for a, b in zip(now[:2], target[:2])) and now[2] == target[2]:
+            return True
+        img, mask = (getattr(lay, "name", None) for lay in target[:2])
+        self._status.value = (f"{what} finished for {mask} on {img}, which is no longer the image/mask "
+                              "under review: result dropped, nothing was changed")
+        return False
+
+    def _on_uncertainty(self, out, target: tuple | None = None):
+        if self.closed:
+            return
         result, votes = out
+        if target is not None and not self._still_target(target, "uncertainty"):
+            return
         mask = self._mask.value
         if mask is None or votes.shape != mask.data.shape:
             return
@@ -904,12 +1018,14 @@ class ReviewDock(Container):
                 mask.metadata[RUN_KEY] = {"model": self._model_info["model"]}
         self.votes = votes
         self._votes_for = id(self._image.value)
-        self.refresh()
+        self.refresh_later()
         self._schedule(metrics=True)
         self._status.value = (f"uncertainty from {votes.n} {'views' if votes.source == 'tta' else 'samples'} "
                               f"on {len(votes.z)} slices; the queue is ranked")
 
     def _on_finished(self):
+        if self.closed:
+            return
         self.worker = None
         self._compute.enabled = True
         self._cancel.enabled = False
@@ -947,7 +1063,9 @@ class ReviewDock(Container):
             return (yield from run_volume(pred, vol, [z], batch_size=1))
 
         self.worker = work()
-        self.worker.returned.connect(lambda res: self._apply_rerun(z, res.labels[z]))
+        target = self._target()
+        self.worker.returned.connect(lambda res: self._still_target(target, f"re-run of slice {z}")
+                                     and self._apply_rerun(z, res.labels[z]))
         self.worker.errored.connect(lambda exc: notify_error(exc, "Re-run failed"))
         self.worker.finished.connect(self._on_finished)
         self._compute.enabled = False
@@ -1009,17 +1127,35 @@ class ReviewDock(Container):
                     slice_metrics(mask, ref_data, spacing, names, axis))
         return "stats", volume_stats(mask, image, spacing, names), slice_stats(mask, image, spacing, names, axis)
 
+    @staticmethod
+    def _metrics_key(mask, ref_data, image, names, spacing, axis) -> tuple:
+        """What metric rows depend on: SHA-1 of the mask's and the reference's voxels (~0.05 s for
+        a 512² x 150 mask, against seconds for the metrics), the image array (its identity and
+        shape: an image is not edited), class names, spacing and axis."""
+        import hashlib
+
+        def digest(a):
+            return None if a is None else (a.shape, str(a.dtype), hashlib.sha1(np.ascontiguousarray(a)).hexdigest())
+
+        return (digest(mask), digest(ref_data), id(image), image.shape, tuple(names), tuple(spacing), axis)
+
     def compute_metrics(self, per_slice: bool = False):
         """("reference", Dice/IoU/HD95 rows) against the reference layer, or ("stats", volume and
         HU rows) without one (see ``review.report``), for the volume; with ``per_slice`` a third
-        item, ``{slice index along the review axis: rows}`` for every slice. Runs on the calling
-        thread."""
+        item, ``{slice index along the review axis: rows}`` for every slice. The rows the metrics
+        worker computed are re-used when the mask, reference, image, names and axis are still
+        those they were computed on (HD95 of a 512² x 150 volume takes seconds: Save and Export
+        CSV do not freeze the window for it again); otherwise computed on the calling thread."""
+        inputs = self._metric_inputs()
+        key = self._metrics_key(*inputs)
+        if key == self._metrics_for:
+            return ((self.metric_kind, self.metric_rows, self.slice_metric_rows) if per_slice
+                    else (self.metric_kind, self.metric_rows))
+        mask, ref_data, image, names, spacing, axis = inputs
         if per_slice:
-            return self._metrics_of(*self._metric_inputs())
-        return self._volume_metrics()
-
-    def _volume_metrics(self):
-        mask, ref_data, image, names, spacing, _ = self._metric_inputs()
+            out = self._metrics_of(*inputs)
+            self._show_metrics(out, key)
+            return out
         if ref_data is not None:
             return "reference", volume_metrics(mask, ref_data, spacing, names)
         return "stats", volume_stats(mask, image, spacing, names)
@@ -1035,6 +1171,7 @@ class ReviewDock(Container):
             self._metrics_pending = True
             return None
         inputs = self._metric_inputs()
+        key = self._metrics_key(*inputs)
         self._metrics_pending = False
 
         @thread_worker(start_thread=False, ignore_errors=True)
@@ -1042,13 +1179,15 @@ class ReviewDock(Container):
             return self._metrics_of(*inputs)
 
         self.metrics_worker = work()
-        self.metrics_worker.returned.connect(self._show_metrics)
+        self.metrics_worker.returned.connect(lambda out: self._show_metrics(out, key))
         self.metrics_worker.errored.connect(lambda exc: notify_error(exc, "Metrics failed"))
         self.metrics_worker.finished.connect(self._on_metrics_finished)
         self.metrics_worker.start()
         return self.metrics_worker
 
     def _on_metrics_finished(self):
+        if self.closed:
+            return
         self.metrics_worker = None
         if self._metrics_pending:
             self._metrics_pending = False
@@ -1058,10 +1197,15 @@ class ReviewDock(Container):
         if self.slice_metric_rows or self.metric_rows:
             self._draw_metrics()
 
-    def _show_metrics(self, out):
+    def _show_metrics(self, out, key: tuple | None = None):
+        """Show metric rows (volume, and per slice when ``out`` has them); ``key``: what they were
+        computed on (:meth:`_metrics_key`), for :meth:`compute_metrics` to re-use them."""
+        if self.closed:
+            return
         kind, rows, *rest = out
         self.metric_kind, self.metric_rows = kind, rows
         self.slice_metric_rows = rest[0] if rest and rest[0] is not None else {}
+        self._metrics_for = key if rest and rest[0] is not None else None
         self._draw_metrics()
 
     def _draw_metrics(self):
@@ -1097,10 +1241,13 @@ class ReviewDock(Container):
             notify_error("Choose an image and a mask first.")
             return None
         kind, rows, per_slice = self.compute_metrics(per_slice=True)
-        self._show_metrics((kind, rows, per_slice))
         cols = METRIC_COLUMNS if kind == "reference" else STAT_COLUMNS
-        out = write_csv(path or self._csv_path.value, metric_csv_rows(rows, per_slice, self.axis),
-                        [cols[0], *CSV_SCOPE_COLUMNS, *cols[1:]])
+        try:
+            out = write_csv(path or self._csv_path.value, metric_csv_rows(rows, per_slice, self.axis),
+                            [cols[0], *CSV_SCOPE_COLUMNS, *cols[1:]])
+        except (InputError, OSError) as exc:
+            notify_error(f"metrics CSV not written: {_one_line(exc)}")
+            return None
         self._status.value = f"metrics written to {out}"
         return out
 
@@ -1127,8 +1274,8 @@ class ReviewDock(Container):
         try:
             out = save_review(path or self._output.value, np.asarray(mask.data), like=like, spacing=vol.spacing,
                               origin=vol.origin, run=run, record=rec)
-        except InputError as exc:
-            notify_error(exc)
+        except (InputError, OSError) as exc:  # a full disk, a folder that cannot be made or written
+            notify_error(f"not saved, the review stays open with its edits: {_one_line(exc)}")
             return None
         if self.autosaver is not None:
             self.autosaver.clear()
@@ -1155,8 +1302,8 @@ class ReviewDock(Container):
             seg = write_dicom_seg(mask_path.with_name(stem + ".seg.dcm"), data, vol, names, algorithm=alg,
                                   edited_classes=set(self.edited_classes),
                                   record={**run, "written_by": "Review dock: the reviewed mask as DICOM SEG"})
-        except InputError as exc:
-            notify_error(f"DICOM SEG not written: {exc}")
+        except (InputError, OSError) as exc:
+            notify_error(f"DICOM SEG not written: {_one_line(exc)}")
             return None
         self.last_seg = seg
         self._status.value += f"; {seg.name}"
@@ -1180,8 +1327,8 @@ class ReviewDock(Container):
             rep = add_training_case(target, np.asarray(self._image.value.data), np.asarray(self._mask.value.data),
                                     vol.spacing, vol.origin, self.class_names(), name=self._image.value.name,
                                     strip_identifiers=bool(self._strip.value))
-        except InputError as exc:
-            notify_error(exc)
+        except (InputError, OSError) as exc:
+            notify_error(f"not added to the training set: {_one_line(exc)}")
             return None
         verb = "updated" if rep["replaced"] else "added"
         self._status.value = (f"{verb} training case {rep['case']} in {rep['dataset'].parent}; kept "
@@ -1210,8 +1357,8 @@ class ReviewDock(Container):
             ids, notes = labels_for_image(self._volume(), path)
             mapping = parse_label_map(self._ref_map.value if label_map is None else label_map)
             data = apply_label_map(ids, mapping, max(len(names), int(ids.max(initial=0)) + 1 if mapping is None else 256))
-        except InputError as exc:
-            notify_error(exc)
+        except (InputError, OSError) as exc:
+            notify_error(f"reference not loaded: {_one_line(exc)}")
             return None
         for n in notes:
             show_warning(n)

@@ -62,31 +62,37 @@ class ArSegRoiItems(torch.utils.data.Dataset):
         self.n_pos = self.n_neg = 0
         rng = np.random.default_rng(seed)
         class_repeat = class_repeat or {}
-        # items: (case, z, class, cy, cx, annotator or -1); masks[(case, class)] = (A, Z, H, W) bool
+        # items: (case, z, class, cy, cx, annotator or -1); masks[(case, class)] = (A, n, H, W) bool
+        # on the split's slices only (``mask_slot[case][z]`` = the slice's index n there)
         self.items: list[tuple[int, int, int, float, float, int]] = []
         self.masks: dict[tuple[int, int], np.ndarray] = {}
+        self.mask_slot: dict[int, dict[int, int]] = {}
         half = self.fov_mm / 2.0
         for ci, zs in split_items:
             if not zs:
                 continue
             c = cases[ci]
             sy, sx = c.spacing[1:]
+            kept = sorted(set(int(z) for z in zs))
+            slot = self.mask_slot[ci] = {z: j for j, z in enumerate(kept)}
+            # a negative's whole crop (side fov_mm) must be free of the class: the class dilated by
+            # n pixels (a (2n+1)^2 square, as n iterations of a 3x3 dilation) marks the centres to avoid
+            n_near = int(np.ceil(half / min(sy, sx))) + 1
             for k in range(1, len(class_names)):
-                m = target_masks(c, class_names, k, slice(None))  # (A, Z, H, W)
+                m = target_masks(c, class_names, k, kept)  # (A, n, H, W)
                 self.masks[(ci, k)] = m
-                union = m.any(0)
+                union = m.any(0)  # (n, H, W)
                 pos, neg = [], []
                 for z in zs:
-                    pos += [(z, cy, cx) for cy, cx in roi_item_centres(union[z])]
+                    pos += [(z, cy, cx) for cy, cx in roi_item_centres(union[slot[z]])]
                 n_neg = int(round(empty_fraction * len(pos)))
                 if n_neg:
                     # negative centres: soft tissue whose whole crop is free of the class
-                    near = ndi.binary_dilation(union, structure=np.ones((1, 3, 3), bool),
-                                               iterations=int(np.ceil(half / min(sy, sx))) + 1)
                     img = c.image
                     cand = []
                     for z in zs:
-                        ok = (img[z] >= NEGATIVE_HU[0]) & (img[z] <= NEGATIVE_HU[1]) & ~near[z]
+                        near = ndi.maximum_filter(union[slot[z]], size=2 * n_near + 1, mode="constant", cval=False)
+                        ok = (img[z] >= NEGATIVE_HU[0]) & (img[z] <= NEGATIVE_HU[1]) & ~near
                         yx = np.argwhere(ok)
                         if len(yx):
                             pick = yx[rng.integers(len(yx), size=min(4, len(yx)))]
@@ -120,14 +126,14 @@ class ArSegRoiItems(torch.utils.data.Dataset):
     def __getitem__(self, i):
         ci, z, k, _, _, a = self.items[i]
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch * 100_003 + i) % (2**63))
-        jitter_g = g if self.augment is not None else None
-        crop = self.crop(i, jitter_g)
+        crop = self.crop(i, g if self.augment is not None else None)  # validation: no jitter
         m = self.masks[(ci, k)]
         if a < 0:
             a = int(torch.randint(m.shape[0], (1,), generator=g))
         x = torch.from_numpy(crop.from_slices(self.cases[ci].image[z], pad_value=self.norm.pad_value_hu))[None]
-        y = torch.from_numpy(crop.from_slices(m[a, z].astype(np.float32), pad_value=0.0) > 0.5).long()
-        x, y = D.augment_and_normalize(self.augment, self.norm, x, y, g if self.augment is not None else None)
+        # the bool slice is converted to float only on the crop's window (``RoiCrop.from_slices``)
+        y = torch.from_numpy(crop.from_slices(m[a, self.mask_slot[ci][z]], pad_value=0.0) > 0.5).long()
+        x, y = D.augment_and_normalize(self.augment, self.norm, x, y, g)  # g unused without augment
         y = y[None, None].float()
         if y.shape[-1] != self.mask_size:
             y = (F.interpolate(y, size=(self.mask_size, self.mask_size), mode="area") > 0.5).float()
