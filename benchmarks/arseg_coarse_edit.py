@@ -72,6 +72,9 @@ def _args(argv=None):
     ap.add_argument("--real-slices", default="11:19", help="held-out real slices a:b (b exclusive)")
     ap.add_argument("--real-step", type=int, default=2, help="every n-th real slice")
     ap.add_argument("--min-px", type=int, default=150, help="smallest reference area (pixels) scored")
+    ap.add_argument("--paper-timing", action="store_true",
+                    help="also time a full run vs a redraw from scale 3 with the paper configuration (MedSAM ViT-B "
+                         "1024², random weights: times only)")
     ap.add_argument("--md", default=str(ROOT / "benchmarks" / "arseg_coarse_edit.md"),
                     help="markdown report ('' = none)")
     return ap.parse_args(argv)
@@ -203,8 +206,15 @@ def main(argv=None) -> int:
                   + " ".join(f"k{k} pasted {row[f'pasted{k}']:.3f} after {row[f'after{k}']:.3f} "
                              f"(ref tokens {row[f'tok{k}']:.3f})" for k in scales)
                   + f" clicks {n_clicks if n_clicks is not None else 'not reached'} ({d_end:.3f})", flush=True)
+    paper = _paper_timing(args) if args.paper_timing else None
     total = time.perf_counter() - t_start
     lines, best = _report(rows, scales, args, full_s, redraw_s, cached, total, cpu_model_name(), ck, embed_s)
+    if paper:
+        lines += ["", f"Paper configuration (`arseg_paper`: MedSAM ViT-B at 1024², random weights, so times only; one "
+                  f"phantom slice, N = {args.n}, {torch.get_num_threads()} thread(s)): full run (embedding + sampling + "
+                  f"decoding) {paper['full']:.1f} s, of which the image encoder {paper['encoder']:.1f} s; redraw from "
+                  f"scale 3 on the cached embedding {paper['redraw']:.1f} s ({paper['full'] / paper['redraw']:.1f}x "
+                  f"less; encoder calls during the redraw: {paper['encoder_calls']})."]
     text = "\n".join(lines)
     print(text)
     if args.md:
@@ -216,6 +226,43 @@ def main(argv=None) -> int:
     print(f"best k = {k} (largest after - max(before, pasted) of the means over all {len(rows)} organ slices)")
     print(f"coarse-edit Dice before={b:.3f} after={a:.3f} pasted={p:.3f}")
     return 0
+
+
+def _paper_timing(args) -> dict:
+    """Full run vs redraw from scale 3 with the paper configuration (random weights, seeded):
+    {'full', 'encoder', 'redraw', 'encoder_calls'} in seconds / calls."""
+    from napari_genseg.models import registry
+    from napari_genseg.phantom import PHANTOM_CLASSES, make_phantom
+    from napari_genseg.predictors.arseg import ArSegPredictor
+    from napari_genseg.preprocessing import Normalization, SliceGrid
+
+    torch.manual_seed(0)
+    model = registry.create_model("arseg_paper").eval()
+    pred = ArSegPredictor(model, ["background", "target"], Normalization(kind="minmax"),
+                          SliceGrid.create(model.cfg.img_size, "resize"), device="cpu", precision="fp32",
+                          n_samples=args.n, seed=args.seed, embedding_cache="off")
+    ph = make_phantom(seed=1000, shape=(40, 160, 160), spacing=PHANTOM_SPACING)
+    z = ph.image.shape[0] // 2
+    img = np.asarray(ph.image[z], np.float32)
+    sp = tuple(float(v) for v in ph.spacing[1:])
+    calls, embed = [0, 0.0], pred.embed
+
+    def timed(x):
+        t0 = time.perf_counter()
+        out = embed(x)
+        calls[0] += 1
+        calls[1] += time.perf_counter() - t0
+        return out
+
+    pred.embed = timed
+    t0 = time.perf_counter()
+    pred.set_image(img[None], sp)
+    pred.predict()
+    full, enc = time.perf_counter() - t0, calls[1]
+    before = calls[0]
+    edited = ph.labels[z] == PHANTOM_CLASSES.index("liver")
+    r = pred.redraw(img, edited, 3, spacing_yx=sp, target_class=1, n_samples=args.n, seed=args.seed)
+    return {"full": full, "encoder": enc, "redraw": r.seconds, "encoder_calls": calls[0] - before}
 
 
 def _mean(v):
