@@ -173,7 +173,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slices-count", type=int, default=300)
     ap.add_argument("--model", default="msa2net")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", default="1", help="passed to genseg segment; 'auto' = the CLI's default "
+                                                   "(no --threads: README 'Threads')")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (prints it)")
@@ -215,8 +216,9 @@ def main(argv=None) -> int:
 
     with contextlib.suppress(ImportError):
         import onnxruntime  # noqa: F401
-    cli_args = ["--model", args.model, "--threads", str(args.threads), "--backend", args.backend,
-                "--batch-size", str(args.batch_size), "--quiet"]
+    cli_args = ["--model", args.model, "--backend", args.backend, "--batch-size", str(args.batch_size), "--quiet"]
+    if args.threads != "auto":
+        cli_args += ["--threads", str(args.threads)]
     if args.warmup:
         import io
 
@@ -281,7 +283,7 @@ def main(argv=None) -> int:
     denom = vol_bytes + mb
     how = "VmHWM reset per stage (exact)" if meter.exact else "sampled /proc/self/statm every 2 ms"
     print(f"synthetic CT 512x512x{args.slices_count} int16: {vol_bytes / MB:.1f} MiB; model {args.model} "
-          f"{mb / MB:.1f} MiB; threads {args.threads}; backend {args.backend}; batch {args.batch_size}; "
+          f"{mb / MB:.1f} MiB; threads {args.threads} (ran {torch.get_num_threads()}); backend {args.backend}; batch {args.batch_size}; "
           f"wall {wall:.1f} s; load average {os.getloadavg()[0]:.1f}")
     print(f"baseline RSS after imports{' and a 4-slice warm-up run' if args.warmup else ''} {base / MB:.0f} MiB; "
           f"peaks: {how}")

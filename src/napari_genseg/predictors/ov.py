@@ -92,8 +92,12 @@ def compile_openvino(onnx_path, precision: str = "fp32", threads: int | None = N
     core = ov.Core()
     if cache:
         folder = cache_dir() / "openvino"
-        folder.mkdir(parents=True, exist_ok=True)
-        core.set_property({"CACHE_DIR": str(folder)})
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:  # a read-only cache folder: compile every time
+            pass
+        else:
+            core.set_property({"CACHE_DIR": str(folder)})
     model = core.read_model(str(onnx_path))
     dims = list(model.input(0).get_partial_shape())  # (batch, C, S, S): only the batch is dynamic
     model.reshape({model.input(0).get_any_name(): [int(batch), *(int(d.get_length()) for d in dims[1:])]})
