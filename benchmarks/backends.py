@@ -9,8 +9,9 @@ Rows: ``torch`` (eager fp32), ``onnxruntime`` (the cached fp32 export, ``export.
 families of ``predictors.ort.INT8_FAMILIES``, needs ``onnx``) through the engine (``run_volume``
 with ``make_predictor(backend=...)``: the shared preprocessing and the return to the slice grid
 are in these numbers), and a second table of the model forward alone on the prepared model input,
-where OpenVINO (``openvino`` installed; the same ONNX file compiled for its CPU plugin, one
-thread, one stream, ``INFERENCE_PRECISION_HINT`` f32 and, where the CPU has it, bf16) joins them.
+with ``openvino`` (``predictors.ov``: the same ONNX file compiled by OpenVINO for one slice per call,
+``--backend openvino``; ``openvino`` installed) in f32 and, where the CPU computes bf16 natively,
+``openvino-bf16`` (``--precision bf16``) in both tables.
 Rounds alternate the runtimes call by call (the machine may be shared: the load average is
 printed before and after); the median round is reported, the best one alongside.
 
@@ -54,29 +55,6 @@ def isa() -> str:
     return " ".join(k for k in keep if k in flags) or "no AVX2"
 
 
-def _openvino_runs(onnx_path: str, threads: int) -> dict:
-    """name -> forward(x) of the ONNX file compiled by OpenVINO (f32; bf16 where native)."""
-    import openvino as ov
-
-    core = ov.Core()
-    caps = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-    out = {}
-    for prec in ("f32", "bf16"):
-        if prec == "bf16" and "BF16" not in caps:
-            continue
-        compiled = core.compile_model(onnx_path, "CPU", {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
-                                                         "PERFORMANCE_HINT": "LATENCY",
-                                                         "INFERENCE_PRECISION_HINT": prec})
-        req = compiled.create_infer_request()
-
-        def run(x, req=req):
-            req.infer({0: x})
-            return req.get_output_tensor(0).data.copy()
-
-        out[f"openvino-{prec}"] = run
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="msa2net", help="family (its shipped demo checkpoint) or config name")
@@ -100,6 +78,7 @@ def main() -> None:
     from napari_genseg.models.checkpoints import resolve_model
     from napari_genseg.predictors import make_predictor
     from napari_genseg.predictors.ort import INT8_FAMILIES
+    from napari_genseg.predictors.ov import OPENVINO_FAMILIES, openvino_available, openvino_precision, openvino_version
     from napari_genseg.threads import passive_wait
 
     torch.set_num_threads(a.threads)
@@ -120,7 +99,14 @@ def main() -> None:
     if ckpt.family in INT8_FAMILIES and importlib.util.find_spec("onnx") is not None:
         cached_onnx(ckpt, quantization="int8")
         backends.append("onnxruntime-int8")
-    print(f"cpu: {cpu_name()}; ISA: {isa()}")
+    # row name -> (backend, precision) of make_predictor
+    how = {b: (b, "fp32") for b in backends}
+    if a.openvino and openvino_available() and ckpt.family in OPENVINO_FAMILIES:
+        how["openvino"] = ("openvino", "fp32")
+        if openvino_precision("bf16", warn=False) == "bf16":  # native bf16 only (the precision rule)
+            how["openvino-bf16"] = ("openvino", "bf16")
+        backends = list(how)
+    print(f"cpu: {cpu_name()}; ISA: {isa()}; load average before: {os.getloadavg()[0]:.1f}")
     print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, threads {torch.get_num_threads()} "
           f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, ORT spinning "
           f"{'off' if passive_wait() else 'on'}), model {ckpt.config_name}, {len(zs)} slices "
@@ -129,16 +115,17 @@ def main() -> None:
           f"{time.perf_counter() - t:.1f} s)")
 
     sizes = [int(b) for b in a.batch_sizes.split(",")]
-    preds = {b: make_predictor(ckpt, device="cpu", precision="fp32", backend=b) for b in backends}
+    if "openvino" in how:
+        print(f"openvino {openvino_version()}")
+    preds = {}
+    for b in backends:
+        t = time.perf_counter()
+        preds[b] = make_predictor(ckpt, device="cpu", precision=how[b][1], backend=how[b][0])
+        print(f"predictor {b} ({preds[b].backend}, {preds[b].precision}): {time.perf_counter() - t:.1f} s to make")
     fwd_runs = {}
     if hasattr(preds["torch"], "forward"):  # segmentation models: the forward alone
         for b in backends:
             fwd_runs[b] = (lambda x, p=preds[b]: p.forward(torch.from_numpy(x)).float().numpy())
-        if a.openvino and importlib.util.find_spec("openvino") is not None:
-            import openvino
-
-            print(f"openvino {openvino.__version__}")
-            fwd_runs.update(_openvino_runs(str(path), a.threads))
     engine: dict[tuple, list[float]] = {(b, n): [] for n in sizes for b in backends}
     fwd: dict[tuple, list[float]] = {(b, n): [] for n in sizes for b in fwd_runs}
     labels: dict[tuple, np.ndarray] = {}

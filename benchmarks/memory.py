@@ -1,7 +1,7 @@
 """Peak memory (RSS) of ``genseg segment`` per stage on a synthetic full-size CT.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python benchmarks/memory.py [--slices-count 300]
-        [--model msa2net] [--threads 1] [--backend auto] [--batch-size 4] [--keep]
+        [--model msa2net] [--threads 1] [--backend auto] [--batch-size 4] [--keep] [--ct FILE]
 
 A synthetic 512x512xN int16 CT (air outside an elliptic body of soft tissue with lungs, a liver,
 kidneys, spine; N = ``--slices-count``, 300 by default = 150 MB) is written as NIfTI (.nii.gz) to
@@ -19,7 +19,9 @@ is the RSS after the imports (torch, the package, nibabel, scipy, onnxruntime wh
 unless ``--no-warmup``, a first CLI run on a 4-slice CT (it pulls in the lazy imports: timm when
 the model is built, the ONNX exporter and ONNX Runtime with ``--backend auto``; then
 ``malloc_trim``), taken before the measured volume is read. Reported: peak above the baseline per stage, the volume's bytes, the
-model's bytes (parameters + buffers), what each stage added above the RSS at its start ("stage
+model's bytes (parameters + buffers), the infer stage's time split into preprocess (the
+predictor's ``set_image``), the model ``forward`` and the rest of ``predict`` (back to the slice
+grid, arg-max), what each stage added above the RSS at its start ("stage
 own": freed memory the allocator keeps from earlier stages hides part of a later stage's own
 peak), each stage's wall time (the end-to-end time is the "wall" line) and the ratio (highest peak above baseline) / (volume bytes +
 model bytes); the bound of issue #12 is 3.
@@ -171,10 +173,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slices-count", type=int, default=300)
     ap.add_argument("--model", default="msa2net")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", default="1", help="passed to genseg segment; 'auto' = the CLI's default "
+                                                   "(no --threads: README 'Threads')")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (prints it)")
+    ap.add_argument("--ct", default=None, help="a synthetic CT this script wrote before (--keep): reused "
+                                               "instead of writing a new one (--slices-count is ignored)")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false",
                     help="skip the warm-up run on a 4-slice CT (it loads the lazy imports: timm, the "
                          "ONNX exporter, ONNX Runtime's session code) before the baseline is taken")
@@ -184,10 +189,18 @@ def main(argv=None) -> int:
     ct = tmp / "ct.nii.gz"
     small = tmp / "warmup.nii.gz"
     write_nifti(small, synthetic_ct(4))
-    data = synthetic_ct(args.slices_count)
-    vol_bytes = data.nbytes
-    write_nifti(ct, data)
-    del data
+    if args.ct:
+        import nibabel as nib
+
+        ct = Path(args.ct)
+        hdr = nib.load(str(ct)).header
+        args.slices_count = int(hdr.get_data_shape()[2])
+        vol_bytes = int(np.prod(hdr.get_data_shape())) * np.dtype(hdr.get_data_dtype()).itemsize
+    else:
+        data = synthetic_ct(args.slices_count)
+        vol_bytes = data.nbytes
+        write_nifti(ct, data)
+        del data
     gc.collect()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -203,8 +216,9 @@ def main(argv=None) -> int:
 
     with contextlib.suppress(ImportError):
         import onnxruntime  # noqa: F401
-    cli_args = ["--model", args.model, "--threads", str(args.threads), "--backend", args.backend,
-                "--batch-size", str(args.batch_size), "--quiet"]
+    cli_args = ["--model", args.model, "--backend", args.backend, "--batch-size", str(args.batch_size), "--quiet"]
+    if args.threads != "auto":
+        cli_args += ["--threads", str(args.threads)]
     if args.warmup:
         import io
 
@@ -226,11 +240,33 @@ def main(argv=None) -> int:
         return ckpt
 
     cli_resolve = cli._resolve
+    parts = {"preprocess": 0.0, "forward": 0.0, "to grid + arg-max": 0.0}
+
+    def timed(name, fn):
+        @functools.wraps(fn)
+        def inner(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                parts[name] += time.perf_counter() - t
+
+        return inner
+
+    def make_predictor(*a, **k):  # the infer stage split: set_image / forward / the rest of predict
+        pred = predictors_make(*a, **k)
+        if hasattr(pred, "forward"):
+            pred.set_image = timed("preprocess", pred.set_image)
+            pred.forward = timed("forward", pred.forward)
+            pred.predict = timed("to grid + arg-max", pred.predict)  # includes forward: subtracted below
+        return pred
+
+    predictors_make = predictors.make_predictor
     cli._load = _wrap(meter, "read", cli._load)
     cli._resolve = _wrap(meter, "model", resolve)
     cli._checked = _wrap(meter, "checks", cli._checked)
     cli._write_result = _wrap(meter, "write", cli._write_result)
-    predictors.make_predictor = _wrap(meter, "predictor", predictors.make_predictor)
+    predictors.make_predictor = _wrap(meter, "predictor", make_predictor)
     engine.run_volume = _wrap_gen(meter, "infer", engine.run_volume)
     post.postprocess = _wrap(meter, "postprocess", post.postprocess)
 
@@ -247,7 +283,7 @@ def main(argv=None) -> int:
     denom = vol_bytes + mb
     how = "VmHWM reset per stage (exact)" if meter.exact else "sampled /proc/self/statm every 2 ms"
     print(f"synthetic CT 512x512x{args.slices_count} int16: {vol_bytes / MB:.1f} MiB; model {args.model} "
-          f"{mb / MB:.1f} MiB; threads {args.threads}; backend {args.backend}; batch {args.batch_size}; "
+          f"{mb / MB:.1f} MiB; threads {args.threads} (ran {torch.get_num_threads()}); backend {args.backend}; batch {args.batch_size}; "
           f"wall {wall:.1f} s; load average {os.getloadavg()[0]:.1f}")
     print(f"baseline RSS after imports{' and a 4-slice warm-up run' if args.warmup else ''} {base / MB:.0f} MiB; "
           f"peaks: {how}")
@@ -260,13 +296,17 @@ def main(argv=None) -> int:
         worst = max(worst, above)
         print(f"{name:<12} {meter.peaks[name] / MB:>9.0f} {above / MB:>15.0f} {above / denom:>14.2f} "
               f"{own / MB:>14.0f} {meter.seconds[name]:>8.1f}")
+    if parts["forward"]:
+        parts["to grid + arg-max"] -= parts["forward"]
+        rest = meter.seconds.get("infer", 0.0) - sum(parts.values())
+        print("infer split: " + ", ".join(f"{k} {v:.1f} s" for k, v in parts.items()) + f", engine rest {rest:.1f} s")
     ratio = worst / denom
     print(f"peak above imports {worst / MB:.0f} MiB = {ratio:.2f} x (volume + model); bound 3: "
           f"{'OK' if ratio < 3 else 'EXCEEDED'}; (peak - model) / volume = {(worst - mb) / vol_bytes:.2f}")
     if args.keep:
         print(f"kept {tmp}")
     else:
-        for p in tmp.iterdir():
+        for p in tmp.iterdir():  # never the --ct file: it lies elsewhere
             p.unlink()
         tmp.rmdir()
     return 0

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up a fresh machine: Xvfb + Qt xcb libraries (apt, when missing), a venv in .venv,
-# the pinned torch first, then the package with its qt, testing and onnx extras. Idempotent.
+# the pinned torch first, then the package with its qt, testing, onnx and openvino extras. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,7 +29,7 @@ if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
 fi
 if ! .venv/bin/python -c "import napari_genseg, napari, pytestqt, pytest_xvfb" 2>/dev/null \
    || [ pyproject.toml -nt .venv/.genseg-installed ]; then
-  echo "setup: installing napari-genseg[qt,testing,onnx] (editable)"
-  .venv/bin/python -m pip install -q -e ".[qt,testing,onnx]"
+  echo "setup: installing napari-genseg[qt,testing,onnx,openvino] (editable)"
+  .venv/bin/python -m pip install -q -e ".[qt,testing,onnx,openvino]"
   touch .venv/.genseg-installed
 fi

@@ -579,11 +579,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                        help="auto = fp32 on cpu, bf16/fp16 autocast on GPU; bf16 on a cpu runs only where "
                             "it computes bf16 natively (x86 AVX512_BF16/AMX, Arm BF16), else fp32 with a warning")
-        p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime", "onnxruntime-int8"],
+        p.add_argument("--backend", default="auto",
+                       choices=["auto", "torch", "onnxruntime", "onnxruntime-int8", "openvino"],
                        help="auto = ONNX Runtime when napari-genseg[onnx] is installed and the model exports "
                             "(MSA²Net, MARSeg; AR-Seg encoder and decoder; cpu, fp32), else torch; "
                             "onnxruntime-int8 = MSA²Net/MARSeg with int8 MatMul weights (opt-in; masks "
-                            "not identical to fp32; speed measured in benchmarks/backends.md)")
+                            "not identical to fp32); openvino = MSA²Net/MARSeg on OpenVINO "
+                            "(napari-genseg[openvino]; opt-in; f32, or bf16 with --precision bf16 where the "
+                            "cpu computes bf16 natively); speed measured in benchmarks/backends.md")
         p.add_argument("--batch-size", type=_count(1), default=4)
         p.add_argument("--slices", default=None, help="all (default), 'a:b' (b exclusive) or 'a-b' (inclusive)")
         p.add_argument("--grid", default=None, choices=["resize", "spacing"],

@@ -60,7 +60,7 @@ def inference_record(ckpt, device="auto", precision="auto", grid_mode=None, batc
                      slices=None, threads=None, elapsed_s=None, backend: str = "torch",
                      backend_requested: str | None = None) -> dict:
     """Device and precision as resolved by ``device.py`` (the rule every predictor uses), the
-    runtime (``backend``: "torch", "onnxruntime", or "auto" resolved by
+    runtime (``backend``: "torch", "onnxruntime", "onnxruntime-int8", "openvino", or "auto" resolved by
     ``predictors.resolve_backend``; recorded as ``backend.name``; ``backend_requested``: what
     the user chose, default ``backend``), versions and thread count, the slice grid
     (``preprocessing.SliceGrid``), batch size, slices run, wall time."""
@@ -90,10 +90,19 @@ def inference_record(ckpt, device="auto", precision="auto", grid_mode=None, batc
         from .export import ONNX_OPSET
 
         backend_info.update(onnxruntime=onnxruntime.__version__, onnx_opset=ONNX_OPSET)
+    if runtime == "openvino":
+        from .export import ONNX_OPSET
+        from .predictors.ov import openvino_precision, openvino_version
+
+        backend_info.update(openvino=openvino_version(), onnx_opset=ONNX_OPSET)
+        run_precision = openvino_precision(precision, warn=False)
+    elif runtime.startswith("onnxruntime"):
+        run_precision = "int8-dynamic" if runtime == "onnxruntime-int8" else "fp32"
+    else:
+        run_precision = resolve_precision(precision, dev)
     return {
         "device_requested": str(device),
-        "precision": ("int8-dynamic" if runtime == "onnxruntime-int8" else "fp32") if runtime.startswith("onnxruntime")
-        else resolve_precision(precision, dev),
+        "precision": run_precision,
         "precision_requested": precision,
         "backend_requested": backend_requested or backend,
         "backend": backend_info,

@@ -6,7 +6,9 @@
 * ``tta.TTAPredictor``: K named test-time views around a segmentation predictor (its uncertainty);
 * ``uncertainty``: the per-voxel disagreement every predictor's uncertainty is reported in;
 * ``ort``: the runtime choice (``resolve_backend``: torch or ONNX Runtime) and the predictors
-  whose model steps are exported ONNX models (``OrtSegmentationPredictor``, ``OrtArSegPredictor``).
+  whose model steps are exported ONNX models (``OrtSegmentationPredictor``, ``OrtArSegPredictor``);
+* ``ov``: the opt-in OpenVINO backend (``OpenVinoSegmentationPredictor``: the exported model
+  compiled by OpenVINO, f32 or native bf16).
 
 Which predictor serves a model family is this package's table ``PREDICTORS`` (family name ->
 class), filled here by explicit imports; the model registry (``models/registry.py``) knows
@@ -24,6 +26,7 @@ from .base import Predictor
 from .marseg import MarSegPredictor
 from .ort import (BACKENDS, ORT_INT8_PREDICTORS, ORT_PREDICTORS, OrtArSegPredictor, OrtInt8SegmentationPredictor,
                   OrtSegmentationPredictor, resolve_backend)
+from .ov import OPENVINO_PREDICTORS, OpenVinoSegmentationPredictor
 from .segmentation import SegmentationPredictor
 from .tta import TTA_VIEWS, TTAPredictor, View, tta_views
 
@@ -35,6 +38,7 @@ __all__ = [
     "OrtSegmentationPredictor",
     "OrtInt8SegmentationPredictor",
     "OrtArSegPredictor",
+    "OpenVinoSegmentationPredictor",
     "BACKENDS",
     "resolve_backend",
     "TTAPredictor",
@@ -86,7 +90,7 @@ def predictor_options(family: str) -> list[str]:
 def make_predictor(ckpt, device="auto", precision: str = "auto", grid_mode: str | None = None,
                    backend: str = "torch", **options):
     """The predictor of a loaded checkpoint (``models.checkpoints.Checkpoint``), chosen by its family
-    and the runtime ``backend`` ("torch", "onnxruntime", "onnxruntime-int8" or "auto";
+    and the runtime ``backend`` ("torch", "onnxruntime", "onnxruntime-int8", "openvino" or "auto";
     ``ort.resolve_backend``). With
     ``"auto"``, a model whose ONNX export fails runs in torch after one warning; an explicit
     ``"onnxruntime"`` raises ``export.ExportError`` then, and ``PredictorOptionError`` where ONNX
@@ -104,6 +108,9 @@ def make_predictor(ckpt, device="auto", precision: str = "auto", grid_mode: str 
         raise TypeError(f"{cls.__name__} ({ckpt.family}) takes no option {', '.join(unknown)}; "
                         f"its options: {', '.join(allowed) or '(none)'}")
     runtime = resolve_backend(backend, ckpt.family, device, precision)
+    if runtime == "openvino":
+        return OPENVINO_PREDICTORS[ckpt.family].from_checkpoint(ckpt, device=device, precision=precision,
+                                                                grid_mode=grid_mode, **options)
     if runtime == "onnxruntime-int8":
         return ORT_INT8_PREDICTORS[ckpt.family].from_checkpoint(ckpt, device=device, precision=precision,
                                                                 grid_mode=grid_mode, **options)

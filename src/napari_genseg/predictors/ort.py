@@ -4,7 +4,9 @@ models (``OrtSegmentationPredictor``; ``OrtArSegPredictor``).
 Backends: ``"torch"`` (eager PyTorch, every family, every device and precision), ``"onnxruntime"``
 (the exported model of ``export.cached_onnx`` on ONNX Runtime's CPU provider in fp32; MSA²Net and
 MARSeg whole, AR-Seg's image encoder and mask decoder with its token sampling in torch; extra
-``napari-genseg[onnx]``), ``"onnxruntime-int8"`` (an opt-in speed choice for MSA²Net and MARSeg:
+``napari-genseg[onnx]``), ``"openvino"`` (opt-in: the same file compiled by OpenVINO, f32 or, with
+``--precision bf16`` where the CPU computes it natively, bf16; ``predictors.ov``, extra
+``napari-genseg[openvino]``), ``"onnxruntime-int8"`` (an opt-in speed choice for MSA²Net and MARSeg:
 the same file with its MatMul/Gemm weights dynamically quantised to int8,
 ``export.quantize_int8``; masks within 0.005 Dice of fp32 on real CT, not equal) and ``"auto"``: ONNX Runtime when it is installed, the
 family exports (``export.EXPORTABLE_FAMILIES``), the device is the CPU and the precision resolves
@@ -30,20 +32,21 @@ from .segmentation import SegmentationPredictor
 __all__ = ["BACKENDS", "INT8_FAMILIES", "resolve_backend", "ort_session", "OrtSegmentationPredictor",
            "OrtInt8SegmentationPredictor", "OrtArSegPredictor", "ORT_PREDICTORS", "ORT_INT8_PREDICTORS"]
 
-#: runtime choices of the CLI (``--backend``) and the Segment dock
-BACKENDS = ("auto", "torch", "onnxruntime", "onnxruntime-int8")
+#: runtime choices of the CLI (``--backend``) and the Segment dock (``"openvino"``: ``predictors.ov``)
+BACKENDS = ("auto", "torch", "onnxruntime", "onnxruntime-int8", "openvino")
 #: families whose exported model runs int8-quantised (``export.quantize_int8``) with
 #: ``"onnxruntime-int8"``: masks within 0.005 Dice of fp32 on real CT (``benchmarks/backends.md``)
 INT8_FAMILIES = ("msa2net", "marseg")
 
 
 def resolve_backend(backend: str, family: str, device="auto", precision: str = "auto") -> str:
-    """The runtime ("torch" or "onnxruntime") that serves a model of ``family`` for the requested
-    ``backend`` (see the module docstring).
+    """The runtime ("torch", "onnxruntime", "onnxruntime-int8" or "openvino") that serves a model
+    of ``family`` for the requested ``backend`` (see the module docstring; ``"openvino"`` is only
+    ever the answer when asked for: ``predictors.ov``).
 
     Raises :class:`PredictorOptionError` (an InputError) for a name outside ``BACKENDS`` and for
-    ``"onnxruntime"`` asked where it cannot run: onnxruntime not installed, a family that does not
-    export, a device other than the CPU.
+    a backend other than torch asked where it cannot run: its runtime not installed, a family
+    that does not export (or has no such path), a device other than the CPU.
     """
     from ..export import EXPORTABLE_FAMILIES, exportable, onnxruntime_available
 
@@ -51,6 +54,11 @@ def resolve_backend(backend: str, family: str, device="auto", precision: str = "
         raise PredictorOptionError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     if backend == "torch":
         return "torch"
+    if backend == "openvino":  # opt-in, never chosen by "auto" (predictors.ov)
+        from .ov import _check_runs
+
+        _check_runs(family, device)
+        return "openvino"
     dev = resolve_device(device)
     if backend == "onnxruntime-int8":
         if family not in INT8_FAMILIES:
@@ -103,7 +111,7 @@ def _fp32_only(precision: str) -> None:
     """Warn once when a precision other than fp32 would run in torch on this CPU (ORT runs fp32)."""
     if resolve_precision(precision, torch.device("cpu")) != "fp32":
         warn_once(f"the onnxruntime backend runs fp32: --precision {precision} is not used "
-                  "(choose --backend torch for it)")
+                  "(choose --backend torch for it, or --backend openvino for bf16)")
 
 
 class OrtSegmentationPredictor(SegmentationPredictor):

@@ -15,7 +15,35 @@ from ..device import autocast_context, resolve_device, resolve_precision
 from ..preprocessing import Normalization, SliceGrid
 from .base import input_contract, model_input
 
-__all__ = ["SegmentationPredictor"]
+__all__ = ["SegmentationPredictor", "class_argmax"]
+
+
+def class_argmax(logits: torch.Tensor) -> np.ndarray:
+    """Labels (n, H, W) uint8 = the arg-max over the class axis of ``logits`` (n, K, H, W), K <= 256,
+    equal to ``torch.argmax(logits, 1)``: the first class wins a tie, and a NaN counts as the
+    largest value (the first NaN wins), as in torch and numpy.
+
+    ``torch.argmax`` over the strided class axis ran 30-40 ms per 512² slice of 3 classes on one
+    CPU thread (the 512×512×300 CT of ``benchmarks/memory.py``: ~10 s of a 55 s run); this running
+    maximum over the K class planes is one pass per class, ~3 ms (``benchmarks/memory.md``).
+    """
+    x = logits.detach()
+    if x.device.type != "cpu":
+        return x.argmax(1).to(torch.uint8).cpu().numpy()
+    a = x.float().numpy() if x.dtype != torch.float32 else x.numpy()
+    k = a.shape[1]
+    if k > 256:
+        raise ValueError(f"{k} classes do not fit uint8 labels")
+    best = a[:, 0].copy()
+    labels = np.zeros(best.shape, np.uint8)
+    for c in range(1, k):
+        plane = a[:, c]
+        labels[plane > best] = c  # strictly larger: the earlier class keeps a tie
+        np.maximum(best, plane, out=best)  # NaN propagates: best is NaN where any class was
+    nan = np.isnan(best)
+    if nan.any():  # rare: the first NaN class, as torch.argmax does
+        labels[nan] = np.isnan(a.transpose(0, 2, 3, 1)[nan]).argmax(-1)
+    return labels
 
 
 class SegmentationPredictor:
@@ -78,7 +106,7 @@ class SegmentationPredictor:
             raise RuntimeError("set_image() first: no slices to predict")
         logits = self.forward(self._x)
         logits = self.grid.from_model(logits.float(), self._hw, self._spacing)  # (n, K, H, W)
-        out = {"labels": logits.argmax(1).to(torch.uint8).cpu().numpy()}
+        out = {"labels": class_argmax(logits)}
         if self.return_probs:
             out["probs"] = torch.softmax(logits, 1).to(torch.float16).cpu().numpy()
         return out

@@ -78,7 +78,9 @@ class SegmentWidget(Container):
                                            "where it has native bf16 (else fp32, with a warning)")
         self._backend = ComboBox(label="backend", choices=list(BACKENDS), value="auto",
                                  tooltip="auto: ONNX Runtime when installed (napari-genseg[onnx]) and the "
-                                         "model exports (MSA²Net, MARSeg, AR-Seg encoder/decoder; CPU, fp32), else torch")
+                                         "model exports (MSA²Net, MARSeg, AR-Seg encoder/decoder; CPU, fp32), else torch; "
+                                         "openvino (napari-genseg[openvino], MSA²Net/MARSeg): f32, or bf16 with "
+                                         "precision bf16 where the CPU has native bf16")
         # one row for both (the dock must fit a 1000 px screen beside the AR-Seg explorer)
         self._runtime = Container(layout="horizontal", labels=False, label="precision, backend",
                                   widgets=[self._precision, self._backend])
