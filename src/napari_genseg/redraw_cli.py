@@ -4,10 +4,15 @@ For batch experiments with :meth:`~napari_genseg.predictors.arseg.ArSegPredictor
 edited labels (a NIfTI on the image's grid, e.g. a ``genseg segment`` mask corrected in any editor)
 give, on every chosen slice that holds the target, the mask whose scales 1..k AR-Seg keeps (VQ
 tokens, teacher-forced); scales k+1..K are sampled N times on the slice's image embedding and the
-N-sample consensus replaces the target's voxels of that slice (inside ``--box`` only, when given).
-Every other voxel of the edited labels is copied unchanged. The output (NIfTI + JSON sidecar with
-the model, the inference settings and the redraw's options and per-slice times) is written
-atomically by ``io.write_mask``; neither the image nor the edited labels are ever overwritten.
+N-sample consensus replaces the target's voxels of that slice (inside ``--box`` only, when given):
+only background and the target's own voxels change (``predictors.arseg.paste_target``); every
+other label and every voxel outside the redrawn region is copied unchanged. The edited labels are
+read by the label-file rules of ``genseg evaluate`` (``io.labels.labels_for_image``); the CT gets
+``genseg segment``'s input checks and ``--hu-offset`` (``cli._checked``). The output (NIfTI + JSON
+sidecar with the model, the inference settings, the input checks, the warnings and the redraw's
+options and per-slice times) is written atomically by ``io.write_mask``; neither the image, the
+edited labels nor their sidecars are ever overwritten. Backend: torch only (the cache entries of
+ONNX Runtime runs are not reused).
 
 With a crop-trained checkpoint (``input.roi`` in its JSON, e.g. ``arseg_roi_demo``) ``--box`` is the
 region of interest and ``ArSegRoiPredictor.redraw`` runs in it (ROI mode).
@@ -40,7 +45,8 @@ def add_redraw_command(sub, count, hu_offset) -> None:
                    help="arseg (the shipped demo; with --box and a crop-trained --checkpoint: ROI mode), an AR-Seg "
                         "config name with --checkpoint, or a checkpoint file (.safetensors)")
     p.add_argument("--checkpoint", default=None)
-    p.add_argument("--edited", required=True, help="edited labels (NIfTI on the image's grid)")
+    p.add_argument("--edited", required=True, help="edited labels (NIfTI; integer ids >= 0; another grid is resampled onto the image "
+                        "with a warning, as genseg evaluate reads label files)")
     p.add_argument("--from-scale", dest="from_scale", type=count(1), required=True,
                    help="k: scales 1..k of the edited mask are kept (1 <= k < K = 8)")
     p.add_argument("--target", default=None,
