@@ -102,11 +102,16 @@ def _edited_labels(vol, path: Path):
     (``io.labels.labels_for_image``: NaN, negative or non-integer ids refused, another grid resampled
     through both affines with a warning) plus the redraw's own: at most ``MAX_IDS`` distinct ids, all
     <= 65535 (an image given as labels is refused). Returns (ids (z, y, x), warnings)."""
+    import warnings
+
     import numpy as np
 
     from .io.labels import labels_for_image
 
-    ids, notes = labels_for_image(vol, path, name=f"--edited {path.name}")
+    with warnings.catch_warnings(record=True) as caught:  # the reader's (e.g. unknown spacing): one line each
+        warnings.simplefilter("always")
+        ids, notes = labels_for_image(vol, path, name=f"--edited {path.name}")
+    notes = list(dict.fromkeys([*(str(w.message) for w in caught), *notes]))
     n_ids = int(np.unique(ids[:: max(1, ids.shape[0] // 64)]).size)  # every slice counted up to 64 slices
     top = int(ids.max(initial=0))
     if n_ids > MAX_IDS or top > 65535:
