@@ -249,10 +249,14 @@ def test_redraw_click_sets_its_cell_before_quantising():
     ({"n_samples": 0}, "between 1 and 64"),
     ({"threshold": 1.0}, "threshold"),
     ({"target_class": 3}, "target class"),
+    ({"spacing_yx": (0, 0)}, "finite pixel spacings > 0"),
+    ({"spacing_yx": (-3, 3)}, "finite pixel spacings > 0"),
+    ({"spacing_yx": (float("nan"), 1.0)}, "finite pixel spacings > 0"),
+    ({"slice_hu": np.full((48, 40), np.nan, np.float32)}, "NaN/inf"),
 ])
 def test_redraw_input_errors_are_one_line(kwargs, match):
     p = _predictor()
-    img = _slice(5)
+    img = kwargs.get("slice_hu", _slice(5))
     args = {"slice_hu": img, "edited_mask": np.zeros(img.shape, bool), "from_scale": 3, **kwargs}
     with pytest.raises(RedrawError, match=match) as info:
         p.redraw(args.pop("slice_hu"), args.pop("edited_mask"), args.pop("from_scale"), **args)
@@ -409,3 +413,23 @@ def test_roi_mask_grid_geometry_with_markers():
         block = np.zeros((32, 32), bool)
         block[cell_block(i, j, 4, 32)] = True
         assert roi.from_mask_grid(block, box, spacing)[y, x]
+
+
+def test_paste_target_never_changes_other_labels():
+    """The redraw's paste (CLI, Edit tab, Box tab): a marker voxel of another label inside the
+    redrawn region survives both the consensus over it and the target's removal around it."""
+    from napari_genseg.predictors.arseg import paste_target
+
+    old = np.zeros((6, 7), np.uint16)
+    old[1:4, 1:4] = 1  # the target
+    old[2, 2] = 3  # a lesion marker inside the target
+    old[5, 6] = 5  # another organ where the consensus grows
+    cons = np.zeros((6, 7), bool)
+    cons[2:6, 2:7] = True
+    new = paste_target(old, cons, 1)
+    assert new[2, 2] == 3 and new[5, 6] == 5  # the markers are kept
+    assert new[1, 1] == 0 and new[4, 4] == 1  # target voxels outside the consensus go, background joins
+    inside = np.zeros((6, 7), bool)
+    inside[:, :3] = True
+    limited = paste_target(old, cons, 1, inside)
+    assert limited[1, 3] == 1 and limited[4, 4] == 0 and limited[2, 2] == 3  # outside `inside`: unchanged

@@ -34,7 +34,8 @@ def _fresh_cli(args: list[str]) -> tuple[dict, str]:
 
 
 @pytest.mark.parametrize("case", ["missing input", "output is the input", "output folder is a file",
-                                  "missing case in a cohort list"])
+                                  "missing case in a cohort list", "output folder cannot be written",
+                                  "output's sidecar is the input's", "output's sidecar is another file"])
 def test_input_mistakes_fail_before_torch_and_model(case, ct_case, tmp_path):
     """Today's faults: a missing input failed after the model loaded, an output equal to the
     input after the whole run, an output under a file with a traceback after the whole run."""
@@ -46,7 +47,13 @@ def test_input_mistakes_fail_before_torch_and_model(case, ct_case, tmp_path):
         "output is the input": ([str(ct), "--out", str(ct)], "refusing to overwrite the source image"),
         "output folder is a file": ([str(ct), "--out", str(tmp_path / "afile" / "m.nii.gz")], "is a file, not a folder"),
         "missing case in a cohort list": ([str(tmp_path / "list.txt"), "--out", str(tmp_path / "masks")], "not an existing file or folder"),
+        # os.access passes for root in /proc; only creating a file tells
+        "output folder cannot be written": ([str(ct), "--out", "/proc/m.nii.gz"], "cannot write into /proc"),
+        # ct.nii would write ct.json, the sidecar of ct.nii.gz
+        "output's sidecar is the input's": ([str(ct), "--out", str(tmp_path / "ct.nii")], "sidecar of ct.nii.gz"),
+        "output's sidecar is another file": ([str(ct), "--out", str(tmp_path / "notes.nii.gz")], "notes.json"),
     }[case]
+    (tmp_path / "notes.json").write_text("{}\n")
     (tmp_path / "list.txt").write_text(f"{ct}\n{tmp_path / 'gone.nii.gz'}\n")
     before = ct.read_bytes()
     res, err = _fresh_cli(["segment", *args, "--device", "cpu", "--quiet"])
@@ -54,6 +61,7 @@ def test_input_mistakes_fail_before_torch_and_model(case, ct_case, tmp_path):
     assert res["rc"] == 2 and len(lines) == 1 and lines[0].startswith("genseg: error:") and msg in lines[0], err
     assert not res["torch"] and not res["models"]
     assert ct.read_bytes() == before and not (tmp_path / "masks").exists()
+    assert (tmp_path / "notes.json").read_text() == "{}\n"
 
 
 def test_import_mistakes_fail_before_torch(tmp_path):

@@ -161,16 +161,23 @@ def _check_inputs_exist(cases: list[Path]) -> None:
         _fail(f"no such file or folder: {missing[0]}{more}")
 
 
-def _check_outputs(targets: list[Path], sources: list[Path]) -> None:
-    """Every output folder can be written and no output is one of the inputs."""
+def _check_outputs(targets: list[Path], sources: list[Path], kinds: list[str] | None = None) -> None:
+    """Every output folder can be written (a file is created and removed there), no output is one of
+    the inputs, and no output's JSON sidecar would overwrite an input, an input's sidecar or any
+    file that is not that output's own previous sidecar (``io.sidecar.check_sidecar_free``).
+    ``kinds``: what each source is, for the message (default "the source image")."""
     from .io.atomic import check_writable_folder, same_file
+    from .io.sidecar import check_sidecar_free
 
+    kinds = kinds or ["the source image"] * len(sources)
     for folder in dict.fromkeys(t.parent for t in targets):
         check_writable_folder(folder)
     for t in targets:
-        for src in sources:
+        for src, kind in zip(sources, kinds):
             if same_file(t, src):
-                _fail(f"refusing to overwrite the source image {t}: choose another --out")
+                _fail(f"refusing to overwrite {kind} {t}: choose another --out")
+        if str(t).lower().endswith((".nii", ".nii.gz", ".dcm")):
+            check_sidecar_free(t, sources)
 
 
 def segment_volume(vol, ckpt, args, desc: str):
@@ -664,7 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .redraw_cli import add_redraw_command
 
-    add_redraw_command(sub, _count)
+    add_redraw_command(sub, _count, _hu_offset_arg)
 
     try:
         from .training.cli import add_training_commands

@@ -4,10 +4,15 @@ For batch experiments with :meth:`~napari_genseg.predictors.arseg.ArSegPredictor
 edited labels (a NIfTI on the image's grid, e.g. a ``genseg segment`` mask corrected in any editor)
 give, on every chosen slice that holds the target, the mask whose scales 1..k AR-Seg keeps (VQ
 tokens, teacher-forced); scales k+1..K are sampled N times on the slice's image embedding and the
-N-sample consensus replaces the target's voxels of that slice (inside ``--box`` only, when given).
-Every other voxel of the edited labels is copied unchanged. The output (NIfTI + JSON sidecar with
-the model, the inference settings and the redraw's options and per-slice times) is written
-atomically by ``io.write_mask``; neither the image nor the edited labels are ever overwritten.
+N-sample consensus replaces the target's voxels of that slice (inside ``--box`` only, when given):
+only background and the target's own voxels change (``predictors.arseg.paste_target``); every
+other label and every voxel outside the redrawn region is copied unchanged. The edited labels are
+read by the label-file rules of ``genseg evaluate`` (``io.labels.labels_for_image``); the CT gets
+``genseg segment``'s input checks and ``--hu-offset`` (``cli._checked``). The output (NIfTI + JSON
+sidecar with the model, the inference settings, the input checks, the warnings and the redraw's
+options and per-slice times) is written atomically by ``io.write_mask``; neither the image, the
+edited labels nor their sidecars are ever overwritten. Backend: torch only (the cache entries of
+ONNX Runtime runs are not reused).
 
 With a crop-trained checkpoint (``input.roi`` in its JSON, e.g. ``arseg_roi_demo``) ``--box`` is the
 region of interest and ``ArSegRoiPredictor.redraw`` runs in it (ROI mode).
@@ -21,22 +26,27 @@ from pathlib import Path
 
 from .errors import InputError
 
-__all__ = ["add_redraw_command", "cmd_redraw"]
+__all__ = ["add_redraw_command", "cmd_redraw", "MAX_IDS"]
+
+#: most distinct ids an edited label file may hold (more: an image given as labels)
+MAX_IDS = 1000
 
 
 def _fail(msg: str) -> None:
     raise InputError(msg)
 
 
-def add_redraw_command(sub, count) -> None:
-    """Register ``genseg redraw`` on the ``genseg`` subparsers; ``count(min)`` is the CLI's integer type."""
+def add_redraw_command(sub, count, hu_offset) -> None:
+    """Register ``genseg redraw`` on the ``genseg`` subparsers; ``count(min)`` is the CLI's integer type,
+    ``hu_offset`` its ``--hu-offset`` type."""
     p = sub.add_parser("redraw", help="AR-Seg: keep an edited mask's coarse scales 1..k, redraw scales k+1..K")
     p.add_argument("input", help="the CT (NIfTI or DICOM) the edited labels belong to")
     p.add_argument("--model", default="arseg",
                    help="arseg (the shipped demo; with --box and a crop-trained --checkpoint: ROI mode), an AR-Seg "
                         "config name with --checkpoint, or a checkpoint file (.safetensors)")
     p.add_argument("--checkpoint", default=None)
-    p.add_argument("--edited", required=True, help="edited labels (NIfTI on the image's grid)")
+    p.add_argument("--edited", required=True, help="edited labels (NIfTI; integer ids >= 0; another grid is resampled onto the image "
+                        "with a warning, as genseg evaluate reads label files)")
     p.add_argument("--from-scale", dest="from_scale", type=count(1), required=True,
                    help="k: scales 1..k of the edited mask are kept (1 <= k < K = 8)")
     p.add_argument("--target", default=None,
@@ -55,6 +65,9 @@ def add_redraw_command(sub, count) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--threads", type=count(0), default=None, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--hu-offset", type=hu_offset, default=None,
+                   help="HU added to every voxel before the checks and the model (e.g. -1024 for stored "
+                        "values), or 'auto' = the suggested one; as in genseg segment")
     p.add_argument("--embedding-cache", default=None, metavar="DIR|off",
                    help="folder of cached image embeddings (default: the user cache; 'off' = none)")
     p.add_argument("--quiet", action="store_true")
@@ -84,11 +97,37 @@ def _resolve_checkpoint(args):
     return ckpt
 
 
-def cmd_redraw(args) -> int:
+def _edited_labels(vol, path: Path):
+    """The edited labels on ``vol``'s voxels through the project's label-file rules
+    (``io.labels.labels_for_image``: NaN, negative or non-integer ids refused, another grid resampled
+    through both affines with a warning) plus the redraw's own: at most ``MAX_IDS`` distinct ids, all
+    <= 65535 (an image given as labels is refused). Returns (ids (z, y, x), warnings)."""
+    import warnings
+
     import numpy as np
 
-    from .cli import _check_device, _check_outputs, _load, _progress, _slices
-    from .io import load_volume
+    from .io.labels import labels_for_image
+
+    with warnings.catch_warnings(record=True) as caught:  # the reader's (e.g. unknown spacing): one line each
+        warnings.simplefilter("always")
+        ids, notes = labels_for_image(vol, path, name=f"--edited {path.name}")
+    notes = list(dict.fromkeys([*(str(w.message) for w in caught), *notes]))
+    n_ids = int(np.unique(ids[:: max(1, ids.shape[0] // 64)]).size)  # every slice counted up to 64 slices
+    top = int(ids.max(initial=0))
+    if n_ids > MAX_IDS or top > 65535:
+        what = f"{n_ids} distinct values" if n_ids > MAX_IDS else f"label id {top}"
+        _fail(f"--edited {path.name} is not a label volume ({what}; at most {MAX_IDS} ids, each <= 65535)")
+    for w in notes:
+        print(f"warning: {w}", file=sys.stderr)
+    return ids, notes
+
+
+def cmd_redraw(args) -> int:
+    import warnings
+
+    import numpy as np
+
+    from .cli import _check_device, _check_outputs, _checked, _load, _progress, _slices
     from .io.nifti import is_nifti_path
 
     src, edited_path, out = Path(args.input), Path(args.edited), Path(args.out)
@@ -97,24 +136,13 @@ def cmd_redraw(args) -> int:
             _fail(f"no such file or folder: {p}")
     if not is_nifti_path(out):
         _fail(f"--out {out.name}: the redrawn labels are written as NIfTI (.nii or .nii.gz)")
-    _check_outputs([out], [src, edited_path])
+    _check_outputs([out], [src, edited_path], ["the image", "the edited labels"])
     if not 0.0 < args.threshold < 1.0:
         _fail("--threshold must be between 0 and 1")
     if args.n > 64:
         _fail("--n: the number of samples must be between 1 and 64")
     vol = _load(src, args.series)
-    edited_vol = load_volume(edited_path)
-    if tuple(edited_vol.shape) != tuple(vol.shape):
-        _fail(f"--edited {edited_path.name} has shape {tuple(edited_vol.shape)}, the image {tuple(vol.shape)}: "
-              f"the edited labels must be on the image's grid")
-    if not np.allclose(edited_vol.spacing, vol.spacing, rtol=1e-3, atol=1e-3):
-        _fail(f"--edited {edited_path.name} has spacing {tuple(edited_vol.spacing)} mm, the image "
-              f"{tuple(vol.spacing)} mm: the edited labels must be on the image's grid")
-    edited = np.asarray(edited_vol.data)
-    if not np.issubdtype(edited.dtype, np.integer):
-        if not np.all(np.equal(np.mod(edited, 1), 0)):
-            _fail(f"--edited {edited_path.name} is not a label volume (non-integer values)")
-    edited = edited.astype(np.int64)
+    edited, label_notes = _edited_labels(vol, edited_path)
     box = None
     if args.box:
         from .roi import parse_roi
@@ -142,22 +170,32 @@ def cmd_redraw(args) -> int:
     todo = [z for z in zs if (edited[z] == label).any()]
     if not todo:
         _fail(f"the edited labels hold no voxel of label {label} on the chosen slices: nothing to redraw")
+    vol, report = _checked(vol, ckpt, args)  # HU checks and --hu-offset exactly as genseg segment
 
     from .threads import configure_threads
 
     threads = configure_threads(args.threads)
     opts = dict(device=args.device, precision=args.precision, n_samples=args.n, threshold=args.threshold,
                 target_class=target, seed=args.seed)
-    if roi_mode:
-        from .predictors.arseg_roi import ArSegRoiPredictor
-
-        pred = ArSegRoiPredictor.from_checkpoint(ckpt, **opts)
-    else:
-        from .predictors.arseg import ArSegPredictor
-
-        cache = {} if args.embedding_cache is None else {"embedding_cache": args.embedding_cache}
-        pred = ArSegPredictor.from_checkpoint(ckpt, **opts, **cache)
     spacing = tuple(float(s) for s in vol.spacing)
+    with warnings.catch_warnings(record=True) as caught:  # e.g. the cuda -> cpu fallback
+        warnings.simplefilter("always")
+        if roi_mode:
+            from .predictors.arseg_roi import ArSegRoiPredictor
+
+            pred = ArSegRoiPredictor.from_checkpoint(ckpt, **opts)
+        else:
+            from .predictors.arseg import ArSegPredictor
+
+            cache = {} if args.embedding_cache is None else {"embedding_cache": args.embedding_cache}
+            pred = ArSegPredictor.from_checkpoint(ckpt, **opts, **cache)
+    run_warnings = list(dict.fromkeys(str(w.message) for w in caught))
+    if roi_mode:
+        run_warnings += pred.zoom_warnings(box, spacing[1:])  # as genseg segment --roi gives it
+    for w in run_warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    from .predictors.arseg import paste_target
+
     labels = edited.copy()
     per_slice = []
     t_all = time.perf_counter()
@@ -178,10 +216,8 @@ def cmd_redraw(args) -> int:
                 inplane = None if box is None else (box.y0, box.y1, box.x0, box.x1)
                 res = pred.redraw(np.asarray(vol.data[z]), prev, args.from_scale, spacing_yx=spacing[1:],
                                   seed=args.seed + z, box=inplane, previous=prev)
-            part = labels[sl]
-            part[prev & ~res.consensus] = 0
-            part[res.consensus] = label
-            labels[sl] = part
+            # only background and the target's own voxels change; other labels are kept
+            labels[sl] = paste_target(labels[sl], res.consensus, label)
             per_slice.append({"z": z, "edited_voxels": int(prev.sum()), "redrawn_voxels": int(res.consensus.sum()),
                               "redraw_s": round(res.seconds, 4), "slice_s": round(time.perf_counter() - t0, 4),
                               "embedding_cached": bool(res.embedding_cached)})
@@ -190,10 +226,12 @@ def cmd_redraw(args) -> int:
         bar.close()
     elapsed = time.perf_counter() - t_all
     rec = _record(ckpt, args, todo, elapsed, threads, box, target, label, per_slice, roi_mode)
+    rec["input_checks"] = report.to_dict()
+    rec["warnings"] = list(dict.fromkeys([*vol.meta.get("warnings", []), *report.warnings, *label_notes,
+                                          *run_warnings]))
     from .io import write_mask
 
-    out_labels = labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.uint16)
-    write_mask(out, out_labels, like=vol, record=rec)
+    write_mask(out, labels, like=vol, record=rec)
     print(f"wrote {out} ({len(todo)} slices redrawn from scale {args.from_scale}, N = {args.n}, "
           f"{elapsed:.1f} s)", file=sys.stderr)
     return 0
@@ -210,6 +248,6 @@ def _record(ckpt, args, zs, elapsed, threads, box, target, label, per_slice, roi
                        "threshold": args.threshold, "target_class": ckpt.class_names[target],
                        "edited_label": label, "box": str(box) if box is not None else None,
                        "roi_mode": roi_mode, "slices": per_slice,
-                       "note": "scales 1..k of the edited mask kept (VQ tokens), k+1..K sampled; voxels outside "
-                               "the box and of other labels copied from the edited file"},
+                       "note": "scales 1..k of the edited mask kept (VQ tokens), k+1..K sampled; only background "
+                               "and the target's voxels inside the box change, other labels are copied"},
             "warnings": []}

@@ -66,12 +66,19 @@ def same_file(a: str | os.PathLike | None, b: str | os.PathLike | None) -> bool:
 def check_writable_folder(folder: str | os.PathLike) -> None:
     """Raise :class:`~napari_genseg.errors.InputError` unless files can be created in ``folder``:
     it exists as a writable folder, or its nearest existing ancestor is one (``atomic_path``
-    creates the missing folders). Checks only; creates nothing."""
+    creates the missing folders). Probes by creating and removing an empty temporary file in that
+    folder (``os.access`` passes for root even where nothing can be written); creates nothing else."""
     folder = Path(folder).absolute()
     anc = folder
     while not anc.exists() and anc != anc.parent:
         anc = anc.parent
     if not anc.is_dir():
         raise InputError(f"cannot write into {folder}: {anc} is a file, not a folder")
-    if not os.access(anc, os.W_OK | os.X_OK):
-        raise InputError(f"cannot write into {folder}: no write permission for {anc}")
+    # os.access says yes to root everywhere (read-only mounts, /sys, /proc): really create a file
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".genseg-probe-", dir=anc)
+    except OSError as exc:
+        raise InputError(f"cannot write into {folder}: creating a file in {anc} failed "
+                         f"({exc.strerror or type(exc).__name__})") from None
+    os.close(fd)
+    os.unlink(probe)

@@ -224,13 +224,14 @@ def write_dicom_seg(path: str | os.PathLike, labels: np.ndarray, like: Volume, c
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
 
-    from .sidecar import package_version, write_output_sidecar
+    from .sidecar import check_sidecar_free, package_version, write_output_sidecar
 
     path = Path(path)
     if like is None or like.meta.get("format") != "dicom" or like.source_affine is None:
         raise InputError("DICOM SEG needs a DICOM source")
     if not is_dicom_seg_path(path):
         raise MaskWriteError(f"{path.name}: a DICOM SEG output must end with .dcm")
+    check_sidecar_free(path)
     labels = checked_mask_labels(path, labels, like)
     names = [str(n) for n in class_names]
     present = [int(c) for c in np.unique(labels) if int(c) != 0]

@@ -388,20 +388,22 @@ def write_mask(
     affine and header), or, for a layer painted without reader metadata, on the display grid
     given by ``spacing``/``origin``. Atomic; refuses to overwrite the source image. Raises
     :class:`MaskWriteError` for a non-NIfTI name, the source image's path, a folder that cannot
-    be written, or labels that are not a non-negative integer volume of the image's shape.
+    be written, or labels that are not a non-negative integer volume of the image's shape, and
+    InputError when its sidecar would overwrite another file (``sidecar.check_sidecar_free``).
 
     Every mask gets its JSON sidecar beside it (``io/sidecar.py``: ``x.nii.gz`` -> ``x.json``)
     with the package version, the input's geometry and ``record`` (model, inference settings,
     input checks, warnings, post-processing: see ``run_record.py``)."""
     import nibabel as nib
 
-    from .sidecar import write_output_sidecar
+    from .sidecar import check_sidecar_free, write_output_sidecar
 
     path = Path(path)
     if not is_nifti_path(path):
         raise MaskWriteError(f"{path.name}: mask output must end with .nii or .nii.gz")
     if like is not None and same_file(path, like.source_path):
         raise MaskWriteError(f"refusing to overwrite the source image {path}")
+    check_sidecar_free(path, [like.source_path] if like is not None else ())
     labels = checked_mask_labels(path, labels, like)
     dtype = _label_dtype(int(labels.max()) if labels.size else 0)
     if like is not None:

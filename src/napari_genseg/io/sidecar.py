@@ -29,6 +29,7 @@ __all__ = [
     "volume_record",
     "output_record",
     "write_output_sidecar",
+    "check_sidecar_free",
 ]
 
 SIDECAR_FORMAT = "napari-genseg-output"
@@ -138,10 +139,45 @@ def output_record(output, *, volume=None, model: dict | None = None, inference: 
 _RECORD_KEYS = ("model", "inference", "input_checks", "warnings", "postprocessing")
 
 
+def check_sidecar_free(output: str | os.PathLike, protected=()) -> Path:
+    """The sidecar path of ``output`` if writing it destroys nothing, else raise
+    :class:`~napari_genseg.errors.InputError` (one line): the sidecar must not be one of
+    ``protected`` (paths of files that must survive, e.g. the inputs) or their sidecars, and an
+    existing file there must be this output's own previous sidecar (a genseg record whose
+    ``"output"`` has ``output``'s file name); ``x.nii`` next to ``x.nii.gz`` would otherwise
+    overwrite ``x.json``, the provenance of the other file."""
+    from ..errors import InputError
+    from .atomic import same_file
+
+    out = Path(output)
+    side = sidecar_path(out)
+    for p in protected:
+        if p is None:
+            continue
+        p = Path(p)
+        if same_file(side, p) or (p.suffix != ".json" and not p.is_dir() and same_file(side, sidecar_path(p))):
+            raise InputError(f"refusing to write {side}: it is the sidecar of {p.name} (or that file itself); "
+                             f"choose another --out name")
+    if side.exists():
+        try:
+            rec = json.loads(side.read_text())
+            own = (isinstance(rec, dict) and rec.get("format") == SIDECAR_FORMAT
+                   and Path(str(rec.get("output", ""))).name == out.name)
+        except (OSError, ValueError):
+            own = False
+        if not own:
+            raise InputError(f"refusing to overwrite {side}: it is not the sidecar of {out.name} (another "
+                             f"file's record or not a genseg sidecar); choose another --out name")
+    return side
+
+
 def write_output_sidecar(output: str | os.PathLike, volume=None, record: dict | None = None) -> Path:
     """Write the sidecar of one output file: ``output_record`` with the keys of ``record`` that
     it names (model, inference, input_checks, warnings, postprocessing) and any other key of
-    ``record`` added as it is. Returns the sidecar's path."""
+    ``record`` added as it is. Returns the sidecar's path. Raises InputError when the sidecar
+    would overwrite a file that is not this output's own previous sidecar (``check_sidecar_free``;
+    the writers call it before they write the output itself)."""
+    check_sidecar_free(output)
     record = dict(record or {})
     known = {k: record.pop(k) for k in _RECORD_KEYS if k in record}
     rec = output_record(output, volume=volume, extra=record, **known)

@@ -41,7 +41,7 @@ from .embedding_cache import EmbeddingCache, embedding_signature, tensor_digest
 from .uncertainty import disagreement_percent
 
 __all__ = ["ArSegPredictor", "RedrawResult", "RedrawError", "consensus_from_votes", "cell_block",
-           "redraw_consensus", "check_box"]
+           "redraw_consensus", "check_box", "check_spacing", "paste_target"]
 
 
 class RedrawError(InputError, ValueError):
@@ -452,13 +452,15 @@ class ArSegPredictor:
         ids, e.g. a reference's own ``encode_mask`` tokens): keep exactly these ids for scales 1..k
         instead of quantising ``edited_mask`` (which may then be None; no clicks). Raises
         :class:`RedrawError` (an InputError) for a bad scale, shape, box, click, N, threshold, class
-        or prefix.
+        or prefix, a spacing that is not finite and > 0, or a slice with NaN/inf pixels.
         """
         img = np.asarray(slice_hu)
         if img.ndim != 2:
             raise RedrawError(f"slice must be 2-D (H, W), got shape {img.shape}")
+        if not np.isfinite(img).all():
+            raise RedrawError(f"slice holds {int((~np.isfinite(img)).sum())} NaN/inf pixels: HU must be finite")
         hw = tuple(int(v) for v in img.shape)
-        spacing_yx = tuple(float(v) for v in spacing_yx)
+        spacing_yx = check_spacing(spacing_yx)
         k = int(from_scale) if isinstance(from_scale, (int, np.integer)) and not isinstance(from_scale, bool) else from_scale
         self._pn(k)
         n, threshold, cls_id = self._check_options(n_samples, threshold, target_class)
@@ -506,6 +508,35 @@ def redraw_consensus(samples: np.ndarray, box, previous: np.ndarray, threshold: 
     consensus = np.where(inside, consensus_from_votes(votes, n, threshold), np.asarray(previous) != 0)
     var = np.where(inside, disagreement_percent(votes, n, consensus), 0.0).astype(np.float32)
     return consensus, var
+
+
+def paste_target(old: np.ndarray, consensus: np.ndarray, label: int, inside: np.ndarray | None = None) -> np.ndarray:
+    """Labels ``old`` (any shape, integer ids) with a redrawn mask of ``label`` pasted: a copy where,
+    inside ``inside`` (bool, default everywhere), the target's own voxels outside ``consensus`` become
+    0 and ``consensus`` voxels that are background or the target become ``label``. Voxels of every
+    other label are never changed (a redraw is of one class; it neither erases nor grows over others)."""
+    old = np.asarray(old)
+    cons = np.asarray(consensus, bool)
+    if inside is not None:
+        cons = cons & np.asarray(inside, bool)
+    own = old == label
+    if inside is not None:
+        own &= np.asarray(inside, bool)
+    new = old.copy()
+    new[own & ~cons] = 0
+    new[cons & ((old == 0) | (old == label))] = label
+    return new
+
+
+def check_spacing(spacing_yx) -> tuple[float, float]:
+    """(sy, sx) pixel spacing in mm, both finite and > 0; raises :class:`RedrawError` otherwise."""
+    try:
+        sp = tuple(float(v) for v in spacing_yx)
+    except (TypeError, ValueError):
+        sp = ()
+    if len(sp) != 2 or not all(np.isfinite(v) and v > 0 for v in sp):
+        raise RedrawError(f"spacing_yx must be two finite pixel spacings > 0 mm, got {spacing_yx!r}")
+    return sp
 
 
 def check_box(box, hw) -> tuple[int, int, int, int]:

@@ -30,8 +30,8 @@ import torch
 from ..device import autocast_context
 from ..preprocessing import as_float_hu
 from ..roi import RoiBox, RoiCrop, crop_for_box
-from .arseg import (ArSegPredictor, RedrawError, RedrawResult, cell_block, check_box, consensus_from_votes,
-                    redraw_consensus)
+from .arseg import (ArSegPredictor, RedrawError, RedrawResult, cell_block, check_box, check_spacing,
+                    consensus_from_votes, redraw_consensus)
 from .base import PredictorOptionError
 from .embedding_cache import tensor_digest
 from .uncertainty import disagreement_percent
@@ -149,6 +149,18 @@ class ArSegRoiPredictor:
         """The crop geometry of ``box`` on the model's image grid (``roi.crop_for_box``)."""
         return crop_for_box(box, spacing_yx, self.fov_mm, self.img_size)
 
+    def zoom_warnings(self, box: RoiBox, spacing_yx) -> list[str]:
+        """One warning (a list of one line) when ``box`` at ``spacing_yx`` (sy, sx) mm is larger than
+        the checkpoint's field of view, so the model sees the structure smaller than in training;
+        else []."""
+        sy, sx = (float(s) for s in tuple(spacing_yx)[-2:])
+        crop = self.crop(box, (sy, sx))
+        if crop.zoom <= 1.0 + 1e-9:
+            return []
+        return [f"the box ({(box.y1 - box.y0) * sy:.1f} x {(box.x1 - box.x0) * sx:.1f} mm) is larger than "
+                f"the checkpoint's {self.fov_mm:g} mm field of view: the crop covers {crop.fov_mm:.1f} mm, so "
+                f"the model sees the structure {crop.zoom:.2f}x smaller than in training"]
+
     # ------------------------------------------------------------------ running a box
     @torch.inference_mode()
     def run(self, image: np.ndarray, spacing, box: RoiBox, batch_size: int = 4, progress=None) -> RoiResult:
@@ -160,11 +172,7 @@ class ArSegRoiPredictor:
         box.check(np.shape(image))
         sy, sx = (float(s) for s in tuple(spacing)[-2:])
         crop = self.crop(box, (sy, sx))
-        warns = []
-        if crop.zoom > 1.0 + 1e-9:
-            warns.append(f"the box ({(box.y1 - box.y0) * sy:.1f} x {(box.x1 - box.x0) * sx:.1f} mm) is larger than "
-                         f"the checkpoint's {self.fov_mm:g} mm field of view: the crop covers {crop.fov_mm:.1f} mm, so "
-                         f"the model sees the structure {crop.zoom:.2f}x smaller than in training")
+        warns = self.zoom_warnings(box, (sy, sx))
         pred, zs = self.base, list(range(box.z0, box.z1))
         votes, tokens = [], []
         for s in range(0, len(zs), max(1, int(batch_size))):
@@ -288,7 +296,8 @@ class ArSegRoiPredictor:
         (``click_cell``); ``region`` (y0, y1, x0, x1) box pixels limits the change (default: the whole
         box), ``previous`` (h, w) bool is kept outside it. The crop is embedded once (reused from the
         last ``run`` of the same box). Returns a :class:`RedrawResult` on the box's pixels (h, w).
-        Raises RoiError / RedrawError (InputErrors) for a bad box, slice, scale, mask, click or option.
+        Raises RoiError / RedrawError (InputErrors) for a bad box, slice, scale, mask, click or option,
+        a spacing that is not finite and > 0, or a slice with NaN/inf pixels.
         """
         image = np.asarray(image)
         box.check(np.shape(image))
@@ -308,7 +317,9 @@ class ArSegRoiPredictor:
         prev = np.zeros((h, w), bool) if previous is None else np.asarray(previous)
         if prev.shape != (h, w):
             raise RedrawError(f"previous mask {prev.shape} and box {(h, w)} differ in shape")
-        sy, sx = (float(v) for v in tuple(spacing)[-2:])
+        sy, sx = check_spacing(tuple(spacing)[-2:])
+        if not np.isfinite(image[int(z)]).all():
+            raise RedrawError(f"slice {int(z)} holds NaN/inf pixels: HU must be finite")
         e = np.asarray(edited_crop_mask)
         if edited_on == "box":
             grid = self.to_mask_grid(e, box, (sy, sx))

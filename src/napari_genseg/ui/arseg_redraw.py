@@ -484,11 +484,10 @@ class RedrawPanel(Container):
         h, w = res.shape[1:]
         inside = np.zeros((h, w), bool)
         inside[y0:y1, x0:x1] = True
+        from ..predictors.arseg import paste_target
+
         old = np.asarray(cons.data[z]).copy()
-        new = old.copy()
-        fg = np.asarray(r.consensus, bool) & inside
-        new[inside & (old == cid) & ~fg] = 0
-        new[fg] = cid
+        new = paste_target(old, r.consensus, cid, inside)  # other classes' pixels are kept
         whole = (y0, y1, x0, x1) == (0, h, 0, w)
         before = res.state(z)
         after = res.redrawn(z, np.asarray(r.samples).sum(0, dtype=np.uint8), r.tokens, None if whole else r.box)

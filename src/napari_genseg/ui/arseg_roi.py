@@ -238,17 +238,15 @@ class RoiPanel(Container):
 
     def plan_paste(self, cons: np.ndarray, box, target_class: int):
         """(target Labels layer, its labels in ``box`` now, those labels with ``cons`` pasted): the
-        class becomes ``cons`` in the box (its voxels outside ``cons`` go to 0, other classes'
-        voxels outside it are kept)."""
+        class becomes ``cons`` in the box where it is background or the class (its voxels outside
+        ``cons`` go to 0); other classes' voxels are never changed (``predictors.arseg.paste_target``)."""
         lay = self._target_layer()
         self._paste_layer_name = lay.name
         cid = self.class_id(lay, target_class)
         old = np.asarray(lay.data[box.slices]).copy()
-        cons = np.asarray(cons, bool)
-        new = old.copy()
-        new[(old == cid) & ~cons] = 0
-        new[cons] = cid
-        return lay, old, new
+        from ..predictors.arseg import paste_target
+
+        return lay, old, paste_target(old, cons, cid)
 
     @staticmethod
     def write_box(lay, box, old: np.ndarray, new: np.ndarray) -> int:
