@@ -94,6 +94,30 @@ def test_prefix_is_kept_and_cached_equals_uncached(k, monkeypatch):
         torch.testing.assert_close(x, y, rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("use_kv_cache", [True, False])
+@pytest.mark.parametrize("k", [1, 3, K - 1])
+def test_teacher_forced_prefix_equals_the_unforced_path(k, use_kv_cache):
+    """Forcing scales 1..k to the tokens an unforced run drew gives the logits of scale k+1 that
+    run had (p(r_{k+1} | r_<=k, c, f) is the same distribution with or without teacher forcing):
+    the prefix's f_hat, its scale inputs and their token positions match the plain path's."""
+    m = _tiny()
+    emb = m.embed(torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(11)))
+    cls = torch.tensor([0, 2])
+    real = sampling.draw_tokens
+    seen = []
+    try:
+        sampling.draw_tokens = lambda lg, *a: (seen.append(lg.float().clone()), real(lg, *a))[1]
+        ref = m.sample(emb, cls, 1, generator=torch.Generator().manual_seed(5), use_kv_cache=use_kv_cache)
+        plain = list(seen)
+        seen.clear()
+        m.sample(emb, cls, 1, generator=torch.Generator().manual_seed(5), use_kv_cache=use_kv_cache,
+                 prefix_ids=ref[:, 0, : OFFSETS[k]])
+    finally:
+        sampling.draw_tokens = real
+    assert len(plain) == K and seen[0].shape == plain[k].shape == (2, (k + 1) ** 2, seen[0].shape[-1])
+    torch.testing.assert_close(seen[0], plain[k], rtol=0, atol=2e-5)
+
+
 def test_prefix_conditions_the_next_scale_and_runs_once_on_the_image_rows():
     """The logits of scale k+1 depend on the prefix (another prefix, other logits); the prefix scales
     run once on the B image rows, then one pass per remaining scale on the B*N rows (new tokens only)."""
