@@ -414,6 +414,35 @@ def test_roi_redraw_reuses_the_run_embedding_and_keeps_outside_the_region():
         roi.redraw(image, spacing, box, np.zeros((64, 64), bool), 3)
 
 
+def test_roi_remembered_embeddings_are_bounded_and_released():
+    """ROI mode keeps the last run's embeddings for redraws only within ``memo_max_bytes`` (oldest
+    slices out: their redraw re-embeds, still correct), and ``release`` frees them."""
+    from napari_genseg.predictors.arseg_roi import ArSegRoiPredictor
+    from napari_genseg.roi import RoiBox
+
+    p = _predictor(n=2)
+    roi = ArSegRoiPredictor(p, fov_mm=40.0)
+    image = np.random.default_rng(1).normal(0, 60, (5, 64, 64)).astype(np.float32)
+    spacing, box = (3.0, 1.0, 1.0), RoiBox(0, 5, 10, 40, 20, 44)
+    roi.run(image, spacing, box)
+    one = next(iter(roi._emb_memo.values()))
+    per_slice = one.numel() * one.element_size()
+    assert len(roi._emb_memo) == 5
+    roi.memo_max_bytes = 2 * per_slice
+    roi.run(image, spacing, box, batch_size=2)
+    assert len(roi._emb_memo) == 2  # the last two slices
+    calls, hook = _encoder_counter(p.model)
+    try:
+        edited = _blob((30, 24), 14, 11, 8, 7)
+        assert roi.redraw(image, spacing, box, edited, 3, z=4, seed=0).embedding_cached
+        assert not roi.redraw(image, spacing, box, edited, 3, z=0, seed=0).embedding_cached
+        assert len(calls) == 1
+    finally:
+        hook.remove()
+    roi.release()
+    assert roi._emb_memo == {}
+
+
 def test_roi_mask_grid_geometry_with_markers():
     """ROI mode: a marker blob on the box's pixels goes to the crop's mask grid at the place the napari
     transform says, comes back to the same place, and a clicked pixel lies in its cell's block."""

@@ -106,8 +106,26 @@ class ArSegRoiPredictor:
         self.fov_mm = float(fov_mm)
         self.img_size = int(predictor.cfg.img_size)
         self.mask_size = int(predictor.cfg.mask_size)
-        #: input digest -> embedding of the last run's slices (a redraw of them skips the encoder)
+        #: input digest -> embedding of the last run's slices (a redraw of them skips the encoder);
+        #: at most ``memo_max_bytes`` (the oldest slices are dropped first: their redraw re-embeds)
         self._emb_memo: dict[str, torch.Tensor] = {}
+
+    #: bound of the last run's remembered embeddings (a SAM-sized embedding is 4 MiB per slice)
+    memo_max_bytes = 256 * 2**20
+
+    def _remember(self, xt: torch.Tensor, emb: torch.Tensor) -> None:
+        """Keep the embeddings (n, C_e, h, w) of the inputs xt (n, C, S, S) for redraws, within
+        ``memo_max_bytes`` (oldest first out)."""
+        self._emb_memo.update((tensor_digest(xi), ei) for xi, ei in zip(xt, emb))
+        total = sum(e.numel() * e.element_size() for e in self._emb_memo.values())
+        while self._emb_memo and total > self.memo_max_bytes:
+            old = self._emb_memo.pop(next(iter(self._emb_memo)))
+            total -= old.numel() * old.element_size()
+
+    def release(self) -> None:
+        """Free the remembered embeddings and the base predictor's batch (after a run is done with)."""
+        self._emb_memo = {}
+        self.base.release()
 
     @classmethod
     def from_checkpoint(cls, ckpt, *, fov_mm: float | None = None, device="auto", precision: str = "auto",
@@ -182,7 +200,7 @@ class ArSegRoiPredictor:
             emb = pred.embed(xt)
             if s == 0:
                 self._emb_memo = {}
-            self._emb_memo.update((tensor_digest(xi), ei) for xi, ei in zip(xt, emb))
+            self._remember(xt, emb)
             cls = torch.full((len(zb),), pred.target_class - 1, dtype=torch.long, device=pred.device)
             opts = {"temperatures": pred.temperatures} if pred.temperatures else {}
             with autocast_context(pred.device, pred.precision):
