@@ -129,18 +129,9 @@ class OrtSegmentationPredictor(SegmentationPredictor):
 
     def __init__(self, onnx_path, class_names, normalization, grid, return_probs: bool = False,
                  in_chans: int = 1, threads: int | None = None):
-        self.device = torch.device("cpu")
-        self.precision = "fp32"
-        self.model = None
+        self._init_state(None, torch.device("cpu"), "fp32", class_names, normalization, grid, return_probs,
+                         in_chans)
         self.onnx_path = str(onnx_path)
-        self.class_names = list(class_names)
-        self.norm = normalization
-        self.grid = grid
-        self.return_probs = return_probs
-        self.in_chans = in_chans
-        self._x = None
-        self._hw = None
-        self._spacing = (1.0, 1.0)
         self.session = ort_session(self.onnx_path, threads)
         self.threads = self.session.get_session_options().intra_op_num_threads
 

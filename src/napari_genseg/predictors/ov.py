@@ -136,18 +136,9 @@ class OpenVinoSegmentationPredictor(SegmentationPredictor):
 
     def __init__(self, onnx_path, class_names, normalization, grid, return_probs: bool = False,
                  in_chans: int = 1, threads: int | None = None, precision: str = "fp32"):
-        self.device = torch.device("cpu")
-        self.precision = precision
-        self.model = None
+        self._init_state(None, torch.device("cpu"), precision, class_names, normalization, grid, return_probs,
+                         in_chans)
         self.onnx_path = str(onnx_path)
-        self.class_names = list(class_names)
-        self.norm = normalization
-        self.grid = grid
-        self.return_probs = return_probs
-        self.in_chans = in_chans
-        self._x = None
-        self._hw = None
-        self._spacing = (1.0, 1.0)
         self.compiled = compile_openvino(self.onnx_path, precision, threads, batch=1)
         self.threads = int(self.compiled.get_property("INFERENCE_NUM_THREADS"))
         self._request = self.compiled.create_infer_request()

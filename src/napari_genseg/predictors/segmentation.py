@@ -68,9 +68,17 @@ class SegmentationPredictor:
         return_probs: bool = False,
         in_chans: int = 1,
     ):
-        self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device)
-        self.model = model.eval().to(self.device)
+        device = resolve_device(device)
+        self._init_state(model.eval().to(device), device, resolve_precision(precision, device), class_names,
+                         normalization, grid, return_probs, in_chans)
+
+    def _init_state(self, model, device: torch.device, precision: str, class_names, normalization, grid,
+                    return_probs: bool, in_chans: int) -> None:
+        """The fields every runtime's predictor holds (the exported-model predictors of ``ort`` and
+        ``ov`` pass ``model=None`` and the CPU)."""
+        self.device = device
+        self.precision = precision
+        self.model = model
         self.class_names = list(class_names)
         self.norm = normalization
         self.grid = grid
