@@ -147,3 +147,24 @@ def test_evaluate_checks_data_before_loading_the_checkpoint(tmp_path, monkeypatc
     monkeypatch.setattr(checkpoints, "load_checkpoint", lambda *a, **k: pytest.fail("checkpoint loaded first"))
     rc = main(["evaluate", str(tmp_path / "c.safetensors"), f"msd:{tmp_path / 'nothing'}"])
     assert rc == 2 and "no such file or folder" in capsys.readouterr().err
+
+
+def test_python_warnings_print_as_one_line(monkeypatch):
+    """While a command runs, a Python warning (e.g. the cuda -> cpu fallback) is formatted as the CLI's
+    own ``warning: ...`` line, without the source file and code line; the format is restored afterwards."""
+    import warnings
+
+    from napari_genseg import cli
+
+    seen = []
+
+    def command(args):
+        seen.append(warnings.formatwarning("CUDA is not available: running on the CPU\nsecond line",
+                                           UserWarning, "/x/device.py", 12, "warnings.warn(...)"))
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_models", command)
+    before = warnings.formatwarning
+    assert cli.main(["models"]) == 0
+    assert seen == ["warning: CUDA is not available: running on the CPU\n"]
+    assert warnings.formatwarning is before

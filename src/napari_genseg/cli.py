@@ -690,6 +690,8 @@ def main(argv=None) -> int:
     prefer_passive_wait()  # before torch loads its OpenMP runtime (README "Threads")
     ap = build_parser()
     args = ap.parse_args(argv)
+    shown = warnings.formatwarning
+    warnings.formatwarning = _warning_line  # Python warnings (e.g. the cuda -> cpu fallback) as one line
     try:
         return int(args.func(args) or 0)
     except InputError as exc:
@@ -698,6 +700,15 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("genseg: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = shown
+
+
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """A Python warning printed by ``genseg`` as the CLI's own warnings are: ``warning: <first line>``
+    (no source file, line number or code line)."""
+    text = str(message).strip().splitlines()
+    return f"warning: {text[0] if text else category.__name__}\n"
 
 
 def _one_line(exc: BaseException) -> str:
