@@ -429,6 +429,19 @@ class ArSegPredictor:
             cells.append((i, j))
         return g, cells
 
+    def sample_from_prefix(self, emb: torch.Tensor, cls_id: int, n: int, prefix: np.ndarray, seed=None,
+                           use_kv_cache: bool = True) -> torch.Tensor:
+        """N token maps (N, L) of one image embedding ``emb`` (1, C_e, h, w) for label id ``cls_id``, the
+        ids ``prefix`` (L_k,) of scales 1..k teacher-forced (``ArSeg.sample(prefix_ids=...)``), with this
+        predictor's temperatures, top-k and precision; ``seed`` None continues its generator."""
+        gen = self.generator if seed is None else torch.Generator(device=self.device).manual_seed(int(seed))
+        cls = torch.full((1,), cls_id - 1, dtype=torch.long, device=self.device)
+        opts = {"temperatures": self.temperatures} if self.temperatures else {}
+        pre = torch.as_tensor(np.asarray(prefix)[None], device=self.device)
+        with autocast_context(self.device, self.precision):
+            return self.model.sample(emb, cls, n_samples=n, generator=gen, top_k=self.top_k,
+                                     use_kv_cache=use_kv_cache, prefix_ids=pre, **opts)[0]
+
     @torch.inference_mode()
     def redraw(self, slice_hu: np.ndarray, edited_mask: np.ndarray, from_scale: int, *, spacing_yx=(1.0, 1.0),
                edited_on: str = "slice", target_class: int | None = None, n_samples: int | None = None,
@@ -482,14 +495,8 @@ class ArSegPredictor:
                                   f"0..{self.cfg.vocab_size - 1}")
         x = model_input(img[None], spacing_yx, self.grid, self.norm, self.device)
         emb, cached = self._embedding(x)
-        gen = self.generator if seed is None else torch.Generator(device=self.device).manual_seed(int(seed))
         t0 = time.perf_counter()
-        cls = torch.full((1,), cls_id - 1, dtype=torch.long, device=self.device)
-        opts = {"temperatures": self.temperatures} if self.temperatures else {}
-        prefix = torch.as_tensor(edited[None, :lk], device=self.device)
-        with autocast_context(self.device, self.precision):
-            tok = self.model.sample(emb, cls, n_samples=n, generator=gen, top_k=self.top_k,
-                                    use_kv_cache=use_kv_cache, prefix_ids=prefix, **opts)[0]  # (N, L)
+        tok = self.sample_from_prefix(emb, cls_id, n, edited[:lk], seed, use_kv_cache)
         samples = self._masks(tok, hw, spacing_yx)
         seconds = time.perf_counter() - t0
         consensus, var = redraw_consensus(samples, (y0, y1, x0, x1), prev, threshold)

@@ -365,14 +365,8 @@ class ArSegRoiPredictor:
         emb = self._emb_memo.get(tensor_digest(xt[0]))
         cached = emb is not None
         emb = base.embed(xt) if emb is None else emb[None]
-        gen = base.generator if seed is None else torch.Generator(device=base.device).manual_seed(int(seed))
         t0 = time.perf_counter()
-        cls = torch.full((1,), cls_id - 1, dtype=torch.long, device=base.device)
-        opts = {"temperatures": base.temperatures} if base.temperatures else {}
-        prefix = torch.as_tensor(edited[None, :lk], device=base.device)
-        with autocast_context(base.device, base.precision):
-            tok = base.model.sample(emb, cls, n_samples=n, generator=gen, top_k=base.top_k,
-                                    use_kv_cache=use_kv_cache, prefix_ids=prefix, **opts)[0]
+        tok = base.sample_from_prefix(emb, cls_id, n, edited[:lk], seed, use_kv_cache)
         samples = self._logits(tok, crop, box) > 0
         seconds = time.perf_counter() - t0
         consensus, var = redraw_consensus(samples, reg, prev, threshold)
