@@ -225,29 +225,8 @@ def test_edit_and_redraw_are_refused_without_results(make_napari_viewer_proxy, q
     assert "Run AR-Seg on this slice first" in w.redraw._status.value
 
 
-@pytest.fixture
-def roi_checkpoint(tmp_path):
-    """arseg_tiny as a 40 mm region-of-interest checkpoint whose every sample marks its whole crop
-    (mask decoder output bias +30; the tokens still differ from draw to draw)."""
-    import torch
-
-    from napari_genseg.models import registry
-    from napari_genseg.models.checkpoints import save_checkpoint
-
-    entry = registry.get_entry("arseg_tiny")
-    torch.manual_seed(0)
-    model = registry.get_family("arseg").build(entry.config)
-    with torch.no_grad():
-        model.vq.decoder.conv_out.weight.zero_()
-        model.vq.decoder.conv_out.bias.fill_(30.0)
-    inp = {"normalization": {"kind": "hu_window", "low": -125, "high": 275}, "grid": "resize",
-           "roi": {"fov_mm": 40.0}}
-    return save_checkpoint(tmp_path / "roi.safetensors", model, "arseg", "arseg_tiny", entry.config,
-                           ["background", "liver_lesion"], inp)
-
-
 def test_roi_mode_edits_the_box_result_and_redraws_it_as_one_undo_step(make_napari_viewer_proxy, qtbot,
-                                                                       roi_checkpoint):
+                                                                       roi_everything_checkpoint):
     from napari_genseg.phantom import PHANTOM_CLASSES, make_phantom
     from napari_genseg.ui._run import add_class_labels
     from napari_genseg.ui.arseg_explorer import ArSegExplorer
@@ -263,7 +242,7 @@ def test_roi_mode_edits_the_box_result_and_redraws_it_as_one_undo_step(make_napa
     w = ArSegExplorer(viewer)
     w._image.value = image
     w._device.value, w._samples.value = "cpu", 3
-    w.roi._checkpoint.value = str(roi_checkpoint)
+    w.roi._checkpoint.value = str(roi_everything_checkpoint)
     w.roi._paste_to.value = labels
     viewer.dims.set_current_step(0, 3)
     shapes = w.roi.draw_box()

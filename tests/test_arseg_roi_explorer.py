@@ -6,28 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 pytestmark = pytest.mark.gui
-
-
-@pytest.fixture
-def roi_everything_checkpoint(tmp_path):
-    """arseg_tiny as a 40 mm ROI checkpoint whose every sample marks its whole crop (mask decoder
-    output bias +30): the consensus is then exactly the box."""
-    from napari_genseg.models import registry
-    from napari_genseg.models.checkpoints import save_checkpoint
-
-    entry = registry.get_entry("arseg_tiny")
-    torch.manual_seed(0)
-    model = registry.get_family("arseg").build(entry.config)
-    with torch.no_grad():
-        model.vq.decoder.conv_out.weight.zero_()
-        model.vq.decoder.conv_out.bias.fill_(30.0)
-    inp = {"normalization": {"kind": "hu_window", "low": -125, "high": 275}, "grid": "resize",
-           "roi": {"fov_mm": 40.0}}
-    return save_checkpoint(tmp_path / "roi.safetensors", model, "arseg", "arseg_tiny", entry.config,
-                           ["background", "liver_lesion"], inp)
 
 
 def _setup(viewer, ckpt):
