@@ -47,3 +47,31 @@ def register_double() -> None:
                                  description="test double")
         registry.register_config("testdouble", "testdouble_small", ThresholdConfig())
     register_predictor("testdouble", SegmentationPredictor)
+
+
+def cached_vs_uncached_sampling(monkeypatch, model, emb, cls, n, prefix=None, seed=0):
+    """Sample ``model`` (an ``ArSeg``) with and without the KV cache, the uncached run forced to the
+    cached run's draws (so the two compare by logits within a float tolerance, independent of the CPU's
+    reduction order); returns (ids cached, ids uncached, logits per drawn scale cached, uncached)."""
+    from napari_genseg.models.arseg import sampling
+
+    real_draw = sampling.draw_tokens
+    seen = {True: [], False: []}
+    forced = []
+
+    def recording(cached):
+        def draw(logits, temperature, top_k, generator):
+            seen[cached].append(logits.float().clone())
+            if cached:
+                forced.append(real_draw(logits, temperature, top_k, generator))
+                return forced[-1]
+            return forced[len(seen[False]) - 1]
+        return draw
+
+    monkeypatch.setattr(sampling, "draw_tokens", recording(True))
+    a = model.sample(emb, cls, n, generator=torch.Generator().manual_seed(seed), prefix_ids=prefix)
+    monkeypatch.setattr(sampling, "draw_tokens", recording(False))
+    b = model.sample(emb, cls, n, generator=torch.Generator().manual_seed(seed), use_kv_cache=False,
+                     prefix_ids=prefix)
+    monkeypatch.setattr(sampling, "draw_tokens", real_draw)
+    return a, b, seen[True], seen[False]

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from _doubles import cached_vs_uncached_sampling
+
 from napari_genseg.errors import InputError
 from napari_genseg.models import registry
 from napari_genseg.models.arseg import sampling
@@ -48,31 +50,6 @@ def _blob(hw, cy, cx, ry, rx):
     return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
 
 
-def _recorded_sampling(monkeypatch, model, emb, cls, n, prefix, seed=0):
-    """Sample with and without the KV cache, the uncached run forced to the cached run's draws;
-    returns (ids cached, ids uncached, logits per drawn scale cached, uncached)."""
-    real_draw = sampling.draw_tokens
-    seen = {True: [], False: []}
-    forced = []
-
-    def recording(cached):
-        def draw(logits, temperature, top_k, generator):
-            seen[cached].append(logits.float().clone())
-            if cached:
-                forced.append(real_draw(logits, temperature, top_k, generator))
-                return forced[-1]
-            return forced[len(seen[False]) - 1]
-        return draw
-
-    monkeypatch.setattr(sampling, "draw_tokens", recording(True))
-    a = model.sample(emb, cls, n, generator=torch.Generator().manual_seed(seed), prefix_ids=prefix)
-    monkeypatch.setattr(sampling, "draw_tokens", recording(False))
-    b = model.sample(emb, cls, n, generator=torch.Generator().manual_seed(seed), use_kv_cache=False,
-                     prefix_ids=prefix)
-    monkeypatch.setattr(sampling, "draw_tokens", real_draw)
-    return a, b, seen[True], seen[False]
-
-
 # ---- sampling with a teacher-forced prefix ---------------------------------------------------------
 @pytest.mark.parametrize("k", [1, 3, K - 1])
 def test_prefix_is_kept_and_cached_equals_uncached(k, monkeypatch):
@@ -84,7 +61,7 @@ def test_prefix_is_kept_and_cached_equals_uncached(k, monkeypatch):
     cls = torch.tensor([0, 2])
     ref = m.sample(emb, cls, 1, generator=torch.Generator().manual_seed(99))[:, 0]  # (2, 204)
     prefix = ref[:, : OFFSETS[k]].clone()
-    a, b, lc, lu = _recorded_sampling(monkeypatch, m, emb, cls, 3, prefix)
+    a, b, lc, lu = cached_vs_uncached_sampling(monkeypatch, m, emb, cls, 3, prefix)
     assert a.shape == (2, 3, 204) and a.dtype == torch.int64 and torch.equal(a, b)
     assert torch.equal(a[:, :, : OFFSETS[k]], prefix[:, None].expand(-1, 3, -1))
     assert len(lc) == len(lu) == K - k  # scales k+1..K drawn, nothing else

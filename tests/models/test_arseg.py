@@ -181,28 +181,13 @@ def test_kv_cache_sampling_equals_uncached(seed, monkeypatch):
     tolerance, not by equality of the drawn ids: the two paths reduce in a different order, so a
     draw that lands on a top-k or CDF boundary could flip on another CPU or thread count.
     """
-    from napari_genseg.models.arseg import sampling
+    from _doubles import cached_vs_uncached_sampling
 
     m = _tiny()
     emb = m.embed(torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(seed)))
     cls = torch.tensor([0, 2])
-    real_draw = sampling.draw_tokens
-    seen = {True: [], False: []}
-    forced: list[torch.Tensor] = []
-
-    def recording_draw(cached):
-        def draw(logits, temperature, top_k, generator):
-            seen[cached].append(logits.float().clone())
-            if cached:
-                forced.append(real_draw(logits, temperature, top_k, generator))
-                return forced[-1]
-            return forced[len(seen[False]) - 1]
-        return draw
-
-    monkeypatch.setattr(sampling, "draw_tokens", recording_draw(True))
-    a = m.sample(emb, cls, 3, generator=torch.Generator().manual_seed(seed), use_kv_cache=True)
-    monkeypatch.setattr(sampling, "draw_tokens", recording_draw(False))
-    b = m.sample(emb, cls, 3, generator=torch.Generator().manual_seed(seed), use_kv_cache=False)
+    a, b, cached, uncached = cached_vs_uncached_sampling(monkeypatch, m, emb, cls, 3, seed=seed)
+    seen = {True: cached, False: uncached}
     assert a.shape == (2, 3, 204) and a.dtype == torch.int64 and torch.equal(a, b)
     assert len(seen[True]) == len(seen[False]) == 8
     for k, (lc, lu) in enumerate(zip(seen[True], seen[False])):
