@@ -268,7 +268,7 @@ def test_ort_predictor_agrees_with_torch_and_caches_by_checkpoint_hash(tmp_path,
     assert (a.labels == b.labels).mean() > 0.999
     np.testing.assert_allclose(a.probs.astype(np.float32), b.probs.astype(np.float32), atol=2e-3)
 
-    cached = E.cache_dir() / "onnx" / f"msa2net-{E.checkpoint_sha256(ckpt)}-model-opset17-r{E.EXPORT_RECIPE}.onnx"
+    cached = E.cache_dir() / "onnx" / f"msa2net-{E.export_cache_key(ckpt)}-model-opset17-r{E.EXPORT_RECIPE}.onnx"
     assert fast.onnx_path == str(cached) and cached.is_file()
     monkeypatch.setattr(E, "export_onnx", lambda *a, **k: pytest.fail("exported again"))
     assert make_predictor(ckpt, device="cpu", backend="onnxruntime").onnx_path == str(cached)
@@ -429,3 +429,58 @@ def test_int8_backend_quantises_the_matmul_weights_and_records_it(tmp_path, caps
     assert resolve_backend("onnxruntime-int8", "marseg", "cpu") == "onnxruntime-int8"
     with pytest.raises(PredictorOptionError, match="no int8"):
         resolve_backend("onnxruntime-int8", "arseg", "cpu")
+
+
+def test_export_cache_is_keyed_by_the_config_too(tmp_path):
+    """Same weights file, another config that changes what the weights compute but no shape
+    (MSA²Net's ``token_layout``): the cached export of the first config is not reused, and ONNX
+    Runtime on the second one's file agrees with torch under the second config (the old cache,
+    keyed by the weights' SHA-256 alone, served the first config's graph)."""
+    from napari_genseg.models.checkpoints import load_checkpoint
+
+    path = _tiny_checkpoint(tmp_path)
+    first = load_checkpoint(path)
+    a = E.cached_onnx(first)
+    side = path.with_suffix(".json")
+    meta = json.loads(side.read_text())
+    assert meta["config"]["token_layout"] == "spatial"
+    meta["config"]["token_layout"] = "official"
+    side.write_text(json.dumps(meta))
+    second = load_checkpoint(path)
+    b = E.cached_onnx(second)
+    assert a != b and E.checkpoint_sha256(first) == E.checkpoint_sha256(second)
+    x = torch.randn(1, 1, second.config.img_size, second.config.img_size, generator=torch.Generator().manual_seed(1))
+    assert _rel_diff(second.model, _session(b), x) < 1e-4
+    assert _rel_diff(second.model, _session(a), x) > 1e-2  # the two configs compute different things
+
+
+def test_a_lazy_checkpoint_runs_a_cached_export_without_building_the_torch_model(tmp_path, monkeypatch):
+    """``load_checkpoint(lazy=True)`` + ``make_predictor(backend="onnxruntime")``: the first run
+    builds the model to export it; a second process-like load finds the cached export and never
+    builds the torch model (the CLI's path for every backend but torch); its labels equal the
+    eager checkpoint's. A lazy checkpoint with a broken weights file raises the eager load's
+    CheckpointError when the model is first read."""
+    from napari_genseg.engine import run_to_end, run_volume
+    from napari_genseg.models import checkpoints as C
+    from napari_genseg.predictors import make_predictor
+
+    monkeypatch.setenv("GENSEG_CACHE_DIR", str(tmp_path / "cache"))  # nothing cached yet
+    path = _tiny_checkpoint(tmp_path)
+    first = C.load_checkpoint(path, lazy=True)
+    assert not first.built
+    make_predictor(first, device="cpu", backend="onnxruntime")
+    assert first.built  # the export needed it
+    second = C.load_checkpoint(path, lazy=True)
+    pred = make_predictor(second, device="cpu", backend="onnxruntime")
+    vol = _ct()
+    lazy_labels = run_to_end(run_volume(pred, vol, batch_size=2)).labels
+    assert not second.built and second.class_names == ["background", "liver"]
+    eager = make_predictor(C.load_checkpoint(path), device="cpu", backend="onnxruntime")
+    np.testing.assert_array_equal(lazy_labels, run_to_end(run_volume(eager, vol, batch_size=2)).labels)
+
+    path.write_bytes(path.read_bytes()[:100])  # truncated weights: same error as the eager load, later
+    broken = C.load_checkpoint(path, lazy=True)
+    with pytest.raises(C.CheckpointError, match="cannot read weights"):
+        broken.model
+    with pytest.raises(C.CheckpointError, match="cannot read weights"):
+        C.load_checkpoint(path)

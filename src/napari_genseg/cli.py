@@ -96,14 +96,15 @@ def _progress(total: int, desc: str, quiet: bool = False):
     return tqdm(total=total, desc=desc, unit="slice", disable=quiet, file=sys.stderr, dynamic_ncols=True)
 
 
-def _resolve(model: str, checkpoint: str | None):
+def _resolve(model: str, checkpoint: str | None, lazy: bool = False):
     """Load the model (a family's shipped checkpoint or ``checkpoint``); its warnings (e.g. a
-    partial import's untrained modules) go to stderr."""
+    partial import's untrained modules) go to stderr. ``lazy``: build the torch model only when
+    something reads it (``load_checkpoint``): runs on a cached export never do."""
     from .models.checkpoints import resolve_model
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ckpt = resolve_model(model, checkpoint, device="cpu")
+        ckpt = resolve_model(model, checkpoint, device="cpu", lazy=lazy)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     return ckpt
@@ -127,6 +128,12 @@ def _check_device(name: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         resolve_device(name)
+
+
+def _lazy(args) -> bool:
+    """Load the checkpoint lazily (``load_checkpoint(lazy=True)``) for any backend but torch: an
+    exported model whose export is cached then runs without building the torch model."""
+    return getattr(args, "backend", "auto") != "torch"
 
 
 def _check_backend(args, ckpt) -> None:
@@ -313,7 +320,7 @@ def cmd_segment(args) -> int:
         _slices(args.slices, vol)
         box = _roi_box(args, vol)
         _check_device(args.device)
-        ckpt = _resolve_roi(args) if box is not None else _resolve(args.model, args.checkpoint)
+        ckpt = _resolve_roi(args) if box is not None else _resolve(args.model, args.checkpoint, _lazy(args))
         _check_backend(args, ckpt)
         _embedding_cache_options(args, ckpt)
         args.threads = configure_threads(args.threads)
@@ -334,7 +341,7 @@ def cmd_segment(args) -> int:
               f"classes {', '.join(ckpt.class_names)})", file=sys.stderr)
         return 0
     _check_device(args.device)
-    ckpt = _resolve(args.model, args.checkpoint)
+    ckpt = _resolve(args.model, args.checkpoint, _lazy(args))
     _refuse_roi_checkpoint(ckpt)
     _check_backend(args, ckpt)
     _embedding_cache_options(args, ckpt)

@@ -54,6 +54,7 @@ __all__ = [
     "checkpoint_sha256",
     "cache_dir",
     "cached_onnx",
+    "export_cache_key",
     "quantize_int8",
     "QUANTIZATIONS",
     "onnx_vs_torch",
@@ -385,6 +386,20 @@ def checkpoint_sha256(ckpt) -> str:
     return h.hexdigest()
 
 
+def export_cache_key(ckpt) -> str:
+    """The key of a checkpoint's cached exports (hex SHA-256): of its weights file's SHA-256
+    (:func:`checkpoint_sha256`) and its model config as canonical JSON. The config is part of it
+    because settings that leave every weight's shape alone (e.g. attention heads, window sizes)
+    change what the same weights compute: an export made under another config is never reused.
+    """
+    from .models.registry import config_to_dict
+
+    h = hashlib.sha256(checkpoint_sha256(ckpt).encode())
+    h.update(json.dumps({"family": ckpt.family, "config": config_to_dict(ckpt.config)},
+                        sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
 def cache_dir() -> Path:
     """Where exported models are cached: ``GENSEG_CACHE_DIR``, else the user cache folder
     (``platformdirs.user_cache_dir("napari-genseg")`` when platformdirs is installed, else
@@ -447,8 +462,9 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
 def cached_onnx(ckpt, piece: str = "model", quantization: str | None = None) -> Path:
     """The ONNX file of ``ckpt`` (a loaded ``models.checkpoints.Checkpoint``), or of one of its
     pieces (``onnx_pieces``), in the cache folder:
-    ``onnx/<family>-<sha256>-<piece>-opset17-r<recipe>.onnx``; exported (and checked) on first
-    use. ``quantization="int8"``: its :func:`quantize_int8` file beside it (``...-int8.onnx``,
+    ``onnx/<family>-<key>-<piece>-opset17-r<recipe>.onnx`` (``key``: :func:`export_cache_key`, the
+    weights and the config); exported (and checked against torch) on first use, the only time
+    the torch model is needed (a checkpoint loaded with ``lazy=True`` is built then). ``quantization="int8"``: its :func:`quantize_int8` file beside it (``...-int8.onnx``,
     made from the fp32 one on first use). Raises :class:`ExportError` for a family or piece
     without an exporter, an unknown quantisation or an export that differs from torch."""
     _require_exportable(ckpt)
@@ -457,8 +473,8 @@ def cached_onnx(ckpt, piece: str = "model", quantization: str | None = None) -> 
                           f"(pieces: {', '.join(onnx_pieces(ckpt.family))})")
     if quantization not in (None, *QUANTIZATIONS):
         raise ExportError(f"unknown quantisation {quantization!r} (known: {', '.join(QUANTIZATIONS)})")
-    sha = checkpoint_sha256(ckpt)
-    path = cache_dir() / "onnx" / f"{ckpt.family}-{sha}-{piece}-opset{ONNX_OPSET}-r{EXPORT_RECIPE}.onnx"
+    key = export_cache_key(ckpt)
+    path = cache_dir() / "onnx" / f"{ckpt.family}-{key}-{piece}-opset{ONNX_OPSET}-r{EXPORT_RECIPE}.onnx"
     if not path.is_file():
         _export_piece(ckpt, piece, path)
     if quantization is None:

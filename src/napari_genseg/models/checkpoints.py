@@ -339,16 +339,54 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
+class _LazyCheckpoint(Checkpoint):
+    """A :class:`Checkpoint` whose model is built and its weights loaded (strictly) on the first
+    read of ``model`` or ``report``: a run on an exported model (ONNX Runtime, OpenVINO) whose
+    export is already cached never builds the torch model (MSA²Net's imports timm: ~3 s)."""
+
+    def __init__(self, build, **fields):
+        self.__dict__["_build"] = build
+        super().__init__(model=None, report=None, **fields)
+
+    @property
+    def model(self):
+        if self.__dict__.get("_model") is None:
+            self.__dict__["_model"], self.__dict__["_report"] = self._build()
+        return self.__dict__["_model"]
+
+    @model.setter
+    def model(self, value):
+        self.__dict__["_model"] = value
+
+    @property
+    def report(self):
+        self.model  # noqa: B018 -- the report comes with the load
+        return self.__dict__["_report"]
+
+    @report.setter
+    def report(self, value):
+        self.__dict__["_report"] = value
+
+    @property
+    def built(self) -> bool:
+        """Whether the torch model exists yet."""
+        return self.__dict__.get("_model") is not None
+
+
 def load_checkpoint(
-    path: str | os.PathLike, expect_model: str | None = None, device: str | torch.device = "cpu"
+    path: str | os.PathLike, expect_model: str | None = None, device: str | torch.device = "cpu",
+    lazy: bool = False,
 ) -> Checkpoint:
     """Rebuild the model from the JSON config and load its weights (strict names and shapes).
+
+    ``lazy=True``: the config and JSON are read and checked now, the model is built and its
+    weights loaded on the first read of ``model`` or ``report`` (for runtimes that need only the
+    cached export; ``export.cached_onnx`` builds it when it must export). The errors are the same,
+    raised then.
 
     Raises :class:`CheckpointError` for a missing or unreadable file, a foreign config, a family
     other than ``expect_model`` or weights that do not fit. A file written by ``genseg import
     --allow-partial`` loads with an :class:`UntrainedWeightsWarning` naming its untrained modules."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     if path.suffix == ".json":
         path = path.with_suffix(".safetensors")
@@ -364,15 +402,20 @@ def load_checkpoint(
         cfg = registry.config_from_dict(family, meta["config"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path.name}: invalid {family} config: {exc}") from exc
-    model = registry.get_family(family).build(cfg)
-    try:
-        sd = load_file(str(path))
-    except Exception as exc:
-        raise CheckpointError(f"cannot read weights {path.name}: {exc}") from exc
-    own = model.state_dict()
-    sd = {k: (v.to(own[k].dtype) if k in own else v) for k, v in sd.items()}
-    report = load_state_dict_report(model, sd, strict=True)
-    model.eval().to(device)
+
+    def build():
+        from safetensors.torch import load_file
+
+        model = registry.get_family(family).build(cfg)
+        try:
+            sd = load_file(str(path))
+        except Exception as exc:
+            raise CheckpointError(f"cannot read weights {path.name}: {exc}") from exc
+        own = model.state_dict()
+        sd = {k: (v.to(own[k].dtype) if k in own else v) for k, v in sd.items()}
+        report = load_state_dict_report(model, sd, strict=True)
+        return model.eval().to(device), report
+
     untrained = [str(m) for m in meta.get("untrained") or []]
     if untrained:
         warnings.warn(
@@ -389,8 +432,7 @@ def load_checkpoint(
         parse_postprocess(postprocess, meta.get("class_names", []))
     except PostprocessSpecError as exc:
         raise CheckpointError(f"{path.with_suffix('.json').name}: {exc}") from None
-    return Checkpoint(
-        model=model,
+    fields = dict(
         family=family,
         config_name=meta.get("config_name", family),
         config=cfg,
@@ -398,11 +440,14 @@ def load_checkpoint(
         input=meta.get("input", {}),
         provenance=meta.get("provenance", {}),
         path=path,
-        report=report,
         untrained=untrained,
         body_region=meta.get("body_region", region_for_classes(meta.get("class_names", []))),
         postprocess=dict(postprocess),
     )
+    if lazy:
+        return _LazyCheckpoint(build, **fields)
+    model, report = build()
+    return Checkpoint(model=model, report=report, **fields)
 
 
 #: where the wheel carries the demo checkpoints (copied from the repository's models/ at build time)
@@ -443,19 +488,20 @@ def require_segmentation_model(ck: Checkpoint) -> Checkpoint:
 
 
 def resolve_model(
-    name: str, checkpoint: str | os.PathLike | None = None, device="cpu"
+    name: str, checkpoint: str | os.PathLike | None = None, device="cpu", lazy: bool = False
 ) -> Checkpoint:
     """``name`` = family or config name. With ``checkpoint`` load that file (it must be of the
     same family and segment: see ``require_segmentation_model``); a bare family name loads its
     shipped demo checkpoint when one exists; a config name without checkpoint is refused
-    (untrained weights would give meaningless masks)."""
+    (untrained weights would give meaningless masks). ``lazy``: as ``load_checkpoint``'s."""
     if checkpoint is not None:
         entry = registry.get_entry(name)
-        return require_segmentation_model(load_checkpoint(checkpoint, expect_model=entry.family, device=device))
+        return require_segmentation_model(load_checkpoint(checkpoint, expect_model=entry.family, device=device,
+                                                          lazy=lazy))
     if name in {f.name for f in registry.list_families()}:
         ck = shipped_checkpoint(name)
         if ck is not None:
-            return load_checkpoint(ck, expect_model=name, device=device)
+            return load_checkpoint(ck, expect_model=name, device=device, lazy=lazy)
         raise CheckpointError(
             f"model {name!r} has no shipped demo checkpoint; pass --checkpoint FILE "
             f"(see `genseg models`)"

@@ -10,10 +10,12 @@ from ..errors import InputError
 __all__ = ["LayerEdit", "notify_error", "notify_warnings", "add_class_labels", "load_model"]
 
 
-def load_model(name: str, checkpoint: str | None):
+def load_model(name: str, checkpoint: str | None, lazy: bool = False):
     """``models.checkpoints.resolve_model`` for a dock: a family's shipped weights or ``checkpoint``.
 
-    Loads on the CPU (the predictor moves the model to its device). Applies the triton guard first
+    Loads on the CPU (the predictor moves the model to its device). ``lazy``: read and check the
+    JSON now, build the model and load its weights where it is first read (in the dock's worker
+    thread; never for an exported model whose export is cached). Applies the triton guard first
     (``_triton``): building MSA²Net imports timm, which would load triton after the canvas.
     Raises ``CheckpointError`` (an InputError) for a missing or unusable checkpoint, and
     ``UnknownModelError`` (an InputError) for an unknown model name.
@@ -22,7 +24,7 @@ def load_model(name: str, checkpoint: str | None):
     from ._triton import block_triton_if_unsafe
 
     block_triton_if_unsafe()
-    return resolve_model(name, checkpoint)
+    return resolve_model(name, checkpoint, lazy=lazy)
 
 
 def notify_error(error: str | BaseException, context: str = "") -> None:

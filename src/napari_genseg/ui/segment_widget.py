@@ -181,7 +181,8 @@ class SegmentWidget(Container):
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                ckpt = load_model(self._model.value, self._checkpoint_path())
+                # lazy: the torch model (if the backend needs it) is built in the worker below
+                ckpt = load_model(self._model.value, self._checkpoint_path(), lazy=True)
                 requested = self._backend.value
                 backend = resolve_backend(requested, ckpt.family, self._device.value, self._precision.value)
         except InputError as exc:
