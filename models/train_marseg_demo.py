@@ -84,6 +84,8 @@ def main(argv=None) -> int:
     ap.add_argument("--real-dir", default="/work/shared/data/real/ct-abdomen")
     ap.add_argument("--work", default="/work/train_runs/marseg", help="stage checkpoints + train state (not shipped)")
     ap.add_argument("--out", default=str(HERE / "marseg_demo.safetensors"))
+    ap.add_argument("--config", default="marseg_demo", choices=["marseg_demo", "marseg_demo_kl8"],
+                    help="model configuration (marseg_demo_kl8: KL-8 tokenizer, 32x32 tokens)")
     ap.add_argument("--stage0-minutes", type=float, default=30.0)
     ap.add_argument("--stage1-minutes", type=float, default=35.0)
     ap.add_argument("--stage2-minutes", type=float, default=35.0)
@@ -135,7 +137,7 @@ def main(argv=None) -> int:
     labelled = [phantom_spec, *negative_specs, real_spec]
     augment = {"p_intensity": 0.8, "hu_scale": 0.1, "hu_shift": 25.0, "noise_hu": 20.0, "gamma": 0.3,
                "p_spatial": 0.8, "scale": 0.2, "rotate_deg": 12.0, "translate": 0.05, "p_elastic": 0.3}
-    common = dict(model="marseg_demo", classes=CLASSES, label_map=LABEL_MAP, batch_size=args.batch_size,
+    common = dict(model=args.config, classes=CLASSES, label_map=LABEL_MAP, batch_size=args.batch_size,
                   val_fraction=0.15, holdout_slices="auto", holdout_gap=2, holdout_size=8, grid="spacing",
                   spacing_mm=1.5, device=args.device, precision=args.precision, seed=args.seed, workers=0,
                   threads=args.threads, augment=augment, recipe="adamw")
@@ -217,7 +219,7 @@ def main(argv=None) -> int:
         "compare the three models on one volume.",
         "",
         "## What it is",
-        f"- Architecture: MARSeg (Hwang et al., MICCAI 2025), registered config `marseg_demo`: KL tokenizer ch"
+        f"- Architecture: MARSeg (Hwang et al., MICCAI 2025), registered config `{ck.config_name}`: KL tokenizer ch"
         f" {ck.config.vae_ch} (×{list(ck.config.vae_ch_mult)}), MAR {ck.config.mar_depth}+{ck.config.mar_depth}"
         f" blocks of width {ck.config.mar_width}, {ck.config.buffer_size} buffer tokens holding `fake_latent`,"
         f" GPAF on blocks {list(ck.config.layer_indices)}, FPN head. Shipped as the inference build"
@@ -259,13 +261,13 @@ def main(argv=None) -> int:
         "",
         "Equivalent commands (the script calls the same loop in-process):",
         "```",
-        f"genseg train --model marseg_demo --stage 0 --data {phantom_spec} "
+        f"genseg train --model {ck.config_name} --stage 0 --data {phantom_spec} "
         + " ".join(f"--data {d}" for d in negative_specs) + f" --data {real_spec} --data '{unl_spec}'"
         f" --label-map {LABEL_MAP} --grid spacing --spacing-mm 1.5 --time-budget-minutes {args.stage0_minutes:g}"
         " --out marseg_stage0.safetensors   # + stage0_crop in a --config file",
-        f"genseg pretrain-mar --model marseg_demo --init marseg_stage0.safetensors (same data)"
+        f"genseg pretrain-mar --model {ck.config_name} --init marseg_stage0.safetensors (same data)"
         f" --time-budget-minutes {args.stage1_minutes:g} --out marseg_stage1.safetensors",
-        f"genseg train --model marseg_demo --stage 2 --init marseg_stage1.safetensors (labelled data only)"
+        f"genseg train --model {ck.config_name} --stage 2 --init marseg_stage1.safetensors (labelled data only)"
         f" --time-budget-minutes {args.stage2_minutes:g} --out marseg_stage2.safetensors",
         command,
         "```",

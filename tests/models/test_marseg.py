@@ -119,9 +119,23 @@ def test_registry_entries():
     fam = registry.get_family("marseg")
     assert fam.kind == "marseg" and fam.import_official is import_official
     assert fam.default_config == "marseg_paper"
-    assert {e.name for e in registry.list_configs("marseg")} == {"marseg_paper", "marseg_demo", "marseg_tiny"}
+    assert {e.name for e in registry.list_configs("marseg")} == {"marseg_paper", "marseg_demo", "marseg_demo_kl8",
+                                                                  "marseg_tiny"}
     paper = registry.get_entry("marseg_paper")
     assert paper.paper and paper.expected_params == PAPER_PARAMS
+
+
+def test_the_kl8_demo_has_twice_the_token_grid_of_the_kl16_demo():
+    """marseg_demo_kl8: KL-8 tokenizer (3 downsamplings), so 32x32 tokens at 256² and logits on
+    that grid (the FPN head predicts at the token grid); the rest as marseg_demo."""
+    kl16, kl8 = CONFIGS["marseg_demo"], CONFIGS["marseg_demo_kl8"]
+    assert (kl16.vae_stride, kl8.vae_stride) == (16, 8)
+    assert (kl16.seq_len, kl8.seq_len) == (16 * 16, 32 * 32)
+    assert dataclasses.replace(kl8, vae_ch_mult=kl16.vae_ch_mult, vae_attn_levels=kl16.vae_attn_levels) == kl16
+    torch.manual_seed(0)
+    model = registry.create_model("marseg_demo_kl8", img_size=64).eval()
+    with torch.inference_mode():
+        assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 3, 64, 64)
 
 
 # ----------------------------------------------------------------------------- parameter counts
