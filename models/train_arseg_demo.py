@@ -72,7 +72,7 @@ def stage_config(args, stage: int, work: Path):
 
     p = _paths(args)
     data = [p["phantom_spec"], *p["negative_specs"], p["real_spec"]]
-    kw = dict(model=CONFIG, classes=CLASSES, label_map=LABEL_MAP, data=data, stage=stage,
+    kw = dict(model=args.config, classes=CLASSES, label_map=LABEL_MAP, data=data, stage=stage,
               repeat={p["real_spec"]: args.repeat_real}, batch_size=args.batch_size, val_fraction=0.15,
               holdout_slices="auto", holdout_gap=2, holdout_size=8, grid="spacing", spacing_mm=SPACING_MM,
               normalization={"kind": "hu_window", "low": -125.0, "high": 275.0},
@@ -170,7 +170,7 @@ def cleaned_counts(ck, volume, n: int, zrange=None) -> dict:
 
 
 def vq_recon_dice(ck, cases, slices=None) -> dict:
-    """Stage-1 check: per organ, reconstruction Dice of the mask VQ (encode -> 204 tokens -> decode,
+    """Stage-1 check: per organ, reconstruction Dice of the mask VQ (encode -> all scales' tokens -> decode,
     logits > 0) on every slice of ``cases`` that holds the organ, on the model's mask grid; pooled over
     the slices (sum 2|A∩B| / sum |A|+|B|) and the mean of the per-slice Dice. ``slices``: the same
     slice list for every case (default: all)."""
@@ -205,7 +205,7 @@ def evaluate_all(args, out: Path, work: Path, part: str = "all") -> dict:
 
     p = _paths(args)
     ck = load_checkpoint(out)
-    prov = load_checkpoint(work / "arseg_stage2.safetensors").provenance
+    prov = (ck if part == "vq" else load_checkpoint(work / "arseg_stage2.safetensors")).provenance
     real_val = [s for s in prov["split"]["strategy"] if s.get("kind") == "slice-block"][0]["val"]
     a, b = (int(v) for v in real_val.split("-"))
     real_slices = f"{a}:{b + 1}"
@@ -213,6 +213,11 @@ def evaluate_all(args, out: Path, work: Path, part: str = "all") -> dict:
                     if c.split("_")[-2] == "phantom"]
     ph_specs = [f"phantom:{args.eval_phantoms}@1000"] + ([f"phantom:1@{int(v.split('_')[-1])}" for v in val_phantoms]
                                                         if args.eval_val_phantoms else [])
+    if part == "vq":  # the mask VQ alone (e.g. of a stage-1 checkpoint): unseen phantoms + the real block
+        real_cases = [c for s in D.load_sources([p["real_spec"]], LABEL_MAP, CLASSES) for c in s]
+        ph_cases = [c for s in D.load_sources(ph_specs, None, CLASSES, phantom_spacing=(3.0, 2.2, 2.2)) for c in s]
+        return {"vq_recon": {"unseen_phantoms": vq_recon_dice(ck, ph_cases),
+                             "real_heldout_block": vq_recon_dice(ck, real_cases, range(a, b + 1))}}
     ph_specs_self = ph_specs  # the phantoms this process segments (the "phantoms" part takes the 2nd+)
     if part == "organs" and args.eval_phantoms > 1:
         ph_specs_self = ["phantom:1@1000"]
@@ -297,6 +302,8 @@ def main(argv=None) -> int:
     ap.add_argument("--real-dir", default="/work/shared/data/real/ct-abdomen")
     ap.add_argument("--work", default="/work/train_runs/arseg_ct", help="stage checkpoints + train state (not shipped)")
     ap.add_argument("--out", default=str(HERE / "arseg_demo.safetensors"))
+    ap.add_argument("--config", default=CONFIG, choices=[CONFIG, "arseg_ct16"],
+                    help="model configuration (arseg_ct16: a 16x16 mask latent, 9 scales)")
     ap.add_argument("--stage0-minutes", type=float, default=20.0)
     ap.add_argument("--stage1-minutes", type=float, default=20.0)
     ap.add_argument("--stage2-minutes", type=float, default=28.0)
@@ -326,7 +333,7 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-val-phantoms", action="store_true", help="also the phantoms held out for validation")
     ap.add_argument("--eval-thorax", action="store_true", help="also unseen thorax phantoms as negatives")
     ap.add_argument("--skip-eval", action="store_true")
-    ap.add_argument("--eval-part", default=None, choices=["organs", "phantoms", "negatives", "unlabelled"],
+    ap.add_argument("--eval-part", default=None, choices=["organs", "phantoms", "negatives", "unlabelled", "vq"],
                     help="evaluate this part of the shipped file only, into WORK/eval_PART.json, and exit")
     ap.add_argument("--msa2net", default=str(HERE / "msa2net_demo.safetensors"))
     args = ap.parse_args(argv)

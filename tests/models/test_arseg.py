@@ -509,3 +509,18 @@ def test_encoder_logits_decode_every_pixel_from_the_embedding():
         assert torch.allclose(m.encoder_head(m.embed(x)), out)
     with pytest.raises(RuntimeError, match="no encoder head"):
         ArSeg(CONFIGS["arseg_tiny"]).encoder_logits(x)
+
+
+def test_the_16x16_latent_config_round_trips_a_mask_through_all_its_scales():
+    """arseg_ct16: VQ downsampling 8 (128² -> 16x16), scales 1..16 (655 tokens); a mask encodes to
+    one token id per cell of every scale and decodes back to the 128² mask grid."""
+    cfg = CONFIGS["arseg_ct16"]
+    assert cfg.latent_size == 16 and cfg.patch_nums[-1] == 16 and cfg.num_tokens == 655
+    torch.manual_seed(0)
+    vq = registry.create_model("arseg_ct16").vq.eval()
+    m = torch.zeros(1, 1, 128, 128)
+    m[..., 40:90, 20:60] = 1.0
+    with torch.no_grad():
+        ids = vq.encode_tokens(m)
+        assert ids.shape == (1, 655) and int(ids.max()) < cfg.vocab_size
+        assert vq.decode_tokens(ids).shape == (1, 1, 128, 128)

@@ -72,6 +72,16 @@ CONFIGS: dict[str, ArSegConfig] = {
         vq_num_res_blocks=1, vq_z_channels=64, vq_norm_groups=8, vocab_size=512, code_dim=32,
         num_cond_tokens=64, svd_max_rank=32, width=192, depth=4, heads=6,
     ),
+    # arseg_ct with a 16x16 mask latent (VQ downsampling 8 instead of 16; 9 scales up to 16, 655
+    # tokens): whole-slice masks at 3 mm put a 48 mm cell behind each 8x8 token, a 24 mm one here
+    "arseg_ct16": ArSegConfig(
+        img_size=128, in_chans=1, num_classes=2, encoder_kind="light", embed_dim=128,
+        train_image_encoder=False, light_widths=(32, 64, 96, 128), light_dim=128, light_depth=2,
+        light_heads=4, seg_head_dim=64, mask_size=128, vq_ch=16, vq_ch_mult=(1, 2, 2, 4),
+        vq_num_res_blocks=1, vq_z_channels=64, vq_norm_groups=8, vocab_size=512, code_dim=32,
+        patch_nums=(1, 2, 3, 4, 6, 8, 10, 13, 16),
+        num_cond_tokens=64, svd_max_rank=32, width=192, depth=4, heads=6,
+    ),
     # fast tests: every part present, everything tiny (still 8 scales / 204 tokens)
     "arseg_tiny": ArSegConfig(
         img_size=64, in_chans=1, num_classes=3, encoder_kind="light", embed_dim=32,
@@ -108,6 +118,10 @@ registry.register_config(
 registry.register_config(
     "arseg", "arseg_ct", CONFIGS["arseg_ct"],
     description="CPU demo on CT: light encoder pre-trained as a segmenter (stage 0) and frozen",
+)
+registry.register_config(
+    "arseg", "arseg_ct16", CONFIGS["arseg_ct16"],
+    description="arseg_ct with a 16x16 mask latent (9 scales, 655 tokens)",
 )
 registry.register_config(
     "arseg", "arseg_tiny", CONFIGS["arseg_tiny"],
