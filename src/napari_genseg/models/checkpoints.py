@@ -372,6 +372,10 @@ class _LazyCheckpoint(Checkpoint):
         """Whether the torch model exists yet."""
         return self.__dict__.get("_model") is not None
 
+    def __repr__(self) -> str:  # never builds the model
+        return (f"Checkpoint({self.family}/{self.config_name}, path={self.path}, "
+                f"model={'built' if self.built else 'not built yet'})")
+
 
 def load_checkpoint(
     path: str | os.PathLike, expect_model: str | None = None, device: str | torch.device = "cpu",
