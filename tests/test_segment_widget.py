@@ -147,6 +147,44 @@ def test_a_bug_in_the_worker_shows_its_traceback(make_napari_viewer_proxy, qtbot
     assert w._run.enabled and "failed" in w._status.value
 
 
+def test_a_run_that_fails_before_its_first_slice_leaves_the_layers_as_they_were(
+        make_napari_viewer_proxy, qtbot, double_checkpoint, tmp_path, notes):
+    """Weights that cannot be read fail in the worker (the dock loads checkpoints lazily): one
+    line to the user, no new Labels layer, and an existing layer keeps its data and the run record
+    of the run that made it (a saved mask must not claim the broken checkpoint)."""
+    import shutil
+
+    from napari.utils.notifications import ErrorNotification
+
+    from napari_genseg.run_record import RUN_KEY
+
+    broken = tmp_path / "broken" / "double.safetensors"
+    broken.parent.mkdir()
+    shutil.copy(double_checkpoint.with_suffix(".json"), broken.with_suffix(".json"))
+    broken.write_bytes(double_checkpoint.read_bytes()[:64])
+    viewer = make_napari_viewer_proxy()
+    _image(viewer)
+    w = _widget(viewer, broken)
+    assert w.run() is not None
+    _wait_done(qtbot, w)
+    assert [lyr.name for lyr in viewer.layers] == ["ct"]  # no empty layer claiming a run
+    assert "cannot read weights" in notes[-1].message and "\n" not in notes[-1].message
+    assert not any(isinstance(n, ErrorNotification) for n in notes)  # the user's input, not a bug
+
+    w._checkpoint.value = str(double_checkpoint)
+    w.run()
+    _wait_done(qtbot, w)
+    lab = viewer.layers["ct [testdouble]"]
+    data, record = lab.data.copy(), dict(lab.metadata[RUN_KEY])
+    assert record["model"]["checkpoint"] == str(double_checkpoint)
+    w._checkpoint.value = str(broken)
+    w.run()
+    _wait_done(qtbot, w)
+    assert "failed" in w._status.value
+    np.testing.assert_array_equal(lab.data, data)
+    assert lab.metadata[RUN_KEY] == record
+
+
 def test_a_partial_checkpoint_warns_in_the_dock(make_napari_viewer_proxy, qtbot, tmp_path, notes):
     from _doubles import ThresholdConfig, ThresholdNet, register_double
     from napari.utils.notifications import NotificationSeverity

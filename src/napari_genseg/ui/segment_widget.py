@@ -20,6 +20,7 @@ the volumes.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 from magicgui.widgets import (
@@ -63,6 +64,8 @@ class SegmentWidget(Container):
         self._target = None
         self._ctx = None  # (checkpoint, volume, slices, clean-up wanted) of the running run
         self._failed = False
+        self._before = (False, None)  # (layer created by the run, its run record before the run)
+        self._written = 0  # slices the running run has written
         self._image = create_widget(annotation=napari.layers.Image, label="image")
         fams = [f.name for f in registry.list_families() if families is None or f.name in families]
         configs = [e.name for e in registry.list_configs() if e.family in fams]
@@ -190,7 +193,11 @@ class SegmentWidget(Container):
             return None
         notify_warnings(caught)
         vol, report = checked_volume(vol, ckpt, float(self._hu_offset.value))
+        existed = {lyr.name for lyr in self.viewer.layers}  # names are unique in a viewer
         self._target = self.target_layer(image, ckpt.family, ckpt.class_names)
+        # what a run that fails or is cancelled before its first slice gives back (_on_finished)
+        self._before = (self._target.name not in existed, copy.deepcopy(self._target.metadata.get(RUN_KEY)))
+        self._written = 0
         self._edit = LayerEdit(self._target).begin()
         device, precision, batch = self._device.value, self._precision.value, int(self._batch.value)
         self._target.metadata[RUN_KEY] = {
@@ -224,6 +231,7 @@ class SegmentWidget(Container):
         if self._edit is None:
             return
         self._edit.set_slices(p.z, p.outputs["labels"])
+        self._written += len(p.z)
         self._progress.value = int(round(100 * p.fraction))
         self._status.value = f"{p.done}/{p.total} slices, {p.done / max(p.elapsed, 1e-9):.1f} slices/s"
 
@@ -249,6 +257,8 @@ class SegmentWidget(Container):
                         self._ctx[0].postprocess, f"not run: the model run was {why} (partial result kept raw)")
             finally:
                 edit.end()  # the clean-up is part of the run's one undo step
+            if (aborted or self._failed) and not self._written:
+                self._give_back(edit.layer)
         self._ctx = None
         self.worker = None
         self._run.enabled = True
@@ -258,6 +268,19 @@ class SegmentWidget(Container):
         elif not self._status.value.startswith("failed"):
             self._progress.value = 100
             self._status.value = f"done{': ' + summary if summary else ''} (Ctrl+Z undoes the run)"
+
+    def _give_back(self, layer) -> None:
+        """After a run that failed or was cancelled before writing a slice (e.g. weights that
+        cannot be read, an export that fails): the layer's run record as before the run, and a
+        layer this run created removed, so nothing claims a run that never happened."""
+        created, record = self._before
+        if created and layer in self.viewer.layers:
+            self.viewer.layers.remove(layer)
+            return
+        if record is None:
+            layer.metadata.pop(RUN_KEY, None)
+        else:
+            layer.metadata[RUN_KEY] = record
 
     def _clean_up(self, edit) -> str:
         """Post-process the target layer after a completed run (module doc: the rule for a range
