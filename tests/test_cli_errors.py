@@ -168,3 +168,42 @@ def test_python_warnings_print_as_one_line(monkeypatch):
     assert cli.main(["models"]) == 0
     assert seen == ["warning: CUDA is not available: running on the CPU\n"]
     assert warnings.formatwarning is before
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_a_cohort_with_unreadable_weights_fails_once_before_any_case(ct_case, double_checkpoint, tmp_path, capsys,
+                                                                     backend):
+    """The checkpoint loads lazily for every backend but torch; weights that cannot be read must
+    still stop the run up front with one line (exit 2, no output folder), not fail case by case."""
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    for name in ("a", "b"):
+        shutil.copy(ct_case.path, cases / f"{name}.nii.gz")
+    broken = tmp_path / "broken" / "double.safetensors"
+    broken.parent.mkdir()
+    shutil.copy(double_checkpoint.with_suffix(".json"), broken.with_suffix(".json"))
+    broken.write_bytes(double_checkpoint.read_bytes()[:64])
+    rc = main(["segment", str(cases), "--model", "testdouble", "--checkpoint", str(broken), "--backend", backend,
+               "--out", str(tmp_path / "masks"), "--slices", "0:1", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "cannot read weights double.safetensors" in err[0]
+    assert not (tmp_path / "masks").exists()
+
+
+def test_a_config_that_cannot_build_its_model_is_one_line(ct_case, tmp_path, capsys):
+    """Settings each valid alone but not together (MSA²Net channel attention heads that do not
+    divide a stage width) fail as the checkpoint's error, not with a traceback."""
+    from napari_genseg.models import registry
+    from napari_genseg.models.checkpoints import save_checkpoint
+
+    entry = registry.get_entry("msa2net_tiny")
+    ck = save_checkpoint(tmp_path / "t.safetensors", registry.create_model("msa2net_tiny"), "msa2net", "msa2net_tiny",
+                         entry.config, ["background", "liver"],
+                         {"normalization": {"kind": "hu_window", "low": -125.0, "high": 275.0}, "grid": "resize"})
+    meta = json.loads(ck.with_suffix(".json").read_text())
+    meta["config"]["channel_attn_heads"] = 3
+    ck.with_suffix(".json").write_text(json.dumps(meta))
+    rc = main(["segment", str(ct_case.path), "--model", "msa2net", "--checkpoint", str(ck), "--backend", "torch",
+               "--out", str(tmp_path / "m.nii.gz"), "--slices", "0:1", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "t.json: its config does not build a msa2net model" in err[0]

@@ -138,12 +138,22 @@ def _lazy(args) -> bool:
 
 def _check_backend(args, ckpt) -> None:
     """``--backend onnxruntime`` where it cannot run (not installed, a family that does not
-    export, a GPU device) fails here, before any case runs (``predictors.resolve_backend``)."""
+    export, a GPU device) fails here, before any case runs (``predictors.resolve_backend``).
+    A lazily loaded checkpoint whose run will need the torch model (no cached export of it, or a
+    runtime that samples in torch) is built here too, so weights that cannot be read fail once,
+    before any case, as one line."""
     from .predictors import resolve_backend
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        resolve_backend(getattr(args, "backend", "auto"), ckpt.family, args.device, args.precision)
+        runtime = resolve_backend(getattr(args, "backend", "auto"), ckpt.family, args.device, args.precision)
+    if getattr(ckpt, "built", True):
+        return
+    from .export import cached_onnx_path
+
+    quantization = "int8" if runtime == "onnxruntime-int8" else None
+    if runtime == "torch" or ckpt.family == "arseg" or not cached_onnx_path(ckpt, "model", quantization).is_file():
+        ckpt.model  # noqa: B018 -- raises CheckpointError (one line) for weights that do not load
 
 
 def _embedding_cache_options(args, ckpt) -> dict:

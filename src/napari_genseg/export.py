@@ -54,6 +54,7 @@ __all__ = [
     "checkpoint_sha256",
     "cache_dir",
     "cached_onnx",
+    "cached_onnx_path",
     "export_cache_key",
     "quantize_int8",
     "QUANTIZATIONS",
@@ -459,6 +460,12 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     return dst
 
 
+def cached_onnx_path(ckpt, piece: str = "model", quantization: str | None = None) -> Path:
+    """Where :func:`cached_onnx` keeps that file (it may not exist yet)."""
+    path = cache_dir() / "onnx" / f"{ckpt.family}-{export_cache_key(ckpt)}-{piece}-opset{ONNX_OPSET}-r{EXPORT_RECIPE}.onnx"
+    return path if quantization is None else path.with_name(f"{path.stem}-{quantization}.onnx")
+
+
 def cached_onnx(ckpt, piece: str = "model", quantization: str | None = None) -> Path:
     """The ONNX file of ``ckpt`` (a loaded ``models.checkpoints.Checkpoint``), or of one of its
     pieces (``onnx_pieces``), in the cache folder:
@@ -473,14 +480,15 @@ def cached_onnx(ckpt, piece: str = "model", quantization: str | None = None) -> 
                           f"(pieces: {', '.join(onnx_pieces(ckpt.family))})")
     if quantization not in (None, *QUANTIZATIONS):
         raise ExportError(f"unknown quantisation {quantization!r} (known: {', '.join(QUANTIZATIONS)})")
-    key = export_cache_key(ckpt)
-    path = cache_dir() / "onnx" / f"{ckpt.family}-{key}-{piece}-opset{ONNX_OPSET}-r{EXPORT_RECIPE}.onnx"
-    if not path.is_file():
-        _export_piece(ckpt, piece, path)
+    path = cached_onnx_path(ckpt, piece)
     if quantization is None:
+        if not path.is_file():
+            _export_piece(ckpt, piece, path)
         return path
-    qpath = path.with_name(f"{path.stem}-{quantization}.onnx")
+    qpath = cached_onnx_path(ckpt, piece, quantization)
     if not qpath.is_file():
+        if not path.is_file():
+            _export_piece(ckpt, piece, path)
         quantize_int8(path, qpath)
     return qpath
 

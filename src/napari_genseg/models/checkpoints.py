@@ -351,7 +351,13 @@ class _LazyCheckpoint(Checkpoint):
     @property
     def model(self):
         if self.__dict__.get("_model") is None:
-            self.__dict__["_model"], self.__dict__["_report"] = self._build()
+            if self.__dict__.get("_error") is not None:  # a failed build is not retried
+                raise self.__dict__["_error"]
+            try:
+                self.__dict__["_model"], self.__dict__["_report"] = self._build()
+            except CheckpointError as exc:
+                self.__dict__["_error"] = exc
+                raise
         return self.__dict__["_model"]
 
     @model.setter
@@ -410,7 +416,11 @@ def load_checkpoint(
     def build():
         from safetensors.torch import load_file
 
-        model = registry.get_family(family).build(cfg)
+        try:
+            model = registry.get_family(family).build(cfg)
+        except (ValueError, TypeError) as exc:  # settings each valid alone that do not fit together
+            raise CheckpointError(f"{path.with_suffix('.json').name}: its config does not build a {family} "
+                                  f"model: {exc}") from None
         try:
             sd = load_file(str(path))
         except Exception as exc:
