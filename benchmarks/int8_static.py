@@ -4,6 +4,12 @@ held-out real slices. An experiment for issue #12; the backend itself is not cha
 
     PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python benchmarks/int8_static.py --model msa2net
     PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python benchmarks/int8_static.py --model marseg
+    PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python benchmarks/int8_static.py --paper marseg_paper
+
+``--paper CONFIG``: a registered configuration with random weights (speed only; ~10 min and ~8 GB
+of memory for MARSeg's 245 M parameters): the model forward at batch 1, torch fp32 vs ONNX Runtime
+fp32, dynamic and static int8 (calibrated on 6 of the demo checkpoint's calibration slices, every
+5th), 3 interleaved rounds after a warm-up.
 
 Static recipe (``onnxruntime.quantization.quantize_static``, QuantFormat.QDQ, per-channel int8
 weights, uint8 activations, MinMax calibration; onnxruntime quantization docs): the Conv nodes
@@ -104,6 +110,61 @@ def quantize_static_qdq(src, dst, calib: np.ndarray, recipe: str = "weights") ->
     return {"conv": len(convs), "matmul": sum(n.op_type == "MatMul" for n in graph.node), "excluded": len(set(exclude))}
 
 
+def paper(name: str, demo: str, vol, rounds: int = 3) -> None:
+    """Forward-only speed of the random-weight configuration ``name`` at batch 1 (see the module
+    docstring); the calibration slices come from the demo checkpoint ``demo``'s input contract."""
+    import onnxruntime as ort
+    import torch
+
+    from napari_genseg.export import export_onnx, quantize_int8
+    from napari_genseg.models import registry
+    from napari_genseg.models.checkpoints import resolve_model
+
+    torch.manual_seed(0)
+    model = registry.create_model(name).eval()
+    c = model.config
+    calib = calibration_inputs(resolve_model(demo, None), vol)[0][::5]
+    assert calib.shape[1:] == (c.in_chans, c.img_size, c.img_size), "the demo's input contract does not fit"
+    work = Path(tempfile.mkdtemp(prefix="genseg-int8s-"))
+    t = time.perf_counter()
+    export_onnx(model, work / "fp32.onnx", c.in_chans, c.img_size, check=False)
+    print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; export "
+          f"{time.perf_counter() - t:.0f} s", flush=True)
+    t = time.perf_counter()
+    quantize_int8(work / "fp32.onnx", work / "dyn.onnx")
+    print(f"dynamic int8 {time.perf_counter() - t:.0f} s", flush=True)
+    t = time.perf_counter()
+    quantize_static_qdq(work / "fp32.onnx", work / "static.onnx", calib)
+    print(f"static int8 {time.perf_counter() - t:.0f} s ({len(calib)} calibration slices)", flush=True)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads, so.enable_cpu_mem_arena = 1, 1, False
+    x = calib[:1]
+    runs = {"torch fp32": lambda: model(torch.from_numpy(x)).numpy()}
+    for k, f in (("onnxruntime fp32", "fp32"), ("int8 dynamic", "dyn"), ("int8 static", "static")):
+        sess = ort.InferenceSession(str(work / f"{f}.onnx"), so, providers=["CPUExecutionProvider"])
+        runs[k] = lambda sess=sess: sess.run(None, {"image": x})[0]
+    times, out = {k: [] for k in runs}, {}
+    print(f"load average before: {os.getloadavg()[0]:.1f}")
+    with torch.inference_mode():
+        for r in range(rounds + 1):
+            for k, f in runs.items():
+                t = time.perf_counter()
+                out[k] = f()
+                if r:
+                    times[k].append(time.perf_counter() - t)
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
+    ref, base = out["torch fp32"], statistics.median(times["torch fp32"])
+    print("| runtime | forward s/slice (median) | best | vs torch | max abs diff / std | arg-max equal to torch |")
+    print("|---|---|---|---|---|---|")
+    for k in runs:
+        med = statistics.median(times[k])
+        print(f"| {k} | {med:.3f} | {min(times[k]):.3f} | {base / med:.2f}× | "
+              f"{np.abs(out[k] - ref).max() / ref.std():.3f} | {(out[k].argmax(1) == ref.argmax(1)).mean() * 100:.2f} % |")
+    for f in work.iterdir():
+        f.unlink()
+    work.rmdir()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="msa2net")
@@ -114,6 +175,7 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="1,8")
     ap.add_argument("--recipe", default="weights", choices=["weights", "full"])
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--paper", default=None, help="a random-weight config (forward only, batch 1)")
     a = ap.parse_args()
 
     import onnxruntime as ort
@@ -129,6 +191,8 @@ def main() -> None:
 
     torch.set_num_threads(1)
     vol = load_volume(a.input)
+    if a.paper:
+        return paper(a.paper, a.paper.split("_")[0], vol, a.rounds)  # the family's shipped demo
     ckpt = resolve_model(a.model, None)
     zs = parse_slices(a.slices, vol.shape[0])
     assert not set(zs) - set(HELD_OUT_WITH_GAP), "the held-out slices lie inside 9..20"
