@@ -244,6 +244,9 @@ def main() -> None:
             d = ", ".join(f"{_dice(x, ref, k):.4f}" for k in range(1, len(ckpt.class_names)))
             print(f"| {b} | {n} | {med:.3f} | {min(times[(b, n)]):.3f} | {base / med:.2f}× | {dyn / med:.2f}× | "
                   f"{(x == labels[('torch', n)]).mean() * 100:.3f} % | {d} |")
+    del preds
+    out.unlink()
+    out.parent.rmdir()
 
 
 if __name__ == "__main__":
