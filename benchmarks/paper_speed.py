@@ -72,8 +72,10 @@ from backends import isa  # noqa: E402
 from marseg_official_speed import count_gflop, gemm_rate, official_forward  # noqa: E402
 from msa2net_speed import _official_style_fn  # noqa: E402
 
-#: the input contract of the paper models here: Synapse's HU window, the papers' resize grid
-PAPER_INPUT = {"normalization": {"kind": "hu_window", "low": -125.0, "high": 275.0}, "grid": "resize"}
+#: the input contract of the paper models here: Synapse's HU window to [-1, 1] (what the official
+#: loop below feeds: [0, 1] data, then (x - 0.5) / 0.5), the papers' resize grid
+PAPER_INPUT = {"normalization": {"kind": "hu_window", "low": -125.0, "high": 275.0, "out_min": -1.0, "out_max": 1.0},
+               "grid": "resize"}
 
 
 # ------------------------------------------------------------------------------------ the models
