@@ -46,7 +46,7 @@ against torch fp32's on the same input (random weights leave near-ties: a lower 
 Asserts nothing; prints the tables (markdown) and writes them to ``--md`` if given.
 
 ``--ort-variants`` adds ONNX Runtime session variants of the MSA²Net per-slice row (CPU memory
-arena on, static batch 1, ``ORT_ENABLE_EXTENDED``); ``--profile N`` prints ONNX Runtime's
+arena on, static batch 1, ``ORT_ENABLE_EXTENDED``) and an engine row with the arena on; ``--profile N`` prints ONNX Runtime's
 per-op-type time over N calls of each model (its own profiler).
 """
 
@@ -344,6 +344,14 @@ def main(argv=None) -> int:
                 if name.startswith("torch bf16"):
                     continue  # torch bf16 per slice is above; the engine rows are the exported runtimes
                 rows.append(Row(sec, f"engine {name}, batch {args.batch}",
+                                lambda p=p: run_to_end(run_volume(p, vol, batch_size=args.batch)).labels,
+                                per_call=hu.shape[0], gflop=gflop["msa2net"]))
+            if args.ort_variants:  # the engine's ORT predictor with the CPU memory arena on
+                import copy
+
+                p = copy.copy(preds["onnxruntime fp32"])
+                p.session = _ort_session(p.onnx_path, arena=True)
+                rows.append(Row(sec, f"engine onnxruntime fp32 + CPU memory arena, batch {args.batch}",
                                 lambda p=p: run_to_end(run_volume(p, vol, batch_size=args.batch)).labels,
                                 per_call=hu.shape[0], gflop=gflop["msa2net"]))
         del preds
