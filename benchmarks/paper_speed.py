@@ -271,7 +271,6 @@ def main(argv=None) -> int:
     from napari_genseg.export import cache_dir
     from napari_genseg.models import registry
     from napari_genseg.phantom import make_phantom
-    from napari_genseg.predictors import make_predictor
     from napari_genseg.predictors.ov import openvino_precision
 
     lines: list[str] = []
