@@ -75,6 +75,7 @@ def main() -> None:
     from napari_genseg.engine import parse_slices, run_to_end, run_volume
     from napari_genseg.export import cached_onnx, onnx_pieces
     from napari_genseg.io import load_volume
+    from napari_genseg.training.data import apply_label_map, parse_label_map
     from napari_genseg.models.checkpoints import resolve_model
     from napari_genseg.predictors import make_predictor
     from napari_genseg.predictors.ort import INT8_FAMILIES
@@ -87,12 +88,7 @@ def main() -> None:
     zs = parse_slices(a.slices, vol.shape[0])
     ref = None
     if a.labels and Path(a.labels).is_file():
-        raw = load_volume(a.labels).data
-        ref = np.zeros(raw.shape, np.uint8)
-        for pair in a.label_map.split(","):
-            src, dst = (int(v) for v in pair.split(":"))
-            ref[raw == src] = dst
-        ref = ref[zs]
+        ref = apply_label_map(load_volume(a.labels).data, parse_label_map(a.label_map), len(ckpt.class_names))[zs]
     t = time.perf_counter()
     path = [cached_onnx(ckpt, piece) for piece in onnx_pieces(ckpt.family)][-1]
     backends = ["torch", "onnxruntime"]

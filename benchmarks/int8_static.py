@@ -184,6 +184,7 @@ def main() -> None:
     from napari_genseg.engine import parse_slices, run_to_end, run_volume
     from napari_genseg.export import cached_onnx
     from napari_genseg.io import load_volume
+    from napari_genseg.training.data import apply_label_map, parse_label_map
     from napari_genseg.models.checkpoints import resolve_model
     from napari_genseg.predictors import make_predictor
     from napari_genseg.predictors.base import input_contract
@@ -196,12 +197,7 @@ def main() -> None:
     ckpt = resolve_model(a.model, None)
     zs = parse_slices(a.slices, vol.shape[0])
     assert not set(zs) - set(HELD_OUT_WITH_GAP), "the held-out slices lie inside 9..20"
-    raw = load_volume(a.labels).data
-    ref = np.zeros(raw.shape, np.uint8)
-    for pair in a.label_map.split(","):
-        s, d = (int(v) for v in pair.split(":"))
-        ref[raw == s] = d
-    ref = ref[zs]
+    ref = apply_label_map(load_volume(a.labels).data, parse_label_map(a.label_map), len(ckpt.class_names))[zs]
 
     fp32 = cached_onnx(ckpt)
     calib, cz = calibration_inputs(ckpt, vol)
