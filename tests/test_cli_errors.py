@@ -3,6 +3,7 @@ or a model is loaded; any other exception keeps its traceback."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -207,3 +208,27 @@ def test_a_config_that_cannot_build_its_model_is_one_line(ct_case, tmp_path, cap
                "--out", str(tmp_path / "m.nii.gz"), "--slices", "0:1", "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "t.json: its config does not build a msa2net model" in err[0]
+
+
+@pytest.mark.parametrize("names", [["background", "liver"], ["background", "liver", "spleen", "kidney"]])
+def test_class_names_must_match_the_models_classes(ct_case, tmp_path, capsys, names):
+    """A 3-class model whose JSON names 2 classes gave a mask with an unnamed label 2; with 4
+    names a class that can never occur was listed. Both are the checkpoint's one-line error now."""
+    from napari_genseg.models import registry
+    from napari_genseg.models.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+
+    entry = registry.get_entry("msa2net_tiny")
+    cfg = dataclasses.replace(entry.config, num_classes=3)
+    ck = save_checkpoint(tmp_path / "t.safetensors", registry.get_family("msa2net").build(cfg), "msa2net",
+                         "msa2net_tiny", cfg, ["background", "liver", "spleen"],
+                         {"normalization": {"kind": "hu_window", "low": -125.0, "high": 275.0}, "grid": "resize"})
+    load_checkpoint(ck)  # as written: fine
+    meta = json.loads(ck.with_suffix(".json").read_text())
+    meta["class_names"] = names
+    ck.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=f"t.json: {len(names)} class names for a model with 3 classes"):
+        load_checkpoint(ck, lazy=True)
+    rc = main(["segment", str(ct_case.path), "--model", "msa2net", "--checkpoint", str(ck),
+               "--out", str(tmp_path / "m.nii.gz"), "--slices", "0:1", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "class names" in err[0]

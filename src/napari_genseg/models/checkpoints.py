@@ -383,6 +383,21 @@ class _LazyCheckpoint(Checkpoint):
                 f"model={'built' if self.built else 'not built yet'})")
 
 
+def _check_class_names(path: Path, family: str, cfg, names) -> None:
+    """The JSON's ``class_names`` must name every class the model outputs, no more and no fewer:
+    ``num_classes`` names for a segmentation model, background + ``num_classes`` targets for an
+    AR-Seg model (``kind == "arseg"``: its classes are conditioning targets). Stage checkpoints that
+    do not segment (MARSeg ``module`` other than "segmentation") are not checked. Raises
+    :class:`CheckpointError` (one line) otherwise: a mismatch used to give unnamed labels."""
+    n = getattr(cfg, "num_classes", None)
+    if not isinstance(n, int) or getattr(cfg, "module", "segmentation") != "segmentation":
+        return
+    want = n + 1 if registry.get_family(family).kind == "arseg" else n
+    if len(names) != want:
+        raise CheckpointError(f"{path.with_suffix('.json').name}: {len(names)} class names for a model with "
+                              f"{want} classes{' (background + ' + str(n) + ' targets)' if want != n else ''}")
+
+
 def load_checkpoint(
     path: str | os.PathLike, expect_model: str | None = None, device: str | torch.device = "cpu",
     lazy: bool = False,
@@ -412,6 +427,7 @@ def load_checkpoint(
         cfg = registry.config_from_dict(family, meta["config"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path.name}: invalid {family} config: {exc}") from exc
+    _check_class_names(path, family, cfg, meta.get("class_names", []))
 
     def build():
         from safetensors.torch import load_file
