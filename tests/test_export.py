@@ -484,3 +484,30 @@ def test_a_lazy_checkpoint_runs_a_cached_export_without_building_the_torch_model
         broken.model
     with pytest.raises(C.CheckpointError, match="cannot read weights"):
         C.load_checkpoint(path)
+
+
+def test_a_corrupted_cached_export_is_exported_again(tmp_path, monkeypatch):
+    """A cached ONNX file truncated on disk used to raise ONNX Runtime's InvalidProtobuf traceback
+    on every later run until the user found and deleted it; now it is removed and exported again
+    (one warning), and the run's labels equal a clean run's."""
+    import warnings
+
+    from napari_genseg import device as D
+    from napari_genseg.engine import run_to_end, run_volume
+    from napari_genseg.models.checkpoints import load_checkpoint
+    from napari_genseg.predictors import make_predictor
+
+    monkeypatch.setenv("GENSEG_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(D, "_WARNED", set())
+    ckpt = load_checkpoint(_tiny_checkpoint(tmp_path))
+    vol = _ct()
+    first = make_predictor(ckpt, device="cpu", backend="onnxruntime")
+    ref = run_to_end(run_volume(first, vol, batch_size=2)).labels
+    path = E.cached_onnx_path(ckpt)
+    path.write_bytes(path.read_bytes()[:5000])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = make_predictor(ckpt, device="cpu", backend="onnxruntime")
+    assert any("could not be loaded" in str(w.message) and "exporting it again" in str(w.message) for w in caught)
+    assert path.stat().st_size > 5000
+    np.testing.assert_array_equal(run_to_end(run_volume(again, vol, batch_size=2)).labels, ref)

@@ -55,6 +55,7 @@ __all__ = [
     "cache_dir",
     "cached_onnx",
     "cached_onnx_path",
+    "load_cached",
     "export_cache_key",
     "quantize_int8",
     "QUANTIZATIONS",
@@ -491,6 +492,35 @@ def cached_onnx(ckpt, piece: str = "model", quantization: str | None = None) -> 
             _export_piece(ckpt, piece, path)
         quantize_int8(path, qpath)
     return qpath
+
+
+def load_cached(ckpt, make, pieces=(("model", None),)):
+    """``make(*paths)`` on the cached files of ``pieces`` ((piece, quantization) pairs, as
+    :func:`cached_onnx` takes them), e.g. a predictor that opens ONNX Runtime sessions or compiles
+    with OpenVINO. A cached file that the runtime cannot load (truncated, corrupted on disk) is
+    removed, exported again (one warning) and ``make`` retried once; a second failure raises
+    :class:`ExportError` naming the files. Errors that are not about reading a file (TypeError,
+    AttributeError, MemoryError: bugs or the machine) propagate unchanged."""
+    paths = [cached_onnx(ckpt, piece, q) for piece, q in pieces]
+    try:
+        return make(*paths)
+    except (TypeError, AttributeError, NameError, MemoryError):
+        raise
+    except Exception as exc:  # onnxruntime / openvino raise their own types for unreadable files
+        from .device import warn_once
+
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        warn_once(f"the cached export {paths[0].name} could not be loaded ({first}): exporting it again")
+        for p in paths:
+            p.unlink(missing_ok=True)
+    paths = [cached_onnx(ckpt, piece, q) for piece, q in pieces]
+    try:
+        return make(*paths)
+    except (TypeError, AttributeError, NameError, MemoryError):
+        raise
+    except Exception as exc:
+        raise ExportError(f"the runtime cannot load the exported model {paths[0]} even after exporting it "
+                          f"again: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc!r}") from exc
 
 
 def export_checkpoint(ckpt, out_dir: str | os.PathLike, fmt: str = "onnx", name: str | None = None) -> list[Path]:

@@ -142,13 +142,13 @@ class OrtSegmentationPredictor(SegmentationPredictor):
         (``export.cached_onnx``, exported on first use). Raises PredictorOptionError where the
         onnxruntime backend cannot run (``resolve_backend``); a precision other than fp32 runs
         fp32 with one warning."""
-        from ..export import cached_onnx
+        from ..export import load_cached
 
         resolve_backend("onnxruntime", ckpt.family, device, "fp32")
         _fp32_only(precision)
         norm, grid = input_contract(ckpt, grid_mode)
-        return cls(cached_onnx(ckpt), ckpt.class_names, norm, grid, return_probs,
-                   in_chans=getattr(ckpt.config, "in_chans", 1))
+        return load_cached(ckpt, lambda path: cls(path, ckpt.class_names, norm, grid, return_probs,
+                                                  in_chans=getattr(ckpt.config, "in_chans", 1)))
 
     #: slices per ONNX Runtime call: the engine's batch runs as calls of this many slices. One
     #: slice at a time is the fastest per slice on the CPUs measured (its activations, ~25 MB per
@@ -186,13 +186,14 @@ class OrtInt8SegmentationPredictor(OrtSegmentationPredictor):
         """The int8 ORT predictor of a loaded checkpoint (quantised from the cached export on
         first use). Raises PredictorOptionError where the backend cannot run
         (``resolve_backend``)."""
-        from ..export import cached_onnx
+        from ..export import load_cached
 
         resolve_backend("onnxruntime-int8", ckpt.family, device, "fp32")
         _fp32_only(precision)
         norm, grid = input_contract(ckpt, grid_mode)
-        return cls(cached_onnx(ckpt, quantization="int8"), ckpt.class_names, norm, grid, return_probs,
-                   in_chans=getattr(ckpt.config, "in_chans", 1))
+        return load_cached(ckpt, lambda path: cls(path, ckpt.class_names, norm, grid, return_probs,
+                                                  in_chans=getattr(ckpt.config, "in_chans", 1)),
+                           pieces=(("model", "int8"),))
 
 
 class OrtArSegPredictor(ArSegPredictor):
@@ -221,13 +222,13 @@ class OrtArSegPredictor(ArSegPredictor):
         encoder and decoder files come from the cache (``export.cached_onnx``). Raises
         PredictorOptionError where the onnxruntime backend cannot run; a precision other than fp32
         runs fp32 with one warning."""
-        from ..export import cached_onnx
+        from ..export import load_cached
 
         resolve_backend("onnxruntime", ckpt.family, device, "fp32")
         _fp32_only(precision)
         norm, grid = input_contract(ckpt, grid_mode)
-        return cls(ckpt.model, ckpt.class_names, norm, grid, cached_onnx(ckpt, "image_encoder"),
-                   cached_onnx(ckpt, "mask_decoder"), **options)
+        return load_cached(ckpt, lambda enc, dec: cls(ckpt.model, ckpt.class_names, norm, grid, enc, dec, **options),
+                           pieces=(("image_encoder", None), ("mask_decoder", None)))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         image = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())

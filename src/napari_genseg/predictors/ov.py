@@ -150,13 +150,13 @@ class OpenVinoSegmentationPredictor(SegmentationPredictor):
         (``export.cached_onnx``, exported on first use), compiled in the precision
         ``openvino_precision(precision)`` gives (a bf16 that cannot run warns once, runs fp32).
         Raises PredictorOptionError where the backend cannot run (``ort.resolve_backend``)."""
-        from ..export import cached_onnx
+        from ..export import load_cached
 
         _check_runs(ckpt.family, device)
         prec = openvino_precision(precision)
         norm, grid = input_contract(ckpt, grid_mode)
-        return cls(cached_onnx(ckpt), ckpt.class_names, norm, grid, return_probs,
-                   in_chans=getattr(ckpt.config, "in_chans", 1), precision=prec)
+        return load_cached(ckpt, lambda path: cls(path, ckpt.class_names, norm, grid, return_probs,
+                                                  in_chans=getattr(ckpt.config, "in_chans", 1), precision=prec))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (n, K, size, size) float32 of the compiled model for the normalised input
