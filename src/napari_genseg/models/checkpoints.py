@@ -384,18 +384,22 @@ class _LazyCheckpoint(Checkpoint):
 
 
 def _check_class_names(path: Path, family: str, cfg, names) -> None:
-    """The JSON's ``class_names`` must name every class the model outputs, no more and no fewer:
-    ``num_classes`` names for a segmentation model, background + ``num_classes`` targets for an
-    AR-Seg model (``kind == "arseg"``: its classes are conditioning targets). Stage checkpoints that
-    do not segment (MARSeg ``module`` other than "segmentation") are not checked. Raises
-    :class:`CheckpointError` (one line) otherwise: a mismatch used to give unnamed labels."""
+    """The JSON's ``class_names`` must fit the model's classes: exactly ``num_classes`` names for a
+    segmentation model (it outputs every class); for an AR-Seg model (``kind == "arseg"``: classes
+    are conditioning targets, one mask per run) background plus 1..``num_classes`` targets, each
+    with its class embedding. Stage checkpoints that do not segment (MARSeg ``module`` other than
+    "segmentation") are not checked. Raises :class:`CheckpointError` (one line) otherwise: a
+    mismatch used to give unnamed labels, or targets without an embedding."""
     n = getattr(cfg, "num_classes", None)
     if not isinstance(n, int) or getattr(cfg, "module", "segmentation") != "segmentation":
         return
-    want = n + 1 if registry.get_family(family).kind == "arseg" else n
-    if len(names) != want:
-        raise CheckpointError(f"{path.with_suffix('.json').name}: {len(names)} class names for a model with "
-                              f"{want} classes{' (background + ' + str(n) + ' targets)' if want != n else ''}")
+    side = path.with_suffix(".json").name
+    if registry.get_family(family).kind == "arseg":
+        if not 2 <= len(names) <= n + 1:
+            raise CheckpointError(f"{side}: {len(names)} class names for an AR-Seg model with {n} target "
+                                  f"classes (background + 1..{n} targets)")
+    elif len(names) != n:
+        raise CheckpointError(f"{side}: {len(names)} class names for a model with {n} classes")
 
 
 def load_checkpoint(
