@@ -32,7 +32,7 @@ _INPUT = {"normalization": {"kind": "hu_window", "low": -125.0, "high": 275.0}, 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (tests/conftest.py)
 
 
-def _tiny_checkpoint(tmp_path, name="msa2net_tiny", classes=("background", "liver")):
+def _tiny_checkpoint(tmp_path, name="msa2net_tiny", classes=("background", "liver", "spleen")):
     from napari_genseg.models import registry
     from napari_genseg.models.checkpoints import save_checkpoint
 
@@ -40,7 +40,7 @@ def _tiny_checkpoint(tmp_path, name="msa2net_tiny", classes=("background", "live
     torch.manual_seed(0)
     model = registry.get_family(entry.family).build(entry.config)
     return save_checkpoint(tmp_path / f"{name}.safetensors", model, entry.family, name, entry.config,
-                           list(classes), _INPUT)
+                           list(classes)[:entry.config.num_classes], _INPUT)
 
 
 def _ct(z=3, hw=40):
