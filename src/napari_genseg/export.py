@@ -463,7 +463,8 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
 
 def cached_onnx_path(ckpt, piece: str = "model", quantization: str | None = None) -> Path:
     """Where :func:`cached_onnx` keeps that file (it may not exist yet)."""
-    path = cache_dir() / "onnx" / f"{ckpt.family}-{export_cache_key(ckpt)}-{piece}-opset{ONNX_OPSET}-r{EXPORT_RECIPE}.onnx"
+    name = f"{ckpt.family}-{export_cache_key(ckpt)}-{piece}-opset{ONNX_OPSET}-r{EXPORT_RECIPE}.onnx"
+    path = cache_dir() / "onnx" / name
     return path if quantization is None else path.with_name(f"{path.stem}-{quantization}.onnx")
 
 
@@ -472,8 +473,9 @@ def cached_onnx(ckpt, piece: str = "model", quantization: str | None = None) -> 
     pieces (``onnx_pieces``), in the cache folder:
     ``onnx/<family>-<key>-<piece>-opset17-r<recipe>.onnx`` (``key``: :func:`export_cache_key`, the
     weights and the config); exported (and checked against torch) on first use, the only time
-    the torch model is needed (a checkpoint loaded with ``lazy=True`` is built then). ``quantization="int8"``: its :func:`quantize_int8` file beside it (``...-int8.onnx``,
-    made from the fp32 one on first use). Raises :class:`ExportError` for a family or piece
+    the torch model is needed (a checkpoint loaded with ``lazy=True`` is built then).
+    ``quantization="int8"``: its :func:`quantize_int8` file beside it (``...-int8.onnx``, made
+    from the fp32 one on first use). Raises :class:`ExportError` for a family or piece
     without an exporter, an unknown quantisation or an export that differs from torch."""
     _require_exportable(ckpt)
     if piece not in onnx_pieces(ckpt.family):
@@ -501,26 +503,22 @@ def load_cached(ckpt, make, pieces=(("model", None),)):
     removed, exported again (one warning) and ``make`` retried once; a second failure raises
     :class:`ExportError` naming the files. Errors that are not about reading a file (TypeError,
     AttributeError, MemoryError: bugs or the machine) propagate unchanged."""
-    paths = [cached_onnx(ckpt, piece, q) for piece, q in pieces]
-    try:
-        return make(*paths)
-    except (TypeError, AttributeError, NameError, MemoryError):
-        raise
-    except Exception as exc:  # onnxruntime / openvino raise their own types for unreadable files
-        from .device import warn_once
+    from .device import warn_once
 
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        warn_once(f"the cached export {paths[0].name} could not be loaded ({first}): exporting it again")
-        for p in paths:
-            p.unlink(missing_ok=True)
-    paths = [cached_onnx(ckpt, piece, q) for piece, q in pieces]
-    try:
-        return make(*paths)
-    except (TypeError, AttributeError, NameError, MemoryError):
-        raise
-    except Exception as exc:
-        raise ExportError(f"the runtime cannot load the exported model {paths[0]} even after exporting it "
-                          f"again: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc!r}") from exc
+    for attempt in (1, 2):
+        paths = [cached_onnx(ckpt, piece, q) for piece, q in pieces]
+        try:
+            return make(*paths)
+        except (TypeError, AttributeError, NameError, MemoryError):
+            raise
+        except Exception as exc:  # onnxruntime / openvino raise their own types for unreadable files
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            if attempt == 2:
+                raise ExportError(f"the runtime cannot load the exported model {paths[0]} even after "
+                                  f"exporting it again: {first}") from exc
+            warn_once(f"the cached export {paths[0].name} could not be loaded ({first}): exporting it again")
+            for p in paths:
+                p.unlink(missing_ok=True)
 
 
 def export_checkpoint(ckpt, out_dir: str | os.PathLike, fmt: str = "onnx", name: str | None = None) -> list[Path]:
