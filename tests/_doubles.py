@@ -75,3 +75,20 @@ def cached_vs_uncached_sampling(monkeypatch, model, emb, cls, n, prefix=None, se
                      prefix_ids=prefix)
     monkeypatch.setattr(sampling, "draw_tokens", real_draw)
     return a, b, seen[True], seen[False]
+
+
+#: the HU window every tiny exported-model checkpoint of the tests is saved with
+TINY_INPUT = {"normalization": {"kind": "hu_window", "low": -125.0, "high": 275.0}, "grid": "resize"}
+
+
+def tiny_checkpoint(tmp_path, name="msa2net_tiny", classes=("background", "liver", "spleen")):
+    """A project-format checkpoint of a registered (tiny) config with seed-0 weights, naming as many
+    of ``classes`` as the config has classes; -> its .safetensors path (same bytes on every call)."""
+    from napari_genseg.models import registry
+    from napari_genseg.models.checkpoints import save_checkpoint
+
+    entry = registry.get_entry(name)
+    torch.manual_seed(0)
+    model = registry.get_family(entry.family).build(entry.config)
+    return save_checkpoint(tmp_path / f"{name}.safetensors", model, entry.family, name, entry.config,
+                           list(classes)[:entry.config.num_classes], TINY_INPUT)

@@ -20,19 +20,14 @@ from napari_genseg.volume import Volume  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (tests/conftest.py)
 
-_INPUT = {"normalization": {"kind": "hu_window", "low": -125.0, "high": 275.0}, "grid": "resize"}
 
 
 def _tiny(tmp_path, name="msa2net_tiny"):
-    from napari_genseg.models import registry
-    from napari_genseg.models.checkpoints import load_checkpoint, save_checkpoint
+    from _doubles import tiny_checkpoint
 
-    entry = registry.get_entry(name)
-    torch.manual_seed(0)
-    model = registry.get_family(entry.family).build(entry.config)
-    path = save_checkpoint(tmp_path / f"{name}.safetensors", model, entry.family, name, entry.config,
-                           ["background", "liver", "spleen"][:entry.config.num_classes], _INPUT)
-    return load_checkpoint(path)
+    from napari_genseg.models.checkpoints import load_checkpoint
+
+    return load_checkpoint(tiny_checkpoint(tmp_path, name))
 
 
 def test_calibration_reads_only_training_slices(tmp_path):

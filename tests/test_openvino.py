@@ -27,20 +27,10 @@ from napari_genseg.predictors import ov as OV  # noqa: E402
 from napari_genseg.predictors.base import PredictorOptionError  # noqa: E402
 from napari_genseg.volume import Volume  # noqa: E402
 
-_INPUT = {"normalization": {"kind": "hu_window", "low": -125.0, "high": 275.0}, "grid": "resize"}
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (tests/conftest.py)
 
 
-def _tiny_checkpoint(tmp_path, name="msa2net_tiny", classes=("background", "liver", "spleen")):
-    from napari_genseg.models import registry
-    from napari_genseg.models.checkpoints import save_checkpoint
-
-    entry = registry.get_entry(name)
-    torch.manual_seed(0)
-    model = registry.get_family(entry.family).build(entry.config)
-    return save_checkpoint(tmp_path / f"{name}.safetensors", model, entry.family, name, entry.config,
-                           list(classes)[:entry.config.num_classes], _INPUT)
+from _doubles import tiny_checkpoint as _tiny_checkpoint  # noqa: E402 (tests/_doubles.py)
 
 
 def _ct(z=3, hw=40):

@@ -538,7 +538,6 @@ def export_checkpoint(ckpt, out_dir: str | os.PathLike, fmt: str = "onnx", name:
     _require_exportable(ckpt, fmt)
     out_dir = Path(out_dir)
     name = name or (Path(ckpt.path).name.removesuffix(".safetensors") if getattr(ckpt, "path", None) else ckpt.config_name)
-    in_chans, size = getattr(ckpt.config, "in_chans", 1), ckpt.config.img_size
     json_path = out_dir / f"{name}.json"
     if getattr(ckpt, "path", None):
         from .io.atomic import same_file
