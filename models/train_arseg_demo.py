@@ -86,11 +86,12 @@ def stage_config(args, stage: int, work: Path):
         kw.update(lr=args.lr1, warmup_steps=20, class_repeat={"spleen": 2}, init=args.vq_init)
     else:
         kw.update(lr=args.lr2, warmup_steps=40, grad_clip=1.0, init=str(work / "arseg_stage1.safetensors"),
-                  encoder_init=str(work / "arseg_stage0.safetensors"), half=False)
+                  encoder_init=str(work / "arseg_stage0.safetensors"), half=False,
+                  segmentor_init=args.segmentor_init)
         if args.stage2_resume_minutes:
             # continue WORK/arseg_stage2 exactly (its .train.pt) up to a longer total budget; the
             # cosine lr follows the elapsed fraction of the new total
-            del kw["init"], kw["encoder_init"]
+            del kw["init"], kw["encoder_init"], kw["segmentor_init"]
             kw["resume"] = str(work / "arseg_stage2.safetensors")
             minutes = args.stage2_resume_minutes
             kw.update(time_budget_minutes=minutes, max_minutes=minutes * 1.4 + 3)
@@ -312,6 +313,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lr2", type=float, default=8e-4)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--vq-init", default=None, help="stage 1 continues the mask VQ of this AR-Seg checkpoint")
+    ap.add_argument("--segmentor-init", default=None,
+                    help="stage 2 warm-starts the adapter + transformer from this AR-Seg checkpoint (tensors "
+                         "whose names and shapes match, e.g. the 8x8 demo's for arseg_ct16)")
     ap.add_argument("--phantoms", type=int, default=12)
     ap.add_argument("--pelvis", type=int, default=3, help="pelvis phantoms (negatives: no liver/spleen)")
     ap.add_argument("--thorax", type=int, default=2, help="thorax phantoms (negatives: no liver/spleen)")

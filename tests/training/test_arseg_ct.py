@@ -81,6 +81,44 @@ def test_stage2_refuses_an_encoder_of_another_shape(stages, tmp_path):
                    model_overrides={**HEAD, "seg_head_dim": 16}))
 
 
+def test_stage2_warm_starts_the_segmentor_of_another_mask_latent(stages, tmp_path):
+    """``segmentor_init`` copies the adapter + transformer of a segmentor trained on other scales:
+    ``pos_embed`` only in its conditioning + start rows, the output head only when the mask VQ is
+    the same one (its rows score that VQ's codes); the counts are recorded in provenance."""
+    from napari_genseg.models.checkpoints import load_checkpoint
+
+    s0, s1, _ = stages
+    src = train(_cfg(tmp_path / "src.safetensors", stage=2, steps=2, init=s1["checkpoint"],
+                     encoder_init=s0["checkpoint"]))
+    other = {**HEAD, "patch_nums": [1, 2, 4, 8]}  # 85 tokens instead of 204
+    s1b = train(_cfg(tmp_path / "s1b.safetensors", stage=1, steps=1, model_overrides=other))
+    s2 = train(_cfg(tmp_path / "s2.safetensors", stage=2, steps=1, lr=1e-9, init=s1b["checkpoint"],
+                    encoder_init=s0["checkpoint"], segmentor_init=src["checkpoint"], model_overrides=other))
+    a, built = (load_checkpoint(s["checkpoint"]).model.state_dict() for s in (src, s1b))
+    ck = load_checkpoint(s2["checkpoint"])
+    b, n = ck.model.state_dict(), ck.model.segmentor.num_cond + 1
+
+    def same(x, y):
+        return torch.allclose(x.float(), y.float(), atol=1e-3)
+
+    moved = [k for k in a if k.startswith("segmentor.") and k not in ("segmentor.pos_embed", "segmentor.head.weight")]
+    assert moved and all(same(a[k], b[k]) for k in moved)
+    assert not same(a["segmentor.blocks.0.attn.qkv.weight"], built["segmentor.blocks.0.attn.qkv.weight"])
+    assert b["segmentor.pos_embed"].shape[1] == n + 84 and a["segmentor.pos_embed"].shape[1] == n + 203
+    assert same(b["segmentor.pos_embed"][:, :n], a["segmentor.pos_embed"][:, :n])
+    assert same(b["segmentor.pos_embed"][:, n:], built["segmentor.pos_embed"][:, n:])
+    assert same(b["segmentor.head.weight"], built["segmentor.head.weight"])  # another VQ: not copied
+    meta = ck.provenance["segmentor_init"]
+    assert meta["path"] == str(src["checkpoint"]) and meta["partial"] == ["segmentor.pos_embed"]
+    assert meta["kept_initialisation"] == ["segmentor.head.weight"] and meta["copied"] == len(moved)
+    # the same VQ: the head is copied too
+    s2b = train(_cfg(tmp_path / "s2b.safetensors", stage=2, steps=1, lr=1e-9, init=s1["checkpoint"],
+                     encoder_init=s0["checkpoint"], segmentor_init=src["checkpoint"]))
+    c = load_checkpoint(s2b["checkpoint"]).model.state_dict()
+    assert same(c["segmentor.head.weight"], a["segmentor.head.weight"])
+    assert same(c["segmentor.pos_embed"], a["segmentor.pos_embed"])
+
+
 def test_stage0_needs_a_config_with_a_head(tmp_path):
     with pytest.raises(TrainOptionError, match="no encoder head"):
         train(_cfg(tmp_path / "x.safetensors", stage=0, model_overrides={}))
@@ -139,6 +177,7 @@ def test_cli_takes_stage0_and_encoder_init():
     ap = argparse.ArgumentParser()
     add_training_commands(ap.add_subparsers())
     cfg = config_from_args(ap.parse_args(["train", "--model", "arseg_ct", "--stage", "2", "--init", "s1.safetensors",
-                                          "--encoder-init", "s0.safetensors"]))
+                                          "--encoder-init", "s0.safetensors", "--segmentor-init", "old.safetensors"]))
     assert (cfg.stage, cfg.init, cfg.encoder_init) == (2, "s1.safetensors", "s0.safetensors")
+    assert cfg.segmentor_init == "old.safetensors"
     assert config_from_args(ap.parse_args(["train", "--model", "arseg_ct", "--stage", "0"])).stage == 0

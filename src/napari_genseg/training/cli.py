@@ -34,7 +34,7 @@ _FLAGS = {
     "init": "init",
     # options of one task's config (AR-Seg); a model whose task lacks them refuses them by name
     "stage": "stage", "empty_fraction": "empty_fraction", "roi_fov_mm": "roi_fov_mm", "roi_jitter_mm": "roi_jitter_mm",
-    "encoder_init": "encoder_init",
+    "encoder_init": "encoder_init", "segmentor_init": "segmentor_init",
 }
 
 
@@ -189,6 +189,9 @@ def add_training_commands(sub) -> None:
                    help="start from this checkpoint's weights (fine-tuning; AR-Seg stage 2: the stage-1 checkpoint)")
     p.add_argument("--encoder-init", default=None,
                    help="AR-Seg stage 2: load the image encoder (+ head) of this stage-0 checkpoint")
+    p.add_argument("--segmentor-init", default=None,
+                   help="AR-Seg stage 2: warm-start the adapter + transformer from this checkpoint (tensors whose "
+                        "names and shapes match; e.g. a segmentor trained on another mask latent)")
     p.add_argument("--empty-fraction", type=float, default=None,
                    help="AR-Seg: slices without the target per slice with it (per class, 0.1)")
     p.add_argument("--roi-fov-mm", type=float, default=None,

@@ -71,6 +71,9 @@ class ArSegTrainConfig(TrainConfig):
     #: stage 2: load ``image_encoder.*`` (and ``encoder_head.*``) from this stage-0 checkpoint after
     #: ``init`` (the stage-1 checkpoint, for the VQ)
     encoder_init: str | None = None
+    #: stage 2: warm-start ``segmentor.*`` (adapter + transformer) from this AR-Seg checkpoint, e.g.
+    #: a trained segmentor of another mask latent; see ``ArSegTask._warm_start_segmentor``
+    segmentor_init: str | None = None
 
 
 # ----------------------------------------------------------------------------- data
@@ -301,6 +304,7 @@ class ArSegTask(SliceTask):
         self.init_meta = {"path": str(self.cfg.init), "provenance": None if prov is None else {
             k: prov.get(k) for k in ("stage", "git_commit", "wall_seconds", "hyperparameters", "data", "validation")}}
         self._load_encoder(model)
+        self._warm_start_segmentor(model)
 
     def _load_vq(self, model) -> None:
         """Stage 1 with ``init``: continue training the mask VQ of that AR-Seg checkpoint (any config
@@ -318,6 +322,51 @@ class ArSegTask(SliceTask):
         self.init_meta = {"path": str(self.cfg.init), "config": ck.config_name, "vq_only": True, "provenance": {
             k: prov.get(k) for k in ("stage", "git_commit", "wall_seconds", "hyperparameters", "data", "validation")}}
         self.run.log(f"stage 1 continues the mask VQ of {self.cfg.init}")
+
+    def _warm_start_segmentor(self, model) -> None:
+        """Stage 2 with ``segmentor_init``: copy each ``segmentor.*`` tensor of that checkpoint whose
+        name and shape match this model's. ``pos_embed`` (length = conditioning tokens + 1 + the
+        token count, which depends on the mask latent's scales) gets its first ``num_cond + 1`` rows
+        (conditioning + start positions) when the widths match; the other rows keep their
+        initialisation. The output ``head`` is copied only when the two checkpoints hold the same
+        mask VQ (its rows score that VQ's codes). Everything else stays as built. Not in the paper: a warm start that lets a
+        16×16-latent segmentor begin from the 8×8 demo's adapter and transformer (whose code
+        embedding re-learns the new codebook). Logs and records the counts; raises
+        ``CheckpointError`` when nothing matches (another family or width)."""
+        if not self.cfg.segmentor_init:
+            return
+        from ...models.checkpoints import CheckpointError, load_checkpoint
+
+        ck = load_checkpoint(self.cfg.segmentor_init, expect_model=self.spec.entry.family)
+        theirs = {k: v for k, v in ck.model.state_dict().items() if k.startswith("segmentor.")}
+        own = {k: v for k, v in model.state_dict().items() if k.startswith("segmentor.")}
+        their_vq = {k: v for k, v in ck.model.state_dict().items() if k.startswith("vq.")}
+        same_vq = their_vq.keys() == {k for k in model.state_dict() if k.startswith("vq.")} and all(
+            torch.equal(v.float(), model.state_dict()[k].float()) for k, v in their_vq.items())
+        copied, partial, kept = [], [], []
+        with torch.no_grad():
+            for k, v in own.items():
+                w = theirs.get(k)
+                if k == "segmentor.head.weight" and not same_vq:
+                    kept.append(k)  # its rows score the other VQ's codes
+                elif w is not None and w.shape == v.shape:
+                    v.copy_(w.to(v.dtype))
+                    copied.append(k)
+                elif k == "segmentor.pos_embed" and w is not None and w.shape[-1] == v.shape[-1]:
+                    n = int(model.segmentor.num_cond) + 1
+                    v[:, :n].copy_(w[:, :n].to(v.dtype))
+                    partial.append(k)
+                else:
+                    kept.append(k)
+        if not copied:
+            raise CheckpointError(f"{self.cfg.segmentor_init}: no segmentor tensor fits this model")
+        n_copied = sum(own[k].numel() for k in copied)
+        self.segmentor_meta = {"path": str(self.cfg.segmentor_init), "config": ck.config_name,
+                               "copied": len(copied), "copied_parameters": n_copied,
+                               "partial": partial, "kept_initialisation": kept}
+        self.run.log(f"segmentor warm start from {self.cfg.segmentor_init}: {len(copied)} tensors "
+                     f"({n_copied / 1e6:.2f} M values) copied, partly {partial or 'none'}, "
+                     f"kept as built {kept or 'none'}")
 
     def _load_encoder(self, model) -> None:
         """Stage 2 with ``encoder_init``: the image encoder (+ head) of that stage-0 checkpoint."""
@@ -416,6 +465,7 @@ class ArSegTask(SliceTask):
         cfg = self.cfg
         return {"stage": self.stage, "init": self.init_meta,
                 "encoder_init": getattr(self, "encoder_meta", None),
+                "segmentor_init": getattr(self, "segmentor_meta", None),
                 "loss": {0: "dice_ce (encoder head)", 1: "dice+bce+vq", 2: "token_ce"}[self.stage],
                 "hyperparameters": {"empty_fraction": cfg.empty_fraction, "class_repeat": cfg.class_repeat,
                                     "mask_size": self.mask_size, "repeat": cfg.repeat,
