@@ -232,3 +232,15 @@ def test_class_names_must_match_the_models_classes(ct_case, tmp_path, capsys, na
                "--out", str(tmp_path / "m.nii.gz"), "--slices", "0:1", "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "class names" in err[0]
+
+
+def test_one_line_is_the_shared_one_line_form_of_an_error():
+    """``errors.one_line``, used by the CLI and every dock: the first non-blank line, a file and
+    its reason for an OSError, the class name for an empty message."""
+    from napari_genseg.errors import InputError, one_line
+
+    assert one_line(InputError("\n  bad spacing 0 mm \nsee --help")) == "bad spacing 0 mm"
+    assert one_line(FileNotFoundError(2, "No such file or directory", "/x/ct.nii.gz")) == \
+        "/x/ct.nii.gz: No such file or directory"
+    assert one_line(PermissionError(13, "Permission denied")) == "Permission denied"
+    assert one_line(RuntimeError("")) == "RuntimeError"

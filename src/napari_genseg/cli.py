@@ -16,7 +16,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, one_line
 
 __all__ = ["main"]
 
@@ -712,7 +712,7 @@ def main(argv=None) -> int:
     try:
         return int(args.func(args) or 0)
     except InputError as exc:
-        print(f"genseg: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"genseg: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("genseg: interrupted", file=sys.stderr)
@@ -726,11 +726,6 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
     (no source file, line number or code line)."""
     text = str(message).strip().splitlines()
     return f"warning: {text[0] if text else category.__name__}\n"
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 if __name__ == "__main__":

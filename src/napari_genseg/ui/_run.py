@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, one_line
 
 __all__ = ["LayerEdit", "notify_error", "notify_warnings", "add_class_labels", "load_model"]
 
@@ -44,7 +44,7 @@ def notify_error(error: str | BaseException, context: str = "") -> None:
     if isinstance(error, str):
         show_error(prefix + error)
     elif isinstance(error, InputError):
-        show_error(prefix + (str(error).strip().splitlines() or [type(error).__name__])[0])
+        show_error(prefix + one_line(error))
     else:
         note = ErrorNotification(error)
         note.message = f"{prefix}{type(error).__name__}: {error} (a bug: see the traceback)"

@@ -39,7 +39,7 @@ from typing import Any, Callable
 import numpy as np
 from magicgui.widgets import CheckBox, Container, Label, PushButton, RadioButtons, Slider
 
-from ..errors import InputError
+from ..errors import InputError, one_line
 from ._run import notify_error
 
 __all__ = ["RedrawPanel", "EDIT_LAYER", "CLICKS_LAYER", "CLICK_COLORS"]
@@ -435,8 +435,7 @@ class RedrawPanel(Container):
 
     def _failed(self, exc, context: str) -> None:
         notify_error(exc, context)
-        line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        self._status.value = f"{context.lower()}: {line} (nothing changed)"
+        self._status.value = f"{context.lower()}: {one_line(exc)} (nothing changed)"
 
     def _apply(self, job: _Job, r, prog=None, masks=None) -> None:
         """Write a redraw's result (GUI thread): see the module docstring."""

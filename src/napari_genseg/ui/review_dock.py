@@ -56,7 +56,7 @@ from magicgui.widgets import (
     create_widget,
 )
 
-from ..errors import InputError
+from ..errors import InputError, one_line
 from ..models import registry
 from ..review.autosave import Autosaver, default_autosave_dir, find_autosave, image_key, load_autosave
 from ..review.log import review_record, save_review
@@ -113,14 +113,6 @@ def painted_classes(atom) -> set[int]:
             return set()
     vals = set(np.unique(np.asarray(old)).tolist()) | set(np.unique(np.asarray(new)).tolist())
     return {int(v) for v in vals} - {0}
-
-
-def _one_line(exc: BaseException) -> str:
-    """An error as one line for a notification (an OSError names its file and reason)."""
-    if isinstance(exc, OSError) and not isinstance(exc, InputError) and exc.strerror:
-        where = exc.filename if exc.filename is not None else ""
-        return f"{where}: {exc.strerror}" if where else exc.strerror
-    return " ".join(str(exc).split())
 
 
 def _table(rows: list, columns: list) -> dict:
@@ -745,8 +737,7 @@ class ReviewDock(Container):
         def show(out):
             if self.closed:
                 return
-            now = self._target()
-            if gen == self._refresh_gen and all(a is b for a, b in zip(now[:2], target[:2])) and now[2] == target[2]:
+            if gen == self._refresh_gen and self._is_target(target):
                 self._refresh_apply(out)
 
         self.refresh_worker = work()
@@ -989,14 +980,19 @@ class ReviewDock(Container):
         """(image layer, mask layer, review axis) now: what a worker's result belongs to."""
         return self._image.value, self._mask.value, self.axis
 
+    def _is_target(self, target: tuple) -> bool:
+        """True when ``target`` (:meth:`_target` when a worker started) is the same image and mask
+        layers (by identity) and review axis as now."""
+        now = self._target()
+        return all(a is b for a, b in zip(now[:2], target[:2])) and now[2] == target[2]
+
     def _still_target(self, target: tuple, what: str) -> bool:
         """True when ``target`` (:meth:`_target` when the run started) is still what is reviewed;
         otherwise the run's result is dropped with a status line (it was computed for another
         image or mask: writing it would change a layer the reader is not looking at)."""
         if self.closed:
             return False
-        now = self._target()
-        if all(a is b for a, b in zip(now[:2], target[:2])) and now[2] == target[2]:
+        if self._is_target(target):
             return True
         img, mask = (getattr(lay, "name", None) for lay in target[:2])
         self._status.value = (f"{what} finished for {mask} on {img}, which is no longer the image/mask "
@@ -1246,7 +1242,7 @@ class ReviewDock(Container):
             out = write_csv(path or self._csv_path.value, metric_csv_rows(rows, per_slice, self.axis),
                             [cols[0], *CSV_SCOPE_COLUMNS, *cols[1:]])
         except (InputError, OSError) as exc:
-            notify_error(f"metrics CSV not written: {_one_line(exc)}")
+            notify_error(f"metrics CSV not written: {one_line(exc)}")
             return None
         self._status.value = f"metrics written to {out}"
         return out
@@ -1275,7 +1271,7 @@ class ReviewDock(Container):
             out = save_review(path or self._output.value, np.asarray(mask.data), like=like, spacing=vol.spacing,
                               origin=vol.origin, run=run, record=rec)
         except (InputError, OSError) as exc:  # a full disk, a folder that cannot be made or written
-            notify_error(f"not saved, the review stays open with its edits: {_one_line(exc)}")
+            notify_error(f"not saved, the review stays open with its edits: {one_line(exc)}")
             return None
         if self.autosaver is not None:
             self.autosaver.clear()
@@ -1303,7 +1299,7 @@ class ReviewDock(Container):
                                   edited_classes=set(self.edited_classes),
                                   record={**run, "written_by": "Review dock: the reviewed mask as DICOM SEG"})
         except (InputError, OSError) as exc:
-            notify_error(f"DICOM SEG not written: {_one_line(exc)}")
+            notify_error(f"DICOM SEG not written: {one_line(exc)}")
             return None
         self.last_seg = seg
         self._status.value += f"; {seg.name}"
@@ -1328,7 +1324,7 @@ class ReviewDock(Container):
                                     vol.spacing, vol.origin, self.class_names(), name=self._image.value.name,
                                     strip_identifiers=bool(self._strip.value))
         except (InputError, OSError) as exc:
-            notify_error(f"not added to the training set: {_one_line(exc)}")
+            notify_error(f"not added to the training set: {one_line(exc)}")
             return None
         verb = "updated" if rep["replaced"] else "added"
         self._status.value = (f"{verb} training case {rep['case']} in {rep['dataset'].parent}; kept "
@@ -1358,7 +1354,7 @@ class ReviewDock(Container):
             mapping = parse_label_map(self._ref_map.value if label_map is None else label_map)
             data = apply_label_map(ids, mapping, max(len(names), int(ids.max(initial=0)) + 1 if mapping is None else 256))
         except (InputError, OSError) as exc:
-            notify_error(f"reference not loaded: {_one_line(exc)}")
+            notify_error(f"reference not loaded: {one_line(exc)}")
             return None
         for n in notes:
             show_warning(n)
