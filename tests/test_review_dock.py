@@ -201,7 +201,14 @@ def test_metrics_against_a_reference_and_without_one_and_csv(make_napari_viewer_
     qtbot.waitUntil(lambda: w.metric_kind == "reference" and w.metrics_worker is None, timeout=10000)
     assert w.metric_kind == "reference" and w.metric_rows[0]["dice"] == pytest.approx(2 * 200 / 600)
     assert list(w._metrics.value["columns"])[:4] == ["class", "dice", "iou", "hd95_mm"]
+    # the worker's rows are signed by what they were computed on (hashed in the worker): Export
+    # CSV re-uses them instead of computing HD95 again on the GUI thread
+    assert w._metrics_for == w._metrics_key(*w._metric_inputs())
+    import napari_genseg.ui.review_dock as rd
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(rd, "slice_metrics", lambda *a, **k: pytest.fail("metrics computed again"))
     out = w.export_csv(tmp_path / "m.csv")
+    monkey.undo()
     assert out.read_text().splitlines()[0] == "class,scope,axis,slice,dice,iou,hd95_mm"
     assert out.read_text().splitlines()[1].startswith("soft,volume,,,0.666667,0.5,")
     # the reference also ranks the queue

@@ -1166,16 +1166,15 @@ class ReviewDock(Container):
         if self.metrics_worker is not None:
             self._metrics_pending = True
             return None
-        inputs = self._metric_inputs()
-        key = self._metrics_key(*inputs)
+        inputs = self._metric_inputs()  # the mask copied on the GUI thread; hashed in the worker
         self._metrics_pending = False
 
         @thread_worker(start_thread=False, ignore_errors=True)
         def work():
-            return self._metrics_of(*inputs)
+            return self._metrics_key(*inputs), self._metrics_of(*inputs)
 
         self.metrics_worker = work()
-        self.metrics_worker.returned.connect(lambda out: self._show_metrics(out, key))
+        self.metrics_worker.returned.connect(lambda out: self._show_metrics(out[1], out[0]))
         self.metrics_worker.errored.connect(lambda exc: notify_error(exc, "Metrics failed"))
         self.metrics_worker.finished.connect(self._on_metrics_finished)
         self.metrics_worker.start()
