@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, one_line
 
 __all__ = [
     "ONNX_OPSET",
@@ -512,7 +512,7 @@ def load_cached(ckpt, make, pieces=(("model", None),)):
         except (TypeError, AttributeError, NameError, MemoryError):
             raise
         except Exception as exc:  # onnxruntime / openvino raise their own types for unreadable files
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            first = one_line(exc)[:200]
             if attempt == 2:
                 raise ExportError(f"the runtime cannot load the exported model {paths[0]} even after "
                                   f"exporting it again: {first}") from exc

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import one_line
 from .nifti import VolumeReadError
 
 __all__ = ["Frame", "frames_of", "is_image_object", "read_frame_pixels", "NON_IMAGE_SOP_CLASSES",
@@ -191,8 +192,7 @@ def _decode_error(path: Path, tsyntax: str, exc: Exception) -> VolumeReadError:
     if decoder is not None and not decoder.is_available:
         return VolumeReadError(f"{path.name}: no decoder installed for {name}; install one with: "
                                f"pip install {DECODER_PACKAGE}")
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return VolumeReadError(f"cannot decode the pixels of {path.name} ({name}): {first}")
+    return VolumeReadError(f"cannot decode the pixels of {path.name} ({name}): {one_line(exc)}")
 
 
 def read_frame_pixels(path: Path, indices: list[int | None]) -> list[np.ndarray]:
@@ -202,8 +202,7 @@ def read_frame_pixels(path: Path, indices: list[int | None]) -> list[np.ndarray]
     try:
         ds = pydicom.dcmread(path)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise VolumeReadError(f"cannot read {path.name}: {first}") from exc
+        raise VolumeReadError(f"cannot read {path.name}: {one_line(exc)}") from exc
     tsyntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
     try:
         arr = ds.pixel_array

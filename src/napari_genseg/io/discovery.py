@@ -26,6 +26,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import one_line
 from .dicom import dicom_files, read_dicom_headers, read_header, read_headers
 from .dicom_frames import is_image_object
 from .nifti import VolumeReadError, is_nifti_path, read_nifti
@@ -265,8 +266,7 @@ def _discover_dicomdir(p: Path, ds) -> Discovery:
     try:
         full = pydicom.dcmread(p)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise VolumeReadError(f"cannot read the DICOMDIR {p}: {first}") from exc
+        raise VolumeReadError(f"cannot read the DICOMDIR {p}: {one_line(exc)}") from exc
     files, missing = [], 0
     for rec in full.get("DirectoryRecordSequence", []):
         ref = rec.get("ReferencedFileID")

@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, one_line
 from .config import TrainOptionError
 
 __all__ = ["add_training_commands", "config_from_args", "TrainOptionError"]
@@ -61,7 +61,7 @@ def _read_config_file(path: str) -> dict:
 
 
 def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return one_line(exc)
 
 
 def config_from_args(args):

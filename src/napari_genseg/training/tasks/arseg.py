@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...errors import one_line
 from ...preprocessing import Normalization, SliceGrid
 from .. import data as D
 from ..config import TrainConfig, TrainOptionError
@@ -317,7 +318,7 @@ class ArSegTask(SliceTask):
             model.vq.load_state_dict(sd)
         except RuntimeError as exc:
             raise CheckpointError(f"{self.cfg.init}: its mask VQ does not fit this model "
-                                  f"({str(exc).splitlines()[0]})") from None
+                                  f"({one_line(exc)})") from None
         prov = ck.provenance if isinstance(getattr(ck, "provenance", None), dict) else {}
         self.init_meta = {"path": str(self.cfg.init), "config": ck.config_name, "vq_only": True, "provenance": {
             k: prov.get(k) for k in ("stage", "git_commit", "wall_seconds", "hyperparameters", "data", "validation")}}
@@ -384,7 +385,7 @@ class ArSegTask(SliceTask):
             model.load_state_dict(sd, strict=False)
         except RuntimeError as exc:
             raise CheckpointError(f"{self.cfg.encoder_init}: its image encoder does not fit this model "
-                                  f"({str(exc).splitlines()[0]})") from None
+                                  f"({one_line(exc)})") from None
         self._encoder_loaded = True
         prov = ck.provenance if isinstance(getattr(ck, "provenance", None), dict) else {}
         self.encoder_meta = {"path": str(self.cfg.encoder_init), "provenance": {

@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from ...device import autocast_context
+from ...errors import one_line
 from ...preprocessing import Normalization, SliceGrid
 from ..config import TrainConfig
 from ..data import Case, Split, load_sources, make_split
@@ -103,7 +104,7 @@ def load_init_weights(model: nn.Module, path, family: str):
     try:
         model.load_state_dict(sd)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: its weights do not fit this model ({str(exc).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: its weights do not fit this model ({one_line(exc)})") from None
     return ck
 
 

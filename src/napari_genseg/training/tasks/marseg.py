@@ -56,6 +56,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...errors import one_line
 from .. import data as D
 from ..config import TrainConfig, TrainOptionError
 from ..losses import soft_dice_loss
@@ -207,7 +208,7 @@ class MarSegTask(SliceTask):
                 how = f"hand-over ({len(report.loaded)} tensors loaded, {len(report.missing)} new: GPAF + head)"
         except RuntimeError as exc:
             raise CheckpointError(f"{path}: its weights do not fit {self.cfg.model} "
-                                  f"({str(exc).splitlines()[0]})") from None
+                                  f"({one_line(exc)})") from None
         prov = ck.provenance if isinstance(ck.provenance, dict) else {}
         self.init_meta = {"path": str(path), "module": mod, "how": how, "stage": prov.get("stage"),
                           "git_commit": prov.get("git_commit"), "steps": prov.get("steps"),
