@@ -500,3 +500,42 @@ def test_a_corrupted_cached_export_is_exported_again(tmp_path, monkeypatch):
     assert any("could not be loaded" in str(w.message) and "exporting it again" in str(w.message) for w in caught)
     assert path.stat().st_size > 5000
     np.testing.assert_array_equal(run_to_end(run_volume(again, vol, batch_size=2)).labels, ref)
+
+
+def test_the_export_cache_is_pruned_least_recently_used_first(tmp_path, monkeypatch):
+    """Every config edit or new weights used to add an export that was never deleted (exports
+    under an old key are never read again). Now a new export prunes ``cache_dir()/onnx`` to its
+    budget, least recently used first (a cache hit touches its file), never the run's own files."""
+    import os
+
+    from napari_genseg.models.checkpoints import load_checkpoint
+
+    monkeypatch.setenv("GENSEG_CACHE_DIR", str(tmp_path / "cache"))
+    ckpt = load_checkpoint(_tiny_checkpoint(tmp_path))
+    size = E.cached_onnx(ckpt).stat().st_size  # the default budget (4 GiB) deletes nothing
+    E.cached_onnx_path(ckpt).unlink()
+    folder = tmp_path / "cache" / "onnx"
+    old, used = folder / "msa2net-old-model-opset17-r1.onnx", folder / "msa2net-used-model-opset17-r1.onnx"
+    for i, f in enumerate((old, used)):  # `used` was read more recently
+        f.write_bytes(b"x" * 400_000)
+        os.utime(f, (1_000_000 + i, 1_000_000 + i))
+    other = folder / "notes.txt"
+    other.write_text("not an export")
+    assert E.prune_export_cache(max_bytes=10**9) == []
+    monkeypatch.setenv("GENSEG_EXPORT_CACHE_MB", str((size + 500_000) / 2**20))
+    path = E.cached_onnx(ckpt)  # a new export: prunes
+    assert path.is_file() and used.is_file() and other.is_file()
+    assert not old.exists()
+    # a hit touches its file and deletes nothing
+    os.utime(path, (2_000_000, 2_000_000))
+    assert E.cached_onnx(ckpt) == path and path.stat().st_mtime > 2_000_000 and used.is_file()
+    # the run's own files stay even over a zero budget; everything else goes
+    assert E.prune_export_cache(keep=[path], max_bytes=0) == [used]
+    assert path.is_file()
+
+
+@pytest.mark.parametrize("value", ["lots", "-1", "nan"])
+def test_a_bad_export_cache_budget_is_one_line(monkeypatch, value):
+    monkeypatch.setenv("GENSEG_EXPORT_CACHE_MB", value)
+    with pytest.raises(E.ExportError, match="GENSEG_EXPORT_CACHE_MB must be"):
+        E.export_cache_budget()

@@ -30,6 +30,7 @@ import copy
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -55,6 +56,8 @@ __all__ = [
     "cache_dir",
     "cached_onnx",
     "cached_onnx_path",
+    "export_cache_budget",
+    "prune_export_cache",
     "load_cached",
     "export_cache_key",
     "quantize_int8",
@@ -461,6 +464,68 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     return dst
 
 
+#: default disk budget of ``cache_dir()/onnx`` (MiB); ``$GENSEG_EXPORT_CACHE_MB`` overrides it
+EXPORT_CACHE_MB = 4096
+
+
+def export_cache_budget() -> int:
+    """Bytes the exported-model cache (``cache_dir()/onnx``) may hold: ``$GENSEG_EXPORT_CACHE_MB``
+    MiB, else :data:`EXPORT_CACHE_MB` (4 GiB: a MARSeg paper export is ~1 GB in fp32). Raises
+    :class:`ExportError` for a value that is not a finite number >= 0."""
+    env = os.environ.get("GENSEG_EXPORT_CACHE_MB")
+    if env is None or not env.strip():
+        return EXPORT_CACHE_MB * 2**20
+    try:
+        mb = float(env)
+    except ValueError:
+        raise ExportError(f"GENSEG_EXPORT_CACHE_MB must be a number of MiB, not {env!r}") from None
+    if not math.isfinite(mb) or mb < 0:
+        raise ExportError(f"GENSEG_EXPORT_CACHE_MB must be a finite number >= 0, not {env!r}")
+    return int(mb * 2**20)
+
+
+def prune_export_cache(keep=(), max_bytes: int | None = None) -> list[Path]:
+    """Delete the least recently used ``*.onnx`` files of ``cache_dir()/onnx`` (oldest mtime
+    first; :func:`cached_onnx` touches a file on every use) until the folder holds at most
+    ``max_bytes`` (default :func:`export_cache_budget`). The files in ``keep`` (those of the run
+    asking) are never deleted, even when they alone exceed the budget. So exports of older
+    weights, configs or recipes, never read again under their old keys, do not pile up.
+    Returns the deleted paths; a file another process removed first is skipped."""
+    folder = cache_dir() / "onnx"
+    budget = export_cache_budget() if max_bytes is None else int(max_bytes)
+    keep = {Path(k).resolve() for k in keep}
+    entries = []
+    for f in folder.glob("*.onnx") if folder.is_dir() else ():
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        entries.append((st.st_mtime, st.st_size, f))
+    total = sum(size for _, size, _ in entries)
+    removed = []
+    for _, size, f in sorted(entries, key=lambda e: e[0]):
+        if total <= budget:
+            break
+        if f.resolve() in keep:
+            continue
+        try:
+            f.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError:
+            continue
+        total -= size
+        removed.append(f)
+    return removed
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:  # a read-only cache still serves its files
+        pass
+
+
 def cached_onnx_path(ckpt, piece: str = "model", quantization: str | None = None) -> Path:
     """Where :func:`cached_onnx` keeps that file (it may not exist yet)."""
     name = f"{ckpt.family}-{export_cache_key(ckpt)}-{piece}-opset{ONNX_OPSET}-r{EXPORT_RECIPE}.onnx"
@@ -473,7 +538,9 @@ def cached_onnx(ckpt, piece: str = "model", quantization: str | None = None) -> 
     pieces (``onnx_pieces``), in the cache folder:
     ``onnx/<family>-<key>-<piece>-opset17-r<recipe>.onnx`` (``key``: :func:`export_cache_key`, the
     weights and the config); exported (and checked against torch) on first use, the only time
-    the torch model is needed (a checkpoint loaded with ``lazy=True`` is built then).
+    the torch model is needed (a checkpoint loaded with ``lazy=True`` is built then). Every use
+    touches the file; after each new export the cache is pruned to its budget, least recently
+    used first (:func:`prune_export_cache`).
     ``quantization="int8"``: its :func:`quantize_int8` file beside it (``...-int8.onnx``, made
     from the fp32 one on first use). Raises :class:`ExportError` for a family or piece
     without an exporter, an unknown quantisation or an export that differs from torch."""
@@ -484,16 +551,20 @@ def cached_onnx(ckpt, piece: str = "model", quantization: str | None = None) -> 
     if quantization not in (None, *QUANTIZATIONS):
         raise ExportError(f"unknown quantisation {quantization!r} (known: {', '.join(QUANTIZATIONS)})")
     path = cached_onnx_path(ckpt, piece)
-    if quantization is None:
-        if not path.is_file():
-            _export_piece(ckpt, piece, path)
-        return path
-    qpath = cached_onnx_path(ckpt, piece, quantization)
-    if not qpath.is_file():
-        if not path.is_file():
-            _export_piece(ckpt, piece, path)
-        quantize_int8(path, qpath)
-    return qpath
+    want = path if quantization is None else cached_onnx_path(ckpt, piece, quantization)
+    if want.is_file():
+        _touch(want)
+        return want
+    if not path.is_file():
+        _export_piece(ckpt, piece, path)
+    else:
+        _touch(path)
+    if quantization is not None:
+        quantize_int8(path, want)
+    # the other pieces of this checkpoint stay too (a run opens them together)
+    mine = [cached_onnx_path(ckpt, p, q) for p in onnx_pieces(ckpt.family) for q in (None, *QUANTIZATIONS)]
+    prune_export_cache(keep=[path, want, *mine])
+    return want
 
 
 def load_cached(ckpt, make, pieces=(("model", None),)):
