@@ -162,11 +162,14 @@ class OpenVinoSegmentationPredictor(SegmentationPredictor):
         """Logits (n, K, size, size) float32 of the compiled model for the normalised input
         (n, C, size, size), one slice per call."""
         image = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
-        outs = []
+        out = None
         for i in range(len(image)):
             self._request.infer({0: image[i : i + 1]})
-            outs.append(np.array(self._request.get_output_tensor(0).data, dtype=np.float32, copy=True))
-        return torch.from_numpy(outs[0] if len(outs) == 1 else np.concatenate(outs, 0))
+            logits = self._request.get_output_tensor(0).data  # the request's buffer: copied once, here
+            if out is None:
+                out = np.empty((len(image), *logits.shape[1:]), np.float32)
+            out[i] = logits[0]
+        return torch.from_numpy(out)
 
     def release(self) -> None:
         self._x = None
