@@ -463,3 +463,27 @@ def test_paste_target_never_changes_other_labels():
     inside[:, :3] = True
     limited = paste_target(old, cons, 1, inside)
     assert limited[1, 3] == 1 and limited[4, 4] == 0 and limited[2, 2] == 3  # outside `inside`: unchanged
+
+
+def test_decode_composite_skips_regions_a_newer_box_covers():
+    """Each redrawn box is decoded from its own tokens, newest on top; a box inside a newer box
+    is not decoded at all (each decode is a whole slice), and the masks are the same."""
+    from napari_genseg.ui.arseg_state import decode_composite
+
+    class Decoder:  # a test double: sample n of tokens t is the constant t[n, 0] on the whole slice
+        calls = 0
+
+        def decode_samples(self, tokens, hw, spacing_yx, upto_scale=None):
+            Decoder.calls += 1
+            return np.broadcast_to(tokens[:, :1, None] > 0, (len(tokens), *hw)).copy()
+
+    def tok(v):
+        return np.full((2, 3), v, np.int16)
+
+    regions = [((0, 4, 0, 4), tok(1)), ((5, 8, 5, 8), tok(1)), ((0, 6, 0, 6), tok(0))]  # 1st inside 3rd
+    got = decode_composite(Decoder(), tok(0), regions, (8, 8), (1.0, 1.0))
+    assert Decoder.calls == 3  # the base, the 2nd box and the 3rd box
+    want = np.zeros((2, 8, 8), bool)
+    want[:, 5:8, 5:8] = True
+    want[:, 0:6, 0:6] = False
+    np.testing.assert_array_equal(got, want)

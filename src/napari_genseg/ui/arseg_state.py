@@ -65,10 +65,18 @@ class SliceState:
 def decode_composite(pred, tokens: np.ndarray, regions, hw, spacing_yx, upto_scale=None) -> np.ndarray:
     """(N, H, W) bool sample masks of a slice whose ``regions`` were redrawn: decoded from
     ``tokens`` (``pred.decode_samples``), then, region by region (oldest first), the pixels of
-    each box ``(y0, y1, x0, x1)`` (half-open slice pixels) decoded from that region's tokens."""
+    each box ``(y0, y1, x0, x1)`` (half-open slice pixels) decoded from that region's tokens. A
+    region inside a newer region's box is not decoded (every pixel of it would be overwritten)."""
+    regions = list(regions)
+
+    def covered(i: int) -> bool:
+        (y0, y1, x0, x1) = regions[i][0]
+        return any(b[0] <= y0 and y1 <= b[1] and b[2] <= x0 and x1 <= b[3] for b, _ in regions[i + 1:])
+
     masks = pred.decode_samples(tokens, hw, spacing_yx, upto_scale=upto_scale)
-    for (y0, y1, x0, x1), t in regions:
-        masks[:, y0:y1, x0:x1] = pred.decode_samples(t, hw, spacing_yx, upto_scale=upto_scale)[:, y0:y1, x0:x1]
+    for i, ((y0, y1, x0, x1), t) in enumerate(regions):
+        if not covered(i):
+            masks[:, y0:y1, x0:x1] = pred.decode_samples(t, hw, spacing_yx, upto_scale=upto_scale)[:, y0:y1, x0:x1]
     return masks
 
 
