@@ -245,3 +245,45 @@ def test_arseg_engine_memory_contract(arseg_tiny_checkpoint):
     added = votes.nbytes + tokens.nbytes
     assert added <= 2 * res.labels.nbytes
     np.testing.assert_array_equal(res.labels > 0, votes / 16 > 0.5)
+
+
+def test_a_run_that_fails_or_is_cancelled_before_its_first_slice_gives_the_previous_run_back(
+        make_napari_viewer_proxy, qtbot, arseg_tiny_checkpoint, monkeypatch):
+    """A second run with another seed used to drop the first run's samples, votes and
+    variability as it started; when it then failed (or was cancelled) before its first slice
+    they were gone. Now they come back; a first run that fails leaves no empty consensus layer."""
+    import napari_genseg.ui.arseg_explorer as X
+
+    viewer = make_napari_viewer_proxy()
+    img = _image(viewer)
+    w = _explorer(viewer, arseg_tiny_checkpoint)
+    w._image.value = img
+    viewer.dims.set_current_step(0, 2)
+
+    def failing(*a, **k):
+        raise RuntimeError("out of memory")
+        yield  # a generator, like run_volume
+
+    real = X.run_volume
+    monkeypatch.setattr(X, "run_volume", failing)
+    _run(qtbot, w)
+    assert w._status.value.startswith("failed") and "ph [arseg] consensus" not in viewer.layers
+    monkeypatch.setattr(X, "run_volume", real)
+    _run(qtbot, w)
+    first, votes = w.results, w.results.votes.copy()
+    cons = viewer.layers["ph [arseg] consensus"]
+    shown = cons.data.copy()
+    w._show.value = "variability"
+    var = w._layer("variability")
+    var_before = np.asarray(var.data).copy()
+    assert votes[2].any()
+    w._seed.value = 9  # another run key: the results would be replaced
+    monkeypatch.setattr(X, "run_volume", failing)
+    _run(qtbot, w)
+    assert w._status.value.startswith("failed")
+    assert w.results is first and w.results.slices == [2]
+    np.testing.assert_array_equal(w.results.votes, votes)
+    np.testing.assert_array_equal(cons.data, shown)
+    assert w._layer("variability") is var
+    np.testing.assert_array_equal(var.data, var_before)
+    assert [lay.name for lay in viewer.layers].count("ph [arseg] consensus") == 1

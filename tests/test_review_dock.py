@@ -647,3 +647,27 @@ def test_save_and_csv_reuse_the_metrics_the_worker_computed_for_this_mask(make_n
     assert ("volume_metrics", True) in calls
     assert json.loads(log2.read_text())["metrics"]["rows"] != json.loads(log.read_text())["metrics"]["rows"]
     w.dirty = False
+
+
+def test_a_runtime_error_in_a_review_worker_ends_it(make_napari_viewer_proxy, qtbot, double_checkpoint, monkeypatch):
+    """The re-run and uncertainty workers end on a RuntimeError (torch's usual failure type) as on
+    any other: the dock used to wait for ever with Compute disabled (superqt's generator worker
+    emitted neither errored nor finished); the mask is unchanged."""
+    import napari_genseg.engine as E
+
+    def failing(*a, **k):
+        raise RuntimeError("out of memory")
+        yield  # a generator, like run_volume
+
+    monkeypatch.setattr(E, "run_volume", failing)  # the dock imports it when a worker starts
+    viewer = make_napari_viewer_proxy()
+    img = _image(viewer)
+    mask = _mask(viewer, img)
+    mask.data[2, 3:6, 3:6] = 1
+    before = mask.data.copy()
+    w = _dock(viewer, double_checkpoint, img, mask)
+    for start in (lambda: w.rerun_slice(index=2), w.compute_uncertainty):
+        assert start() is not None
+        qtbot.waitUntil(lambda: w.worker is None, timeout=20000)
+        assert w._compute.enabled
+        np.testing.assert_array_equal(mask.data, before)

@@ -185,6 +185,30 @@ def test_a_run_that_fails_before_its_first_slice_leaves_the_layers_as_they_were(
     assert lab.metadata[RUN_KEY] == record
 
 
+@pytest.mark.parametrize("error", [RuntimeError("CUDA out of memory"), ValueError("bad batch")])
+def test_a_runtime_error_in_the_worker_ends_the_run(make_napari_viewer_proxy, qtbot, double_checkpoint, notes,
+                                                    monkeypatch, error):
+    """superqt's generator worker took a RuntimeError (torch's out-of-memory, shape errors) for a
+    deleted worker and ended the thread without ``errored`` or ``finished``: the dock waited for
+    ever with Run disabled and no message. Now every failure type ends the run the same way."""
+    import napari_genseg.ui.segment_widget as S
+
+    def failing(*a, **k):
+        raise error
+        yield  # a generator, like run_volume
+
+    monkeypatch.setattr(S, "run_volume", failing)
+    viewer = make_napari_viewer_proxy()
+    _image(viewer)
+    w = _widget(viewer, double_checkpoint)
+    assert w.run() is not None
+    _wait_done(qtbot, w)
+    assert w._status.value.startswith("failed") and str(error) in w._status.value
+    assert w._run.enabled and not w._cancel.enabled
+    assert [lyr.name for lyr in viewer.layers] == ["ct"]
+    assert f"{type(error).__name__}: {error}" in notes[-1].message  # the original, not the wrapper
+
+
 def test_a_partial_checkpoint_warns_in_the_dock(make_napari_viewer_proxy, qtbot, tmp_path, notes):
     from _doubles import ThresholdConfig, ThresholdNet, register_double
     from napari.utils.notifications import NotificationSeverity

@@ -3,11 +3,39 @@ one undo step, and telling the user what went wrong (their input, or a bug)."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from ..errors import InputError, one_line
 
-__all__ = ["LayerEdit", "notify_error", "notify_warnings", "add_class_labels", "load_model"]
+__all__ = ["LayerEdit", "notify_error", "notify_warnings", "add_class_labels", "load_model", "WorkerRuntimeError",
+           "reports_runtime_errors"]
+
+
+class WorkerRuntimeError(Exception):
+    """A ``RuntimeError`` raised in a generator worker, carried out under another type (the
+    original is its ``__cause__``; :func:`notify_error` shows that one). See
+    :func:`reports_runtime_errors`."""
+
+
+def reports_runtime_errors(gen_fn):
+    """Decorate a generator function run by ``napari.qt.threading.thread_worker`` (below the
+    ``@thread_worker`` line) so that a ``RuntimeError`` it raises reaches ``errored`` and
+    ``finished``. superqt's ``GeneratorWorker`` (superqt 0.9, ``utils/_qthreading.py``) takes any
+    ``RuntimeError`` from the generator for "the worker was deleted" and ends the thread with
+    a warning only, emitting neither signal; torch raises ``RuntimeError`` for most failures
+    (out of memory, shapes), so a dock waited for ever with its Run button disabled. The
+    exception is re-raised as :class:`WorkerRuntimeError` from the original."""
+
+    @functools.wraps(gen_fn)
+    def wrapped(*args, **kwargs):
+        try:
+            return (yield from gen_fn(*args, **kwargs))
+        except RuntimeError as exc:
+            raise WorkerRuntimeError(f"{type(exc).__name__}: {exc}") from exc
+
+    return wrapped
 
 
 def load_model(name: str, checkpoint: str | None, lazy: bool = False):
@@ -41,6 +69,8 @@ def notify_error(error: str | BaseException, context: str = "") -> None:
     from napari.utils.notifications import ErrorNotification, notification_manager, show_error
 
     prefix = f"{context}: " if context else ""
+    if isinstance(error, WorkerRuntimeError) and error.__cause__ is not None:
+        error = error.__cause__
     if isinstance(error, str):
         show_error(prefix + error)
     elif isinstance(error, InputError):

@@ -48,7 +48,7 @@ from ..engine import parse_slices, run_volume
 from ..models import registry
 from ..predictors import ArSegPredictor, make_predictor, predictor_class
 from ..predictors.uncertainty import max_disagreement_percent
-from ._run import LayerEdit, add_class_labels, load_model, notify_error
+from ._run import LayerEdit, add_class_labels, load_model, notify_error, reports_runtime_errors
 from .arseg_export import render_progression_frames, save_progression
 from .arseg_state import ArSegResults, RunKey, checkpoint_signature, decode_composite, image_signature
 from .layers import volume_from_layer
@@ -96,6 +96,8 @@ class ArSegExplorer(Container):
         self._class_names: list[str] = []
         self._layers: dict[str, object] = {}
         self._written: dict[str, int] = {}  # layer key -> the slice it holds
+        self._before: tuple | None = None  # the state a run that writes no slice gives back
+        self._wrote = False  # the current run has written a slice
 
         # ---- Run tab
         self._image = create_widget(annotation=napari.layers.Image, label="image")
@@ -303,6 +305,12 @@ class ArSegExplorer(Container):
             return None
         key = RunKey(image_signature(image.unique_id, vol.data, vol.spacing), checkpoint_signature(ckpt),
                      pred.seed, pred.target_class, pred.n)
+        cons_name = f"{image.name} [arseg] consensus"
+        # what a run that ends before its first slice gives back (_give_back)
+        self._before = (self.results, self.volume, self.predictor, self._results_image, dict(self._layers),
+                        list(self._class_names), not (cons_name in self.viewer.layers
+                                                      and self.viewer.layers[cons_name].data.shape == image.data.shape))
+        self._wrote = False
         if self.results is None or self.results.key != key:
             self.results = ArSegResults(key, vol.shape, pred.num_scales)
             self._clear_written()
@@ -314,8 +322,7 @@ class ArSegExplorer(Container):
         self._decode_failed = None
         with self._sample.changed.blocked():
             self._sample.max = pred.n
-        self._layers["consensus"] = add_class_labels(self.viewer, image, f"{image.name} [arseg] consensus",
-                                                     self._class_names)
+        self._layers["consensus"] = add_class_labels(self.viewer, image, cons_name, self._class_names)
         self.redraw.watch(self._layers["consensus"])
         self._on_show()
         self._edit = LayerEdit(self._layers["consensus"]).begin()
@@ -323,6 +330,7 @@ class ArSegExplorer(Container):
 
         # errors reach notify_error; without ignore_errors napari would also re-raise them
         @thread_worker(start_thread=False, ignore_errors=True)
+        @reports_runtime_errors
         def work():
             return (yield from run_volume(pred, vol, zs, batch_size=batch))
 
@@ -337,6 +345,7 @@ class ArSegExplorer(Container):
         return self.worker
 
     def _on_progress(self, p):
+        self._wrote = True
         res = self.results
         z = list(p.z)
         res.add(z, p.outputs["votes"], p.outputs["tokens"])
@@ -360,13 +369,38 @@ class ArSegExplorer(Container):
             edit.end()
         worker, self.worker = self.worker, None
         self._run.enabled, self._cancel.enabled = True, False
-        if worker is not None and getattr(worker, "abort_requested", False):
+        aborted = worker is not None and getattr(worker, "abort_requested", False)
+        if (aborted or self._status.value.startswith("failed")) and not self._wrote:
+            self._give_back()
+        if aborted:
             self._status.value = "cancelled; finished slices kept"
         elif not self._status.value.startswith("failed"):
             self._progress.value = 100
             self._status.value = f"done: {len(self.results.tokens)} slice(s), N = {self.results.n}"
             self._tabs.setCurrentIndex(1)  # on to the View tab
         self._show_slice()
+
+    def _give_back(self) -> None:
+        """After a run that failed or was cancelled before its first slice: the previous run's
+        results (votes, tokens, samples, variability) back in place of the empty new ones, and a
+        consensus layer this run created removed, so a cancelled "wrong N" loses nothing."""
+        results, volume, predictor, image, layers, names, created = self._before
+        cons = self._layers.get("consensus")
+        if created and cons is not None and cons in self.viewer.layers:
+            self.viewer.layers.remove(cons)
+        if results is not self.results:
+            self._clear_written()
+            self.results, self.volume, self.predictor = results, volume, predictor
+        self._results_image, self._class_names = image, names
+        self._layers = layers
+        if results is not None:
+            with self._sample.changed.blocked():
+                self._sample.max = results.n
+        var = self._layer("variability")
+        if var is not None and results is not None and results.tokens:
+            var.data[:] = 0
+            var.data[results.slices] = results.disagreement(results.slices, float(self._threshold.value))
+            var.refresh()
 
     def cancel(self, *_):
         """Stop the run (finished slices stay) or the redraw (nothing of it is written)."""

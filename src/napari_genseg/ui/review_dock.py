@@ -74,7 +74,7 @@ from ..review.report import (
 )
 from ..review.uncertainty import VoteVolume, class_model_disagreement, votes_from_result
 from ..run_record import RUN_KEY
-from ._run import LayerEdit, load_model, notify_error
+from ._run import LayerEdit, load_model, notify_error, reports_runtime_errors
 from .layers import volume_from_layer
 
 __all__ = ["ReviewDock", "FLAGS_KEY", "SHORTCUTS", "painted_indices"]
@@ -946,6 +946,7 @@ class ReviewDock(Container):
         ckpt, vol, views, device = job
 
         @thread_worker(start_thread=False, ignore_errors=True)
+        @reports_runtime_errors
         def work():
             pred = self._predictor(ckpt, True, views, device)
             names = [v.name for v in getattr(pred, "views", ())]
@@ -1054,6 +1055,7 @@ class ReviewDock(Container):
         ckpt, vol, views, device = job
 
         @thread_worker(start_thread=False, ignore_errors=True)
+        @reports_runtime_errors
         def work():
             pred = self._predictor(ckpt, False, views, device)
             return (yield from run_volume(pred, vol, [z], batch_size=1))

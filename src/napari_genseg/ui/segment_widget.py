@@ -45,7 +45,7 @@ from ..predictors import BACKENDS, make_predictor, resolve_backend
 from ..preprocessing import WINDOW_PRESETS, window_limits
 from ..run_record import RUN_KEY, inference_record, model_record
 from ._checks import checked_volume
-from ._run import LayerEdit, add_class_labels, load_model, notify_error, notify_warnings
+from ._run import LayerEdit, add_class_labels, load_model, notify_error, notify_warnings, reports_runtime_errors
 from .layers import volume_from_layer
 
 __all__ = ["SegmentWidget"]
@@ -212,6 +212,7 @@ class SegmentWidget(Container):
 
         # errors reach _on_error (notify_error); without ignore_errors napari would also re-raise them
         @thread_worker(start_thread=False, ignore_errors=True)
+        @reports_runtime_errors
         def work():
             pred = make_predictor(ckpt, device=device, precision=precision, backend=requested)
             return (yield from run_volume(pred, vol, zs, batch_size=batch))
