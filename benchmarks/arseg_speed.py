@@ -43,7 +43,7 @@ import torch
 from napari_genseg.device import cpu_model_name
 
 from napari_genseg.models import registry
-from napari_genseg.models.arseg import DEFAULT_TEMPERATURES, sample_tokens
+from napari_genseg.models.arseg import default_temperatures, sample_tokens
 from napari_genseg.models.arseg.sampling import draw_tokens
 
 
@@ -75,7 +75,7 @@ def official_style_sample(model, x, class_ids, generator) -> torch.Tensor:
         cond, cls = seg.condition(emb, class_ids)  # adapter recomputed every scale
         prev = torch.cat(inputs, 1) if inputs else None
         logits = seg.forward_tokens(cond, cls, prev)[:, q.offsets[si]:]  # whole prefix re-run
-        idx = draw_tokens(logits, DEFAULT_TEMPERATURES[si], 100, generator)
+        idx = draw_tokens(logits, default_temperatures(len(q.patch_nums))[si], 100, generator)
         f_hat = f_hat + q.scale_vectors(si, idx)
         if si < len(q.patch_nums) - 1:
             inputs.append(q.next_input(si, f_hat))

@@ -524,3 +524,22 @@ def test_the_16x16_latent_config_round_trips_a_mask_through_all_its_scales():
         ids = vq.encode_tokens(m)
         assert ids.shape == (1, 655) and int(ids.max()) < cfg.vocab_size
         assert vq.decode_tokens(ids).shape == (1, 1, 128, 128)
+
+
+def test_default_temperatures_fit_any_scale_count():
+    """The paper's schedule (8 scales) is the default; a config with another scale count
+    (arseg_ct16: 9, or 4 here) used to fail every sampling call with "need 9 temperatures"."""
+    from napari_genseg.models.arseg import DEFAULT_TEMPERATURES, default_temperatures
+
+    assert default_temperatures(8) == DEFAULT_TEMPERATURES
+    nine = default_temperatures(9)
+    assert len(nine) == 9 and nine[0] == 1.0 and nine[-2] == 0.4 and nine[-1] == 0.1
+    assert all(a > b for a, b in zip(nine, nine[1:]))
+    assert default_temperatures(1) == (0.1,) and default_temperatures(2) == (1.0, 0.1)
+    with pytest.raises(ValueError):
+        default_temperatures(0)
+    m = _tiny(patch_nums=(1, 2, 4, 8))
+    emb = m.embed(torch.rand(1, 1, 64, 64))
+    g = torch.Generator().manual_seed(0)
+    ids = m.sample(emb, torch.zeros(1, dtype=torch.long), n_samples=2, generator=g)
+    assert ids.shape[-1] == 1 + 4 + 16 + 64

@@ -22,7 +22,7 @@ from . import config, importer, light_encoder, maskvq, sam_encoder, sampling, se
 from .config import ArSegConfig
 from .importer import import_official
 from .maskvq import MaskVQ
-from .sampling import DEFAULT_TEMPERATURES, ArSeg, prefix_scales, sample_tokens
+from .sampling import DEFAULT_TEMPERATURES, ArSeg, default_temperatures, prefix_scales, sample_tokens
 from .segmentor import KVCache, NextScaleSegmentor, block_causal_mask
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "prefix_scales",
     "import_official",
     "DEFAULT_TEMPERATURES",
+    "default_temperatures",
     "CONFIGS",
     "PAPER_PARAMS",
     "config",

@@ -37,10 +37,25 @@ from .maskvq import MaskVQ
 from .sam_encoder import SamImageEncoder
 from .segmentor import KVCache, NextScaleSegmentor
 
-__all__ = ["ArSeg", "sample_tokens", "draw_tokens", "eval_mode", "prefix_scales", "DEFAULT_TEMPERATURES"]
+__all__ = ["ArSeg", "sample_tokens", "draw_tokens", "eval_mode", "prefix_scales", "DEFAULT_TEMPERATURES",
+           "default_temperatures"]
 
-#: per-scale temperatures of the paper's inference
+#: per-scale temperatures of the paper's inference (its 8 scales; spec "Inference")
 DEFAULT_TEMPERATURES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.1)
+
+
+def default_temperatures(num_scales: int) -> tuple[float, ...]:
+    """The paper's per-scale temperatures fitted to ``num_scales`` scales: linear from 1.0 at
+    the first scale to 0.4 at the second-to-last, 0.1 at the last. For 8 scales this is exactly
+    :data:`DEFAULT_TEMPERATURES`; a config with another scale count (e.g. ``arseg_ct16``, 9)
+    gets the same shape instead of an error. Raises ``ValueError`` for ``num_scales`` < 1."""
+    k = int(num_scales)
+    if k < 1:
+        raise ValueError(f"num_scales must be >= 1, got {num_scales}")
+    if k == 1:
+        return (0.1,)
+    head = tuple(round(1.0 - 0.6 * i / max(k - 2, 1), 6) for i in range(k - 1)) if k > 2 else (1.0,)
+    return (*head, 0.1)
 
 
 def draw_tokens(logits: torch.Tensor, temperature: float, top_k: int | None,
@@ -62,6 +77,8 @@ def draw_tokens(logits: torch.Tensor, temperature: float, top_k: int | None,
 
 
 def _temperatures(temperatures, k: int) -> tuple[float, ...]:
+    if temperatures is None:
+        return default_temperatures(k)
     if isinstance(temperatures, (int, float)):
         return (float(temperatures),) * k
     temps = tuple(float(t) for t in temperatures)
@@ -102,7 +119,7 @@ def prefix_scales(prefix_len: int, patch_nums: Sequence[int]) -> int:
 @torch.no_grad()
 def sample_tokens(segmentor: NextScaleSegmentor, vq: MaskVQ, embedding: torch.Tensor,
                   class_ids: torch.Tensor, n_samples: int, generator: torch.Generator | None = None,
-                  temperatures: Sequence[float] | float = DEFAULT_TEMPERATURES,
+                  temperatures: Sequence[float] | float | None = None,
                   top_k: int | None = 100, use_kv_cache: bool = True,
                   prefix_ids: torch.Tensor | None = None):
     """Draw N token maps per image, all B*N at once.
@@ -254,7 +271,7 @@ class ArSeg(nn.Module):
     @torch.no_grad()
     def sample(self, embedding: torch.Tensor, class_ids: torch.Tensor, n_samples: int,
                generator: torch.Generator | None = None,
-               temperatures: Sequence[float] | float = DEFAULT_TEMPERATURES,
+               temperatures: Sequence[float] | float | None = None,
                top_k: int | None = 100, use_kv_cache: bool = True,
                prefix_ids: torch.Tensor | None = None) -> torch.Tensor:
         """N token maps per image, drawn as one batch of B*N.
