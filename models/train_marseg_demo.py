@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Re-create the shipped MARSeg demo weights ``models/marseg_demo.safetensors`` (+ .json, model card .md).
 
-Three runs of the one training loop on ``marseg_demo`` (KL tokenizer ch 32, MAR 6+6 blocks of 192,
-256² input, HU window [-125, 275] -> [-1, 1], 3 channels), each with a wall-time budget:
+Three runs of the one training loop on ``--config`` (the shipped demo: ``marseg_demo_kl8``, a KL-8
+tokenizer ch 32, MAR 6+6 blocks of 192, 256² input, HU window [-125, 275] -> [-1, 1], 3 channels;
+``marseg_demo`` is the KL-16 one), each with a wall-time budget (the shipped run: 12 / 10 / 55 min,
+then ``--stage2-resume-minutes 130``; see models/marseg_demo.md):
 
 0. **stage 0**, the KL tokenizer (encoder + decoder, L1 + 1e-6·KL, random ``--stage0-crop`` crops):
    abdomen phantoms, pelvis/thorax phantoms, the labelled real CT's training slices and the
@@ -84,7 +86,7 @@ def main(argv=None) -> int:
     ap.add_argument("--real-dir", default="/work/shared/data/real/ct-abdomen")
     ap.add_argument("--work", default="/work/train_runs/marseg", help="stage checkpoints + train state (not shipped)")
     ap.add_argument("--out", default=str(HERE / "marseg_demo.safetensors"))
-    ap.add_argument("--config", default="marseg_demo", choices=["marseg_demo", "marseg_demo_kl8"],
+    ap.add_argument("--config", default="marseg_demo_kl8", choices=["marseg_demo", "marseg_demo_kl8"],
                     help="model configuration (marseg_demo_kl8: KL-8 tokenizer, 32x32 tokens)")
     ap.add_argument("--stage0-minutes", type=float, default=30.0)
     ap.add_argument("--stage1-minutes", type=float, default=35.0)
