@@ -330,10 +330,10 @@ class ArSegTask(SliceTask):
         token count, which depends on the mask latent's scales) gets its first ``num_cond + 1`` rows
         (conditioning + start positions) when the widths match; the other rows keep their
         initialisation. The output ``head`` is copied only when the two checkpoints hold the same
-        mask VQ (its rows score that VQ's codes). Everything else stays as built. Not in the paper: a warm start that lets a
-        16×16-latent segmentor begin from the 8×8 demo's adapter and transformer (whose code
-        embedding re-learns the new codebook). Logs and records the counts; raises
-        ``CheckpointError`` when nothing matches (another family or width)."""
+        mask VQ (its rows score that VQ's codes). Everything else stays as built. Not in the
+        paper: a warm start that lets a 16×16-latent segmentor begin from the 8×8 demo's adapter
+        and transformer (whose code embedding re-learns the new codebook). Logs and records the
+        counts; raises ``CheckpointError`` when nothing matches (another family or width)."""
         if not self.cfg.segmentor_init:
             return
         from ...models.checkpoints import CheckpointError, load_checkpoint
