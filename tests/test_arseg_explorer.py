@@ -287,3 +287,19 @@ def test_a_run_that_fails_or_is_cancelled_before_its_first_slice_gives_the_previ
     assert w._layer("variability") is var
     np.testing.assert_array_equal(var.data, var_before)
     assert [lay.name for lay in viewer.layers].count("ph [arseg] consensus") == 1
+    # cancelled before its first slice: the same, and the status line says so
+    gate = threading.Event()
+
+    def held(*a, **k):
+        gate.wait(10)
+        return
+        yield  # a generator that ends without a slice once released
+
+    monkeypatch.setattr(X, "run_volume", held)
+    w._seed.value = 11
+    assert w.run() is not None
+    w.cancel()
+    gate.set()
+    qtbot.waitUntil(lambda: w.worker is None, timeout=20000)
+    assert w._status.value == "cancelled before the first slice; the previous results are kept"
+    assert w.results is first and w._layer("variability") is var

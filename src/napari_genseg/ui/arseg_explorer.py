@@ -373,7 +373,8 @@ class ArSegExplorer(Container):
         if (aborted or self._status.value.startswith("failed")) and not self._wrote:
             self._give_back()
         if aborted:
-            self._status.value = "cancelled; finished slices kept"
+            self._status.value = ("cancelled; finished slices kept" if self._wrote
+                                  else "cancelled before the first slice; the previous results are kept")
         elif not self._status.value.startswith("failed"):
             self._progress.value = 100
             self._status.value = f"done: {len(self.results.tokens)} slice(s), N = {self.results.n}"
