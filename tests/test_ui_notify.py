@@ -43,3 +43,26 @@ def test_any_other_exception_keeps_its_traceback(notes):
     [n] = notes
     assert isinstance(n, ErrorNotification) and isinstance(n.exception, KeyError)
     assert n.message.startswith("AR-Seg failed: KeyError") and "_raised" in n.as_text()
+
+
+def test_every_generator_worker_of_the_docks_reports_runtime_errors():
+    """The whole kind of the hung-dock fault: superqt's GeneratorWorker swallows a RuntimeError
+    from its generator (no errored, no finished), so every ``@thread_worker`` generator in ui/
+    must also carry ``@reports_runtime_errors``. Found by reading the sources."""
+    import ast
+    from pathlib import Path
+
+    import napari_genseg.ui as ui
+
+    missing, found = [], 0
+    for path in Path(ui.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.FunctionDef):
+                continue
+            names = {ast.unparse(d).split("(")[0] for d in node.decorator_list}
+            gen = any(isinstance(n, (ast.Yield, ast.YieldFrom)) for n in ast.walk(node))
+            if "thread_worker" in names and gen:
+                found += 1
+                if "reports_runtime_errors" not in names:
+                    missing.append(f"{path.name}:{node.lineno} {node.name}")
+    assert found >= 4 and not missing, missing

@@ -340,10 +340,11 @@ class ArSegTask(SliceTask):
 
         ck = load_checkpoint(self.cfg.segmentor_init, expect_model=self.spec.entry.family)
         theirs = {k: v for k, v in ck.model.state_dict().items() if k.startswith("segmentor.")}
-        own = {k: v for k, v in model.state_dict().items() if k.startswith("segmentor.")}
+        mine = model.state_dict()
+        own = {k: v for k, v in mine.items() if k.startswith("segmentor.")}
         their_vq = {k: v for k, v in ck.model.state_dict().items() if k.startswith("vq.")}
-        same_vq = their_vq.keys() == {k for k in model.state_dict() if k.startswith("vq.")} and all(
-            torch.equal(v.float(), model.state_dict()[k].float()) for k, v in their_vq.items())
+        same_vq = their_vq.keys() == {k for k in mine if k.startswith("vq.")} and all(
+            torch.equal(v.float(), mine[k].float()) for k, v in their_vq.items())
         copied, partial, kept = [], [], []
         with torch.no_grad():
             for k, v in own.items():
